@@ -1,0 +1,416 @@
+"""Phase 3/4 — validate and check: models, then cross-references, ports, links and code.
+
+Every rule has a stable code. All problems are collected; none stops the others.
+  OOB1xx  file and schema      OOB2xx  references      OOB3xx  servers and ports
+  OOB4xx  links and buffers    OOB5xx  code (imports)
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import ValidationError
+
+from .errors import Diagnostic, SpecError
+from .loader import Document
+from .models import (Actor, Auth, Buffer, GrpcServer, HttpServer, Link, RayConfig, Resources, Route,
+                     Spec, TcpServer)
+
+_SERVERS = {"http": HttpServer, "grpc": GrpcServer, "tcp": TcpServer}
+_TAGS = set(_SERVERS) | {"function-after", "function-before", "function-wrap"}
+_PATTERN_WORDS = {
+    r"^[a-z][a-z0-9-]{0,62}$": "lower-case letters, digits and '-', starting with a letter (at most 63)",
+    r"^[a-z][a-z0-9-]*$": "lower-case letters, digits and '-', starting with a letter",
+    r"^[a-z][a-z0-9-]*\.[A-Za-z_][A-Za-z0-9_-]*$": "of the form <actor>.<name>",
+    r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$": 'of the form "module:Class"',
+    r"^/": "a path starting with '/'",
+}
+
+
+def suggest(word: str, choices) -> str | None:
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None
+
+
+def _fields(model) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_at(path: tuple, data: Any):
+    """The model whose keys are valid at `path` in the raw data (for did-you-mean hints)."""
+    n = len(path)
+    if n == 0:
+        return Spec
+    head = path[0]
+    if head == "ray" and n == 1:
+        return RayConfig
+    if head == "links" and n == 2:
+        return Link
+    if head != "actors" or n < 2:
+        return None
+    if n == 2:
+        return Actor
+    if n == 3 and path[2] == "resources":
+        return Resources
+    if n == 4 and path[2] == "buffers":
+        return Buffer
+    if path[2] == "servers" and n >= 4:
+        try:
+            server = data["actors"][path[1]]["servers"][path[3]]
+            protocol = server.get("protocol", "http") if isinstance(server, dict) else "http"
+        except (KeyError, IndexError, TypeError):
+            protocol = "http"
+        if n == 4:
+            return _SERVERS.get(protocol, HttpServer)
+        if n == 5 and path[4] == "auth":
+            return Auth
+        if n == 6 and path[4] == "routes":
+            return Route
+    return None
+
+
+def _data_path(loc: tuple, data: Any) -> tuple[tuple, bool]:
+    """Map pydantic's loc onto a path that exists in the data (union tags are not in the data)."""
+    path: list = []
+    node = data
+    is_key = False
+    for part in loc:
+        if part == "[key]":
+            is_key = True
+            break
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(part, str) and (part in _TAGS or part.startswith(("function-", "union[", "list[", "dict[", "nullable"))
+                                        or part in ("int", "str", "float", "bool", "none", "list", "dict")):
+            continue
+        else:
+            path.append(part)  # a key that is missing or unknown: keep it, it names the problem
+            break
+    return tuple(path), is_key
+
+
+def _human(error: dict) -> str:
+    msg = error["msg"]
+    ctx = error.get("ctx") or {}
+    if error["type"] == "string_pattern_mismatch":
+        words = _PATTERN_WORDS.get(ctx.get("pattern", ""), f"match {ctx.get('pattern')}")
+        return f"'{error.get('input')}' must be {words}" if words in _PATTERN_WORDS.values() else f"must {words}"
+    msg = msg.replace("Value error, ", "").replace("Input should be", "must be")
+    msg = msg.replace("String should", "must").replace("List should", "must").replace("Dictionary should", "must")
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a mapping"
+    if error["type"] == "list_type":
+        return "must be a list"
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def schema_diagnostics(exc: ValidationError, doc: Document) -> list[Diagnostic]:
+    by_path: dict[tuple, list] = {}
+    order: list[tuple] = []
+    for err in exc.errors(include_url=False):
+        path, is_key = _data_path(tuple(err["loc"]), doc.data)
+        slot = (path, is_key, err["type"] == "extra_forbidden", err["type"] == "missing")
+        if slot not in by_path:
+            order.append(slot)
+            by_path[slot] = []
+        by_path[slot].append(err)
+    out = []
+    for slot in order:
+        path, is_key, extra, missing = slot
+        errors = by_path[slot]
+        name = path[-1] if path else "spec"
+        if extra:
+            model = _model_at(path[:-1], doc.data)
+            hint = suggest(name, _fields(model)) if model else None
+            out.append(doc.diag("OOB120", f"unknown key '{name}'", path, key=True, hint=hint))
+        elif missing:
+            out.append(doc.diag("OOB122", f"missing required key '{name}'", path[:-1]))
+        elif is_key:
+            label = "actor name" if path[:1] == ("actors",) else "name"
+            out.append(doc.diag("OOB121", f"{label} {_human(errors[0])}", path, key=True))
+        elif any(e["type"] == "value_error" and "exactly one of" in e["msg"] for e in errors):
+            out.append(doc.diag("OOB123", _human(errors[0]), path))
+        else:
+            msgs = list(dict.fromkeys(_human(e) for e in errors))
+            if len(msgs) > 1:
+                msgs = ["must be " + " or ".join(m.removeprefix("must be ") for m in msgs)]
+            label = name if isinstance(name, str) else f"item {name}"
+            out.append(doc.diag("OOB121", f"{label}: {msgs[0]}", path))
+    return sorted(out, key=lambda d: (d.line, d.col))
+
+
+def validate(doc: Document) -> Spec:
+    """Rendered document → Spec, or SpecError with every schema problem."""
+    if not isinstance(doc.data, dict):
+        raise SpecError([doc.diag("OOB121", "a spec must be a mapping with version, name and actors")])
+    try:
+        return Spec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise SpecError(schema_diagnostics(exc, doc)) from None
+
+
+# --- semantic checks --------------------------------------------------------------------------
+
+
+class _Checker:
+    def __init__(self, spec: Spec, doc: Document, base_dir: Path | None, imports: bool):
+        self.spec, self.doc, self.base_dir, self.imports = spec, doc, base_dir, imports
+        self.out: list[Diagnostic] = []
+
+    def add(self, code, message, path=(), *, key=False, severity="error", hint=None):
+        self.out.append(self.doc.diag(code, message, path, key=key, severity=severity, hint=hint))
+
+    def run(self) -> list[Diagnostic]:
+        self.servers_and_ports()
+        self.connect()
+        self.links()
+        if self.imports:
+            self.code()
+        return sorted(self.out, key=lambda d: (d.line, d.col, d.code))
+
+    def servers_and_ports(self) -> None:
+        bound: dict[int, list[tuple[str, str, tuple]]] = {}
+        for aname, actor in self.spec.actors.items():
+            seen: dict[str, int] = {}
+            for i, server in enumerate(actor.servers):
+                spath = ("actors", aname, "servers", i)
+                if server.name in seen:
+                    self.add("OOB206", f"duplicate server name '{server.name}' in actor '{aname}' "
+                             f"(first at line {self.doc.where(spath[:-1] + (seen[server.name], 'name'))[0]})",
+                             spath + ("name",))
+                seen.setdefault(server.name, i)
+                who = f"{aname}.{server.name}"
+                if server.port:
+                    last = server.port + actor.replicas - 1
+                    if last > 65535:
+                        self.add("OOB305", f"{who}: {actor.replicas} replicas need ports {server.port}-{last}, "
+                                 "past 65535", spath + ("port",))
+                    if server.port < 1024:
+                        self.add("OOB302", f"{who}: port {server.port} is below 1024 (needs root)",
+                                 spath + ("port",), severity="warning")
+                    for port in range(server.port, min(last, 65535) + 1):
+                        for host, other, opath in bound.get(port, ()):
+                            if host == server.host or "0.0.0.0" in (host, server.host) or "::" in (host, server.host):
+                                self.add("OOB301", f"{who} and {other} both claim {server.host}:{port}"
+                                         + (" (replica ports included)" if actor.replicas > 1 or port != server.port else ""),
+                                         spath + ("port",), hint=f"{other} is at line {self.doc.where(opath)[0]}")
+                                break
+                        else:
+                            bound.setdefault(port, []).append((server.host, who, spath + ("port",)))
+                            continue
+                        break
+                if server.host in ("0.0.0.0", "::") and server.auth is None:
+                    self.add("OOB303", f"{who} listens on {server.host} (every interface) without auth",
+                             spath + ("host",), severity="warning", hint="add auth: {token_env: NAME} or bind 127.0.0.1")
+                if isinstance(server, HttpServer):
+                    self.routes(aname, server, spath)
+                if isinstance(server, GrpcServer) and server.methods and not server.service:
+                    self.add("OOB307", f"{who}: 'methods' need a 'service' name (methods are /<service>/<method>)",
+                             spath + ("methods",))
+                if actor.command is not None and (getattr(server, "routes", None) or getattr(server, "methods", None)
+                                                  or getattr(server, "proto", None)):
+                    self.add("OOB308", f"{who}: a command actor has no class to call; use protocol: tcp "
+                             "(the command serves the port itself)", spath + ("protocol",))
+            if actor.servers and actor.restarts == 0:
+                self.add("OOB306", f"actor '{aname}' serves traffic but has restarts: 0 (a crash takes it down for good)",
+                         ("actors", aname), key=True, severity="warning", hint="set restarts: -1 or a count")
+            if actor.command is not None and actor.buffers:
+                self.add("OOB405", f"actor '{aname}' runs a command; buffers need a class actor",
+                         ("actors", aname, "buffers"), key=True)
+            for bname, buf in actor.buffers.items():
+                if buf.device == "gpu" and actor.resources.gpus == 0:
+                    self.add("OOB403", f"buffer '{aname}.{bname}' is on gpu but actor '{aname}' has gpus: 0",
+                             ("actors", aname, "buffers", bname, "device"), hint="set resources.gpus")
+
+    def routes(self, aname: str, server: HttpServer, spath: tuple) -> None:
+        seen: dict[tuple, int] = {}
+        for j, route in enumerate(server.routes):
+            shape = (route.method, re.sub(r"\{[^}]*\}", "{}", route.path.rstrip("/") or "/"))
+            if shape in seen:
+                first = self.doc.where(spath + ("routes", seen[shape]))[0]
+                self.add("OOB304", f"route {route.method} {route.path} repeats the route at line {first}",
+                         spath + ("routes", j))
+            seen.setdefault(shape, j)
+
+    def _ref(self, ref: str, path: tuple, kind: str) -> tuple[str, str] | None:
+        aname, _, item = ref.partition(".")
+        actors = self.spec.actors
+        if aname not in actors:
+            code = "OOB201" if kind == "server" else "OOB203"
+            self.add(code, f"'{ref}' names actor '{aname}', which is not in the spec", path,
+                     hint=suggest(aname, actors))
+            return None
+        names = [s.name for s in actors[aname].servers] if kind == "server" else list(actors[aname].buffers)
+        if item not in names:
+            code = "OOB202" if kind == "server" else "OOB204"
+            have = ", ".join(names) or "none"
+            self.add(code, f"'{ref}': actor '{aname}' has no {kind} '{item}' ({kind}s: {have})", path,
+                     hint=suggest(item, names))
+            return None
+        return aname, item
+
+    def connect(self) -> None:
+        graph: dict[str, set[str]] = {}
+        for aname, actor in self.spec.actors.items():
+            graph[aname] = set()
+            for key, ref in actor.connect.items():
+                path = ("actors", aname, "connect", key)
+                if self._ref(ref, path, "server"):
+                    graph[aname].add(ref.split(".", 1)[0])
+                if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", key):
+                    self.add("OOB207", f"connect key '{key}' must be letters, digits, '_' and '-' "
+                             "(it becomes OOB_<KEY>_URL)", path, key=True)
+        cycle = find_cycle(graph)
+        if cycle:
+            first = cycle[0]
+            self.add("OOB205", "connect cycle: " + " -> ".join(cycle + [first]),
+                     ("actors", first, "connect"), key=True)
+
+    def links(self) -> None:
+        seen: dict[str, int] = {}
+        for i, link in enumerate(self.spec.links):
+            lpath = ("links", i)
+            if link.name in seen:
+                self.add("OOB206", f"duplicate link name '{link.name}' (first at line "
+                         f"{self.doc.where(('links', seen[link.name]))[0]})", lpath + ("name",))
+            seen.setdefault(link.name, i)
+            src = self._ref(link.from_, lpath + ("from",), "buffer")
+            src_buf = self.spec.actors[src[0]].buffers[src[1]] if src else None
+            if src_buf and link.transport in ("cuda_ipc", "nccl") and src_buf.device == "cpu":
+                self.add("OOB402", f"link '{link.name}': transport {link.transport} moves gpu buffers, "
+                         f"'{link.from_}' is on cpu", lpath + ("transport",), hint="use shm, object_store or auto")
+            if src_buf and link.transport in ("shm", "object_store") and src_buf.device == "gpu":
+                self.add("OOB402", f"link '{link.name}': transport {link.transport} moves cpu buffers, "
+                         f"'{link.from_}' is on gpu", lpath + ("transport",), hint="use cuda_ipc, nccl or auto")
+            for j, target in enumerate(link.to):
+                tpath = lpath + ("to", j)
+                dst = self._ref(target, tpath, "buffer")
+                if not (src and dst):
+                    continue
+                if target == link.from_:
+                    self.add("OOB404", f"link '{link.name}' copies '{target}' onto itself", tpath)
+                    continue
+                dst_buf = self.spec.actors[dst[0]].buffers[dst[1]]
+                if (src_buf.shape, src_buf.dtype) != (dst_buf.shape, dst_buf.dtype):
+                    self.add("OOB401", f"link '{link.name}': '{link.from_}' is {src_buf.dtype}{src_buf.shape} but "
+                             f"'{target}' is {dst_buf.dtype}{dst_buf.shape}", tpath)
+                elif src_buf.device != dst_buf.device:
+                    self.add("OOB404", f"link '{link.name}': '{link.from_}' is on {src_buf.device} but "
+                             f"'{target}' is on {dst_buf.device}", tpath)
+
+    def code(self) -> None:
+        with import_path(self.base_dir):
+            for aname, actor in self.spec.actors.items():
+                apath = ("actors", aname)
+                cls = None
+                if actor.class_:
+                    try:
+                        cls = import_object(actor.class_)
+                    except ImportError as exc:
+                        self.add("OOB501", f"class '{actor.class_}' does not import: {exc}", apath + ("class",))
+                    if cls is not None and not inspect.isclass(cls):
+                        self.add("OOB501", f"'{actor.class_}' is not a class", apath + ("class",))
+                        cls = None
+                if cls is not None:
+                    self._signature(cls, actor, apath)
+                for i, server in enumerate(actor.servers):
+                    spath = apath + ("servers", i)
+                    calls = [(r.call, spath + ("routes", j, "call")) for j, r in enumerate(getattr(server, "routes", []))]
+                    calls += [(m, spath + ("methods", j)) for j, m in enumerate(getattr(server, "methods", []))]
+                    if cls is not None:
+                        for call, cpath in calls:
+                            if not callable(getattr(cls, call, None)):
+                                methods = [m for m in dir(cls) if not m.startswith("_") and callable(getattr(cls, m, None))]
+                                self.add("OOB502", f"'{call}' is not a method of {cls.__name__}", cpath,
+                                         hint=suggest(call, methods))
+                    proto = getattr(server, "proto", None)
+                    if proto:
+                        try:
+                            if not callable(import_object(proto)):
+                                raise ImportError("not a function")
+                        except ImportError as exc:
+                            self.add("OOB503", f"proto '{proto}' does not import: {exc}", spath + ("proto",))
+
+    def _signature(self, cls, actor: Actor, apath: tuple) -> None:
+        try:
+            sig = inspect.signature(cls)
+        except (TypeError, ValueError):
+            return
+        try:
+            sig.bind(*actor.args, **actor.kwargs)
+        except TypeError as exc:
+            self.add("OOB504", f"args/kwargs do not fit {cls.__name__}{sig}: {exc}",
+                     apath + (("kwargs",) if actor.kwargs else ("args",)), key=True)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in a dependency graph as a list of nodes, or None. Iterative, linear."""
+    state: dict[str, int] = {}
+    for start in graph:
+        if state.get(start):
+            continue
+        stack = [(start, iter(sorted(graph[start])))]
+        trail = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if child not in graph:
+                    continue
+                if state.get(child) == 1:
+                    return trail[trail.index(child):]
+                if not state.get(child):
+                    state[child] = 1
+                    trail.append(child)
+                    stack.append((child, iter(sorted(graph[child]))))
+                    break
+            else:
+                stack.pop()
+                trail.pop()
+                state[node] = 2
+    return None
+
+
+@contextmanager
+def import_path(base_dir: Path | None) -> Iterator[None]:
+    """Import as the actors will: from the spec's folder, the current folder, then installed packages."""
+    extra = [str(p) for p in (base_dir, Path.cwd()) if p is not None]
+    saved = list(sys.path)
+    sys.path[:0] = [p for p in extra if p not in sys.path[:len(extra)]]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def import_object(ref: str) -> Any:
+    """'module:Name' → the object. Any failure while importing becomes ImportError."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(str(exc)) from None
+    except Exception as exc:  # the user's module raised while importing
+        raise ImportError(f"importing {module_name} raised {type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            hint = suggest(part, names)
+            raise ImportError(f"module '{module_name}' has no '{part}'" + (f"; {hint}" if hint else ""))
+        obj = getattr(obj, part)
+    return obj
+
+
+def check(spec: Spec, doc: Document, base_dir: Path | None = None, imports: bool = True) -> list[Diagnostic]:
+    return _Checker(spec, doc, base_dir, imports).run()

@@ -1,0 +1,184 @@
+"""`oob` — parse arguments, call the library, print. No logic lives here."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import report
+from .errors import OobError, SpecError
+
+values_option = click.option("--values", "-f", "value_files", multiple=True, type=click.Path(dir_okay=False),
+                             help="Values file (YAML); repeatable, later files win.")
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help="Set a value (YAML-typed, dotted keys); wins over values files.")
+address_option = click.option("--address", default=None, metavar="ADDR",
+                              help="Ray cluster address (default: RAY_ADDRESS, then the spec's ray.address).")
+
+
+def _load(spec_path: str, value_files, sets):
+    from .api import load
+    return load(spec_path, value_files=value_files, sets=sets)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks.")
+@click.version_option(package_name="oobspec")
+@click.pass_context
+def cli(ctx, debug):
+    """Declare Ray actors' out-of-band servers, wrapped processes and buffer links; apply them."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path())
+@values_option
+@set_option
+@click.option("--no-import", is_flag=True, help="Skip importing classes (checks method names too).")
+@click.option("--strict", is_flag=True, help="Warnings count as errors.")
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json", "github"]), default="text")
+def lint(specs, value_files, sets, no_import, strict, fmt):
+    """Check spec files: one line per problem, file:line:col: CODE message."""
+    from .api import lint_file
+    diags = []
+    for path in specs:
+        diags += lint_file(path, value_files=value_files, sets=sets, imports=not no_import)
+    text = report.diagnostics(diags, fmt)
+    if fmt == "json":
+        click.echo(text)
+    else:
+        if text:
+            click.echo(text)
+        click.echo(report.summary(diags, len(specs)), err=True)
+    failed = any(d.is_error for d in diags) or (strict and diags)
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path())
+@values_option
+@set_option
+def render(spec, value_files, sets):
+    """Print the rendered spec (templates evaluated, `when: false` items left out) as YAML."""
+    from .render import to_yaml
+    loaded = _load(spec, value_files, sets)
+    click.echo(to_yaml(loaded._source.document.data), nl=False)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path())
+@values_option
+@set_option
+@address_option
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
+def plan(spec, value_files, sets, address, fmt):
+    """Show what apply would change (offline when no cluster is running)."""
+    from .runtime.cluster import plan_for
+    loaded = _load(spec, value_files, sets)
+    result = plan_for(loaded, address)
+    click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else report.plan_text(result))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path())
+@values_option
+@set_option
+@address_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every server to be healthy.")
+def apply(spec, value_files, sets, address, timeout):
+    """Make the Ray cluster match the spec. Without an address: start a local Ray, run in the foreground."""
+    from .runtime.apply import apply_cli
+    apply_cli(_load(spec, value_files, sets), address=address, timeout=timeout)
+
+
+@cli.command()
+@click.argument("name")
+@address_option
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
+def status(name, address, fmt):
+    """Show a deployment's replicas, endpoints and links."""
+    from .runtime.cluster import status as get_status
+    result = get_status(name, address)
+    click.echo(json.dumps(result, indent=2) if fmt == "json" else report.status_text(result))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("link")
+@address_option
+def sync(name, link, address):
+    """Push a link's source buffer into every target now."""
+    from .runtime.cluster import sync as do_sync
+    result = do_sync(name, link, address)
+    click.echo(f"{link}: version {result['version']}, {report.size(result['bytes'])} to "
+               f"{result['targets']} target{'s' if result['targets'] != 1 else ''} in {result['seconds'] * 1000:.1f} ms "
+               f"({result['gbps']:.2f} GB/s, {result['transport']})")
+
+
+@cli.command()
+@click.argument("target", metavar="NAME|SPEC")
+@address_option
+def delete(target, address):
+    """Delete a deployment: its actors, servers, processes and shared memory."""
+    from .runtime.cluster import delete as do_delete
+    name = target
+    if target.endswith((".yaml", ".yml")) or os.path.sep in target:
+        name = _load(target, (), ()).name
+    removed = do_delete(name, address)
+    click.echo(f"deleted {name}: {removed} actor{'s' if removed != 1 else ''}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("actor", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@address_option
+def logs(name, actor, follow, address):
+    """Print an actor's output (its wrapped process's too). ACTOR: <actor> or <actor>-<i>."""
+    from .runtime.cluster import logs as stream_logs
+    for chunk in stream_logs(name, actor, follow, address):
+        click.echo(chunk, nl=False)
+
+
+@cli.command()
+def schema():
+    """Print the spec's JSON Schema."""
+    from .models import json_schema
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+def main(argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="oob", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors
+        exc.show()
+        sys.exit(2)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except SpecError as exc:
+        if debug:
+            raise
+        click.echo(report.diagnostics(exc.diagnostics), err=True)
+        sys.exit(exc.exit_code)
+    except OobError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a bug of ours: still one line, unless --debug
+        if debug:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""One error hierarchy: every problem a user can cause is an OobError, printed as one line."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem in a spec, pinned to the place in the file that causes it."""
+
+    code: str
+    message: str
+    file: str = "<spec>"
+    line: int = 1
+    col: int = 1
+    severity: str = "error"  # error | warning
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.file}:{self.line}:{self.col}: {self.code} {self.message}"
+        if self.severity == "warning":
+            text = f"{self.file}:{self.line}:{self.col}: {self.code} warning: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+
+class OobError(Exception):
+    """Base of every error a user can cause; the CLI prints it as one line and exits 1."""
+
+    exit_code = 1
+
+
+class UsageError(OobError):
+    exit_code = 2
+
+
+class SpecError(OobError):
+    """The spec cannot be loaded or rendered; carries every diagnostic found."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = list(diagnostics)
+        super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+
+class ClusterError(OobError):
+    """The cluster is not in the state the command needs (nothing deployed, actor failed...)."""
+
+
+class ApplyError(ClusterError):
+    def __init__(self, message: str, log_tail: str = ""):
+        self.log_tail = log_tail
+        super().__init__(message)

@@ -1,0 +1,244 @@
+"""Phase 3 — validate: the spec's models. One strict base, every field documented.
+
+`oob schema` and schemas/oobspec.schema.json are `Spec.model_json_schema()`: the models are
+the only source of truth. Nothing here imports ray.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      field_validator, model_validator)
+
+from .loader import scalar_text
+
+NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
+ACTOR_RE = r"^[a-z][a-z0-9-]*$"
+REF_RE = r"^[a-z][a-z0-9-]*\.[A-Za-z_][A-Za-z0-9_-]*$"
+MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T|Ki|Mi|Gi|Ti)?\s*$")
+_UNITS = {None: 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "T": 1000**4, "TB": 1000**4, "Ki": 1024, "KiB": 1024, "Mi": 1024**2, "MiB": 1024**2,
+          "Gi": 1024**3, "GiB": 1024**3, "Ti": 1024**4, "TiB": 1024**4}
+DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+          "float16", "float32", "float64", "complex64", "complex128")
+DTYPE_SIZES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "int32": 4,
+               "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8, "complex64": 8,
+               "complex128": 16}
+
+
+def _text(value: Any) -> Any:
+    # YAML scalars that merely look like numbers or booleans are fine where text is wanted.
+    if isinstance(value, (int, float)) and not isinstance(value, str):
+        return scalar_text(value)
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_text)]
+
+
+def memory_bytes(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    number, unit = MEMORY_RE.match(value).groups()
+    return int(float(number) * _UNITS[unit])
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown keys are errors, types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
+                              use_attribute_docstrings=False)
+
+
+WhenField = Annotated[
+    Union[bool, str, None],
+    Field(description="Template condition; a falsy result leaves this item out of the rendered spec. "
+          "Evaluated by `oob render`, so it never reaches the runtime."),
+]
+
+
+class RayConfig(Strict):
+    address: Annotated[Union[str, None], Field(
+        description='Ray cluster to deploy to. null: start an embedded local Ray and run in the '
+                    'foreground; "auto": the cluster running on this machine; "ray://host:10001" '
+                    'or "host:6379": that cluster (actors are detached). `--address` and '
+                    'RAY_ADDRESS win over this.')] = None
+    runtime_env: Annotated[dict[str, Any], Field(
+        description="Ray runtime_env applied to every actor (merged under each actor's own `env`).")] = {}
+    placement: Annotated[Union[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], None], Field(
+        description="Put every replica in one placement group with this strategy.")] = None
+
+
+class Resources(Strict):
+    cpus: Annotated[Union[float, None], Field(
+        ge=0, description="CPUs held by each replica (Ray num_cpus). Default: Ray's actor default "
+                          "(none held once running), so small replicas fit anywhere.")] = None
+    gpus: Annotated[float, Field(ge=0, description="GPUs per replica (Ray num_gpus).")] = 0
+    memory: Annotated[Union[int, str, None], Field(
+        description="Memory per replica for scheduling: bytes, or a size such as 512MiB, 2GB.")] = None
+    custom: Annotated[dict[str, float], Field(
+        description="Custom Ray resources per replica, e.g. {accelerator_h100: 1}.")] = {}
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_format(cls, value):
+        if isinstance(value, str) and not MEMORY_RE.match(value):
+            raise ValueError(f"'{value}' is not a size: use bytes or a number with a unit such as 512MiB or 2GB")
+        if isinstance(value, int) and value < 0:
+            raise ValueError("memory must not be negative")
+        return value
+
+
+class Auth(Strict):
+    token_env: Annotated[str, Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the bearer token. Clients send "
+                    "`Authorization: Bearer <token>` (HTTP) or `authorization` metadata (gRPC). "
+                    "`oob apply` forwards the variable from its own environment; the value is never printed.")]
+
+
+class Route(Strict):
+    method: Annotated[Literal["GET", "POST", "PUT", "PATCH", "DELETE"], Field(
+        description="HTTP method.")] = "GET"
+    path: Annotated[str, Field(
+        pattern=r"^/", description='URL path; `{name}` segments become keyword arguments, e.g. "/items/{key}".')]
+    call: Annotated[str, Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Method of the actor's class to call. Path params, query params and a JSON "
+                    "object body become its keyword arguments; the result is JSON (str: text/plain, "
+                    "bytes: application/octet-stream).")]
+
+
+class ServerBase(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+                               description="Server name, unique within the actor; `<actor>.<name>` in `connect`.")]
+    host: Annotated[str, Field(description="Address to bind. 0.0.0.0 only on purpose (and with auth).")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535, description="Port to bind; 0 picks a free one. With "
+                                                            "replicas > 1, replica i binds port + i.")] = 0
+    auth: Annotated[Union[Auth, None], Field(description="Require a bearer token.")] = None
+    when: WhenField = None
+
+
+class HttpServer(ServerBase):
+    protocol: Annotated[Literal["http"], Field(description="aiohttp server inside the actor.")] = "http"
+    routes: Annotated[list[Route], Field(description="HTTP routes, each calling a method of the actor.")] = []
+    max_body: Annotated[int, Field(ge=1, description="Largest request body accepted, in bytes (larger: 413).")] = 1024**2
+
+
+class GrpcServer(ServerBase):
+    protocol: Annotated[Literal["grpc"], Field(description="grpc.aio server inside the actor.")]
+    service: Annotated[Union[str, None], Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$",
+        description="Full service name for the JSON mode: methods are /<service>/<call>.")] = None
+    methods: Annotated[list[str], Field(
+        description="Methods of the actor's class served in the JSON mode: the request is a JSON "
+                    "object of keyword arguments, the response the JSON-encoded result.")] = []
+    proto: Annotated[Union[str, None], Field(
+        pattern=r"^[A-Za-z_][\w.]*:add_\w+Servicer_to_server$",
+        description="Generated `module:add_<Service>Servicer_to_server` function: the actor "
+                    "instance itself is registered as the servicer.")] = None
+
+
+class TcpServer(ServerBase):
+    protocol: Annotated[Literal["tcp"], Field(
+        description="A port the actor (or its wrapped command) listens on; only health-checked by connecting.")]
+
+
+def _protocol_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("protocol", "http") if isinstance(value.get("protocol", "http"), str) else "http"
+    return getattr(value, "protocol", "http")
+
+
+Server = Annotated[
+    Union[Annotated[HttpServer, Tag("http")], Annotated[GrpcServer, Tag("grpc")], Annotated[TcpServer, Tag("tcp")]],
+    Discriminator(_protocol_of, custom_error_type="invalid_protocol",
+                  custom_error_message="protocol must be one of http, grpc, tcp"),
+]
+
+
+class Buffer(Strict):
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, description="Array shape.")]
+    dtype: Annotated[Literal[DTYPES], Field(description="Element type (numpy name).")] = "float32"
+    device: Annotated[Literal["cpu", "gpu"], Field(
+        description="cpu: numpy array (in shared memory when it is a link target); gpu: cupy array "
+                    "(needs resources.gpus > 0).")] = "cpu"
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Actor(Strict):
+    class_: Annotated[Union[str, None], Field(
+        alias="class", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description='"module:Class", importable from the spec\'s folder, the current folder or '
+                    "installed packages. Exactly one of class / command.")] = None
+    command: Annotated[Union[list[Text], None], Field(
+        min_length=1, description='A program the actor runs and supervises, e.g. ["redis-server", '
+                                  '"--port", "{port}"]; {port} is the port of its first server.')] = None
+    args: Annotated[list[Any], Field(description="Positional arguments for __init__.")] = []
+    kwargs: Annotated[dict[str, Any], Field(description="Keyword arguments for __init__.")] = {}
+    replicas: Annotated[int, Field(ge=1, description="Replica i is the Ray actor <actor>-<i>.")] = 1
+    resources: Annotated[Resources, Field(description="Ray resources per replica.")] = Resources()
+    restarts: Annotated[int, Field(ge=-1, description="Ray max_restarts (-1: forever). For command "
+                                                      "actors also how often the command is restarted.")] = 0
+    env: Annotated[dict[str, Text], Field(description="Environment variables of the actor process.")] = {}
+    connect: Annotated[dict[str, Annotated[str, Field(pattern=REF_RE)]], Field(
+        description="Peers this actor needs: KEY: <actor>.<server>. The actor starts after them and "
+                    "gets OOB_<KEY>_URL(S) and oobspec.context().endpoints[KEY].")] = {}
+    servers: Annotated[list[Server], Field(description="Servers run inside the actor.")] = []
+    buffers: Annotated[dict[str, Buffer], Field(
+        description="Arrays allocated by the runtime, reached with oobspec.context().buffers[name].")] = {}
+    when: WhenField = None
+
+    @model_validator(mode="after")
+    def _class_or_command(self):
+        if (self.class_ is None) == (self.command is None):
+            raise ValueError("set exactly one of 'class' or 'command'")
+        return self
+
+
+class Link(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$", description="Link name, used by push and `oob sync`.")]
+    from_: Annotated[str, Field(alias="from", pattern=REF_RE, description="Source <actor>.<buffer>.")]
+    to: Annotated[list[Annotated[str, Field(pattern=REF_RE)]], Field(
+        min_length=1, description="Targets <actor>.<buffer>; every replica of each target receives the data.")]
+    transport: Annotated[Literal["auto", "cuda_ipc", "nccl", "shm", "object_store"], Field(
+        description="auto: cuda_ipc for gpu buffers on one node, nccl across nodes; shm for cpu "
+                    "buffers on one node, object_store across nodes.")] = "auto"
+    when: WhenField = None
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_target(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class Spec(Strict):
+    """An oobspec deployment: actors, the servers inside them, wrapped processes and buffer links."""
+
+    version: Annotated[Literal[1], Field(description="Spec format version.")]
+    name: Annotated[str, Field(pattern=NAME_RE, description='Deployment name; the Ray namespace is "oob-<name>".')]
+    ray: Annotated[RayConfig, Field(description="Where and how to run on Ray.")] = RayConfig()
+    actors: Annotated[dict[Annotated[str, Field(pattern=ACTOR_RE)], Actor], Field(
+        min_length=1, description="Actors by name.")]
+    links: Annotated[list[Link], Field(description="Buffer transfer links between actors.")] = []
+
+    # Where the spec came from (rendered document with positions, its folder): set by oobspec.load.
+    _source: Any = PrivateAttr(default=None)
+
+    @property
+    def namespace(self) -> str:
+        return f"oob-{self.name}"
+
+
+def json_schema() -> dict:
+    schema = Spec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "oobspec"
+    return schema

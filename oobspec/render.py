@@ -1,0 +1,178 @@
+"""Phase 2 — render: Jinja2 expressions evaluated per value, in the parsed tree.
+
+Rendering the tree rather than the text keeps every error at its true file:line:col, and a
+scalar that is one expression and nothing else keeps its result's type (`replicas: "{{ n }}"`
+is an int). The environment is sandboxed and an undefined variable is an error.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import yaml
+from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from .errors import Diagnostic, SpecError, UsageError
+from .loader import Document, load_file, resolve_plain
+
+_ONE_EXPR = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.S)
+_MARKERS = ("{{", "{%", "{#")
+# Items that may carry `when:`: path patterns, with None standing for any key or index.
+_WHEN_PARENTS = (("actors", None), ("actors", None, "servers", None), ("links", None))
+
+_env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
+                                     keep_trailing_newline=True)
+
+
+def _is_when_item(path: tuple) -> bool:
+    return any(len(path) == len(p) and all(a is None or a == b for a, b in zip(p, path))
+               for p in _WHEN_PARENTS)
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict:
+    """`--set a.b=v` pairs → nested dict; v is YAML-typed (`--set n=2` is an int)."""
+    result: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set takes KEY=VALUE, got '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):
+            value = resolve_plain(raw) if raw == value else value
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {key}: '{part}' is already set to a value")
+        node[parts[-1]] = value
+    return result
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_values(files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple[str, ...] = (),
+                values: dict | None = None) -> dict:
+    """Values files (later wins), then `values`, then `--set` (wins over all)."""
+    result: dict = {}
+    for f in files:
+        data = load_file(f).data
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise SpecError([Diagnostic("OOB110", "a values file must be a mapping", f)])
+        result = merge(result, data)
+    if values:
+        result = merge(result, values)
+    return merge(result, parse_set(list(sets)))
+
+
+class _Renderer:
+    def __init__(self, doc: Document, context: dict):
+        self.doc = doc
+        self.context = context
+        self.out = Document(None, doc.file)
+        self.problems: list[Diagnostic] = []
+
+    def _fail(self, path: tuple, message: str, code: str = "OOB110") -> None:
+        self.problems.append(self.doc.diag(code, message, path))
+
+    def render_scalar(self, value: str, path: tuple) -> Any:
+        try:
+            match = _ONE_EXPR.match(value)
+            if match:
+                result = _env.compile_expression(match["expr"], undefined_to_none=False)(**self.context)
+                if isinstance(result, str):
+                    return resolve_plain(result) if result.strip() == result else result
+                if isinstance(result, Undefined):  # a bare undefined name is returned, not raised
+                    result._fail_with_undefined_error()
+                return result
+            return _env.from_string(value).render(**self.context)
+        except SecurityError as exc:
+            self._fail(path, f"template refused by the sandbox: {exc}", "OOB111")
+        except UndefinedError as exc:
+            self._fail(path, f"template error: {exc}")
+        except TemplateError as exc:
+            self._fail(path, f"template error: {exc.message or exc}")
+        except Exception as exc:  # errors raised by filters/tests on user data
+            self._fail(path, f"template error: {type(exc).__name__}: {exc}")
+        return None
+
+    def walk(self, value: Any, path: tuple, new_path: tuple) -> Any:
+        self._record(path, new_path)
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if k == "when" and _is_when_item(path):
+                    continue
+                out[k] = self.walk(v, path + (k,), new_path + (k,))
+            return out
+        if isinstance(value, list):
+            out_list = []
+            for i, item in enumerate(value):
+                if self._dropped(item, path + (i,)):
+                    continue
+                out_list.append(self.walk(item, path + (i,), new_path + (len(out_list),)))
+            return out_list
+        if isinstance(value, str) and any(m in value for m in _MARKERS):
+            return self.render_scalar(value, path)
+        return value
+
+    def _dropped(self, item: Any, path: tuple) -> bool:
+        if not (isinstance(item, dict) and "when" in item and _is_when_item(path)):
+            return False
+        cond = item["when"]
+        if isinstance(cond, str) and any(m in cond for m in _MARKERS):
+            cond = self.render_scalar(cond, path + ("when",))
+        elif isinstance(cond, str):
+            cond = resolve_plain(cond)
+        return not cond
+
+    def _record(self, path: tuple, new_path: tuple) -> None:
+        if path in self.doc.positions:
+            self.out.positions[new_path] = self.doc.positions[path]
+        if path in self.doc.key_positions:
+            self.out.key_positions[new_path] = self.doc.key_positions[path]
+
+    def render(self) -> Document:
+        data = self.doc.data
+        if isinstance(data, dict) and isinstance(data.get("actors"), dict):
+            # Actors are a mapping, so `when` on them is handled here rather than in walk's list branch.
+            actors = {k: v for k, v in data["actors"].items() if not self._dropped(v, ("actors", k))}
+            data = {**data, "actors": actors}
+        self.out.data = self.walk(data, (), ())
+        if self.problems:
+            raise SpecError(self.problems)
+        return self.out
+
+
+def render(doc: Document, values: dict | None = None, environ: dict | None = None) -> Document:
+    """Evaluate every template in the document; `env` is the environment, the rest are values."""
+    context = dict(values or {})
+    context["env"] = dict(os.environ if environ is None else environ)
+    return _Renderer(doc, context).render()
+
+
+def to_yaml(data: Any) -> str:
+    """Rendered spec as YAML text (plain types only; YAML 1.1 look-alikes are quoted)."""
+    return yaml.safe_dump(_plain(data), sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return float(value)
+    return value

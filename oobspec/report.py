@@ -1,0 +1,97 @@
+"""Text for people: diagnostics, plans, status and endpoint tables. Pure formatting, no I/O."""
+from __future__ import annotations
+
+import json
+
+from .errors import Diagnostic
+from .plan import Plan
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def diagnostics(diags: list[Diagnostic], fmt: str = "text") -> str:
+    if fmt == "json":
+        return json.dumps([d.to_dict() for d in diags], indent=2)
+    if fmt == "github":
+        def esc(s: str) -> str:
+            return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        return "\n".join(
+            f"::{d.severity} file={d.file},line={d.line},col={d.col},title={d.code}::"
+            f"{esc(d.message + (f' ({d.hint})' if d.hint else ''))}" for d in diags)
+    return "\n".join(str(d) for d in diags)
+
+
+def summary(diags: list[Diagnostic], files: int) -> str:
+    errors = sum(d.is_error for d in diags)
+    warnings = len(diags) - errors
+    if not diags:
+        return f"{files} spec{'s' if files != 1 else ''} ok"
+    return f"{errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}"
+
+
+_SIGN = {"create": "+", "replace": "~", "delete": "-", "keep": "="}
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def plan_text(plan: Plan) -> str:
+    out = [f"deployment {plan.name} (namespace {plan.namespace}) — "
+           + ("compared with the running cluster" if plan.online else "offline: no cluster running, showing what apply would create")]
+    out.append("")
+    for a in plan.actions:
+        replicas = ",".join(str(i) for i in a.replicas)
+        out.append(f"  {_SIGN[a.kind]} {a.kind:<8} {a.actor} [{replicas}]  ({a.reason})")
+    changes = plan.changes
+    counts = {k: sum(len(a.replicas) for a in changes if a.kind == k) for k in ("create", "replace", "delete")}
+    out.append("")
+    out.append(f"  {counts['create']} to create, {counts['replace']} to replace, {counts['delete']} to delete"
+               if changes else "  no changes")
+    out.append("")
+    out.append("start order: " + " -> ".join("[" + ", ".join(w) + "]" for w in plan.waves))
+    if plan.servers:
+        out.append("")
+        out.append(table(["ACTOR", "REPLICA", "SERVER", "PROTOCOL", "ENDPOINT"],
+                         [[s.actor, s.replica, s.server, s.protocol, s.url] for s in plan.servers]))
+    if plan.links:
+        out.append("")
+        out.append(table(["LINK", "FROM", "TO", "DEVICE", "TRANSPORT", "WHY"],
+                         [[x.name, x.source, x.target, x.device, x.transport, x.reason] for x in plan.links]))
+    r = plan.resources
+    out.append("")
+    out.append(f"total: {r['actors']} actor replica{'s' if r['actors'] != 1 else ''}, {r['cpus']:g} CPU, "
+               f"{r['gpus']:g} GPU, {size(r['memory_bytes'])} memory")
+    return "\n".join(out)
+
+
+def endpoints_text(endpoints: dict[str, dict[str, list[str]]]) -> str:
+    rows = [[actor, server, i, url] for actor, servers in endpoints.items()
+            for server, urls in servers.items() for i, url in enumerate(urls)]
+    return table(["ACTOR", "SERVER", "REPLICA", "ENDPOINT"], rows) if rows else "(no servers)"
+
+
+def status_text(status: dict) -> str:
+    out = [f"deployment {status['name']} (namespace {status['namespace']})", ""]
+    rows = [[r["name"], r["state"], r.get("pid") or "-", (r.get("node_id") or "-")[:12],
+             " ".join(r.get("endpoints", {}).values()) or "-"] for r in status["replicas"]]
+    out.append(table(["ACTOR", "STATE", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")
+    if status.get("links"):
+        out.append("")
+        rows = []
+        for link in status["links"]:
+            last = link.get("last_push")
+            rows.append([link["name"], link["from"], ", ".join(link["to"]), link.get("transport", "-"),
+                         last["version"] if last else "-", size(last["bytes"]) if last else "-",
+                         f"{last['gbps']:.2f}" if last else "-"])
+        out.append(table(["LINK", "FROM", "TO", "TRANSPORT", "VERSION", "BYTES", "GB/S"], rows))
+    return "\n".join(out)

@@ -1,0 +1,310 @@
+"""What runs inside each replica: the user's class, extended with oob's own methods.
+
+The Ray actor class is a subclass of the user's class, so the handle exposes the user's own
+methods (`handle.increment.remote()`). Its `__init__` runs the user's `__init__` (sync or
+async) and then starts the servers on the actor's event loop. Ray re-runs `__init__` on a
+restart, so a restarted replica brings its servers back on the same ports.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from .context import Context, set_current
+from .servers import Running, free_port, start_grpc, start_http, wait_connectable
+
+log = logging.getLogger("oobspec")
+READY_TIMEOUT = 60.0
+
+
+def _kv_key(cfg: dict, server: str) -> bytes:
+    return f"{cfg['namespace']}/{cfg['actor']}-{cfg['replica']}/{server}".encode()
+
+
+def _remembered_port(cfg: dict, server: dict) -> int:
+    """Port 0 resolves when first bound; a restarted replica asks for the same one again."""
+    if server["port"]:
+        return server["port"]
+    try:
+        from ray.experimental import internal_kv
+        value = internal_kv._internal_kv_get(_kv_key(cfg, server["name"]), namespace="oobspec")
+        return int(value) if value else 0
+    except Exception:
+        return 0
+
+
+def _remember_port(cfg: dict, name: str, port: int) -> None:
+    try:
+        from ray.experimental import internal_kv
+        internal_kv._internal_kv_put(_kv_key(cfg, name), str(port).encode(), overwrite=True, namespace="oobspec")
+    except Exception:  # only restarts lose their port; never fail a start for it
+        log.debug("could not record port", exc_info=True)
+
+
+class OobMixin:
+    """oob's own methods on every replica. Names start with `_oob` to stay out of the user's way."""
+
+    async def _oob_start(self, cfg: dict) -> None:
+        self._oob_cfg = cfg
+        self._oob_servers: list[Running] = []
+        self._oob_started = time.time()
+        ctx = self._oob_context
+        from .links import Links
+        ctx._links = Links(ctx, cfg, self)
+        from ..checks import import_object
+        for server in cfg["servers"]:
+            if cfg.get("command") is not None or server["protocol"] == "tcp":
+                continue  # the command (or the user's own code) serves it; we only health-check
+            wanted = dict(server, port=_remembered_port(cfg, server))
+            try:
+                running = await (start_http(self, wanted) if server["protocol"] == "http"
+                                 else start_grpc(self, wanted, import_object))
+            except OSError as exc:
+                if wanted["port"] and not server["port"]:  # remembered port taken: take any
+                    running = await (start_http(self, server) if server["protocol"] == "http"
+                                     else start_grpc(self, server, import_object))
+                else:
+                    raise RuntimeError(f"server {server['name']} cannot bind {server['host']}:{wanted['port']}: "
+                                       f"{exc.strerror or exc}") from None
+            if not server["port"]:
+                _remember_port(cfg, server["name"], running.port)
+            self._oob_servers.append(running)
+
+    async def _oob_ready(self, timeout: float = READY_TIMEOUT) -> dict:
+        """Returns once every server of this replica accepts connections."""
+        cfg = self._oob_cfg
+        process = getattr(self, "_oob_process", None)
+        for server in cfg["servers"]:
+            port = self._oob_port(server["name"])
+            if port:
+                await wait_connectable(server["host"], port, timeout,
+                                       alive=(lambda: process.alive) if process else (lambda: True))
+        return await self._oob_info()
+
+    def _oob_port(self, name: str) -> int | None:
+        for running in self._oob_servers:
+            if running.name == name:
+                return running.port
+        process = getattr(self, "_oob_process", None)
+        if process is not None and process.ports.get(name):
+            return process.ports[name]
+        server = next(s for s in self._oob_cfg["servers"] if s["name"] == name)
+        return server["port"] or None
+
+    def _oob_endpoints(self) -> dict[str, str]:
+        out = {}
+        for server in self._oob_cfg["servers"]:
+            port = self._oob_port(server["name"])
+            host = server["host"]
+            if host in ("0.0.0.0", "::"):
+                import ray
+                host = ray.util.get_node_ip_address()
+            out[server["name"]] = f"http://{host}:{port}" if server["protocol"] == "http" else f"{host}:{port}"
+        return out
+
+    async def _oob_info(self) -> dict:
+        import ray
+        cfg = self._oob_cfg
+        ctx = self._oob_context
+        process = getattr(self, "_oob_process", None)
+        return {
+            "actor": cfg["actor"], "replica": cfg["replica"], "config_hash": cfg["config_hash"],
+            "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_uuid": ctx._links.gpu_uuid() if ctx._links else None,
+            "endpoints": self._oob_endpoints(), "process": process.describe() if process else None,
+            "links": ctx._links.stats() if ctx._links else {}, "versions": dict(ctx.versions),
+        }
+
+    async def _oob_stop(self) -> None:
+        """Graceful stop before the actor is killed: servers closed, process stopped, memory freed."""
+        process = getattr(self, "_oob_process", None)
+        if process is not None:
+            await process.stop()
+        for running in getattr(self, "_oob_servers", []):
+            try:
+                await running.stop()
+            except Exception:
+                log.debug("server stop failed", exc_info=True)
+        self._oob_servers = []
+        ctx = getattr(self, "_oob_context", None)
+        if ctx is not None and ctx._links is not None:
+            ctx._links.close()
+
+    async def _oob_log_files(self) -> list[str]:
+        return [p for p in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in (1, 2)) if os.path.isfile(p)]
+
+    async def _oob_read_logs(self, offsets: list[int]) -> list[tuple[int, str]]:
+        """New output of this replica since `offsets` (one per log file): [(new offset, text)]."""
+        out = []
+        for path, offset in zip(await self._oob_log_files(), offsets):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(4 * 1024 * 1024)
+            out.append((offset + len(data), data.decode("utf-8", "replace")))
+        return out
+
+    async def _oob_link_receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
+        return await self._oob_context._links.receiver(link, transport, setup)
+
+    async def _oob_link_sender(self, link: str, transport: str, targets: list) -> None:
+        await self._oob_context._links.connect(link, transport, targets)
+
+    async def _oob_receive(self, link: str, message: Any, version: int) -> None:
+        await self._oob_context._links.receive(link, message, version)
+
+    async def _oob_nccl_root(self, link: str, unique_id, world: int) -> None:
+        await self._oob_context._links.nccl_root(link, unique_id, world)
+
+    async def _oob_push(self, link: str) -> dict:
+        return await self._oob_context._links.push(link)
+
+
+def _prepare(cfg: dict) -> Context:
+    for path in reversed(cfg.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    ctx = Context(cfg["deployment"], cfg["actor"], cfg["replica"], cfg["replicas"],
+                  endpoints={k: list(v) for k, v in cfg["endpoints"].items()})
+    from .links import allocate_buffers
+    ctx.buffers.update(allocate_buffers(cfg))
+    set_current(ctx)
+    return ctx
+
+
+def make_actor_class(user_cls: type) -> type:
+    """A subclass of the user's class whose handle has the user's methods plus oob's."""
+    user_init = user_cls.__init__
+
+    async def __init__(self, _oob_cfg: dict, *args, **kwargs):
+        self._oob_context = _prepare(_oob_cfg)
+        result = user_init(self, *args, **kwargs)
+        if inspect.isawaitable(result):
+            await result
+        await OobMixin._oob_start(self, _oob_cfg)
+
+    namespace = {"__init__": __init__, "__module__": user_cls.__module__,
+                 "__qualname__": user_cls.__qualname__, "__doc__": user_cls.__doc__}
+    return type(user_cls.__name__, (user_cls, OobMixin), namespace)
+
+
+# --- command actors -----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    # The child must not outlive the actor even when Ray SIGKILLs the worker.
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class Supervised:
+    """A wrapped program: started, its output sent to the actor's log, restarted, stopped."""
+
+    def __init__(self, argv: list[str], restarts: int, ports: dict[str, int]):
+        self.argv, self.restarts, self.ports = argv, restarts, ports
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.stopping = False
+        self.last_exit: int | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _spawn(self) -> None:
+        self.starts += 1
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        print(f"[oob] started {self.argv[0]} (pid {self.proc.pid})", flush=True)
+
+    async def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.tail.append(line)
+            print(line, flush=True)
+
+    async def _supervise(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.gather(self._pump(), self.proc.wait())
+            self.last_exit = self.proc.returncode
+            if self.stopping:
+                return
+            used = self.starts - 1
+            print(f"[oob] {self.argv[0]} exited with code {self.last_exit}", flush=True)
+            if self.restarts != -1 and used >= self.restarts:
+                print(f"[oob] not restarting: restarts: {self.restarts} used", flush=True)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            if self.stopping:
+                return
+            await self._spawn()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.stopping = True
+        if self.alive:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except asyncio.TimeoutError:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                await self.proc.wait()
+            except ProcessLookupError:
+                pass
+        if self._task is not None:
+            self._task.cancel()
+
+    def describe(self) -> dict:
+        return {"argv": self.argv, "pid": self.proc.pid if self.proc else None, "alive": self.alive,
+                "starts": self.starts, "last_exit": self.last_exit}
+
+
+class CommandActor:
+    """Supervises a program declared with `command:`; its servers are the program's ports."""
+
+    async def __init__(self):
+        cfg = self._oob_cfg_pending
+        ports = {}
+        for server in cfg["servers"]:
+            ports[server["name"]] = _remembered_port(cfg, server) or free_port(server["host"])
+            if not server["port"]:
+                _remember_port(cfg, server["name"], ports[server["name"]])
+        first = next(iter(ports.values()), None)
+        argv = [a.replace("{port}", str(first)) if first is not None else a for a in cfg["command"]]
+        self._oob_process = Supervised(argv, cfg["restarts"], ports)
+        try:
+            await self._oob_process.start()
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+
+    def pid(self) -> int | None:
+        """PID of the wrapped program."""
+        return self._oob_process.proc.pid if self._oob_process.proc else None
+
+
+def make_command_class() -> type:
+    async def __init__(self, _oob_cfg: dict):
+        self._oob_context = _prepare(_oob_cfg)
+        self._oob_cfg_pending = _oob_cfg
+        await CommandActor.__init__(self)
+        await OobMixin._oob_start(self, _oob_cfg)
+
+    return type("CommandActor", (CommandActor, OobMixin), {"__init__": __init__, "__module__": __name__})

@@ -1,0 +1,392 @@
+"""Apply: observe, plan (pure), then execute the plan's actions on Ray, wave by wave."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ApplyError, ClusterError
+from ..models import Spec, memory_bytes
+from ..plan import Plan, Topology, choose_transport, config_hash, make_plan
+from . import cluster
+
+log = logging.getLogger("oobspec")
+Progress = Callable[[str], None]
+
+
+def _env_key(key: str) -> str:
+    return key.upper().replace("-", "_")
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class Applier:
+    def __init__(self, spec: Spec, progress: Progress = _quiet, detached: bool = False):
+        self.spec, self.progress, self.detached = spec, progress, detached
+        self.namespace = spec.namespace
+        source = spec._source
+        self.base_dir = source.base_dir if source else Path.cwd()
+        self.endpoints: dict[str, dict[str, list[str]]] = {}  # actor -> server -> urls
+        self.info: dict[tuple[str, int], dict] = {}
+        self.handles: dict[tuple[str, int], object] = {}
+        self.placement = None
+
+    # --- configuration handed to each replica ---
+
+    def _links_of(self, name: str) -> dict:
+        out = {}
+        for link in self.spec.links:
+            entry = {"from": link.from_, "to": list(link.to), "transport": link.transport}
+            src_actor, _, src_buf = link.from_.partition(".")
+            if src_actor == name:
+                entry.update(role="source", source_buffer=src_buf)
+            for target in link.to:
+                t_actor, _, t_buf = target.partition(".")
+                if t_actor == name:
+                    entry.setdefault("role", "target")
+                    entry["target_buffer"] = t_buf
+            if "role" in entry:
+                out[link.name] = entry
+        return out
+
+    def replica_config(self, name: str, index: int, digest: str) -> dict:
+        actor = self.spec.actors[name]
+        targets = {t for link in self.spec.links for t in link.to}
+        endpoints = {}
+        for key, ref in actor.connect.items():
+            peer, _, server = ref.partition(".")
+            endpoints[key] = self.endpoints.get(peer, {}).get(server, [])
+        return {
+            "deployment": self.spec.name, "namespace": self.namespace, "actor": name, "replica": index,
+            "replicas": actor.replicas, "config_hash": digest, "restarts": actor.restarts,
+            "command": list(actor.command) if actor.command else None,
+            "servers": [dict(s.model_dump(mode="json", exclude={"when"}), port=s.port + index if s.port else 0)
+                        for s in actor.servers],
+            "endpoints": endpoints,
+            "buffers": {b: dict(buf.model_dump(mode="json"), link_target=f"{name}.{b}" in targets)
+                        for b, buf in actor.buffers.items()},
+            "links": self._links_of(name),
+            "sys_path": [str(self.base_dir), os.getcwd()],
+        }
+
+    def runtime_env(self, name: str, index: int, cfg: dict) -> dict:
+        actor = self.spec.actors[name]
+        env = dict(self.spec.ray.runtime_env or {})
+        env_vars = dict(env.get("env_vars") or {})
+        env_vars.update(actor.env)
+        for key, urls in cfg["endpoints"].items():
+            env_vars[f"OOB_{_env_key(key)}_URL"] = urls[0] if urls else ""
+            env_vars[f"OOB_{_env_key(key)}_URLS"] = ",".join(urls)
+        env_vars["OOB_REPLICA"] = str(index)
+        env_vars["OOB_REPLICAS"] = str(actor.replicas)
+        env_vars["OOB_DEPLOYMENT"] = self.spec.name
+        for server in actor.servers:  # forward auth tokens from our environment; never logged
+            if server.auth and server.auth.token_env in os.environ and server.auth.token_env not in env_vars:
+                env_vars[server.auth.token_env] = os.environ[server.auth.token_env]
+        paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env["env_vars"] = env_vars
+        return env
+
+    def actor_class(self, name: str):
+        import ray
+        from ..checks import import_object, import_path
+        from .actor import make_actor_class, make_command_class
+        actor = self.spec.actors[name]
+        if actor.command is not None:
+            return ray.remote(make_command_class())
+        with import_path(self.base_dir):
+            try:
+                user_cls = import_object(actor.class_)
+            except ImportError as exc:
+                raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
+        return ray.remote(make_actor_class(user_cls))
+
+    def options(self, name: str, index: int, cfg: dict) -> dict:
+        actor = self.spec.actors[name]
+        res = actor.resources
+        opts = {"name": f"{name}-{index}", "namespace": self.namespace, "max_restarts": actor.restarts,
+                "runtime_env": self.runtime_env(name, index, cfg), "max_concurrency": 1000}
+        # Named actors that are not detached die with their last handle; the embedded mode
+        # tears them down itself, and its Ray goes with the foreground process anyway.
+        opts["lifetime"] = "detached"
+        if res.cpus is not None:
+            opts["num_cpus"] = res.cpus
+        if res.gpus:
+            opts["num_gpus"] = res.gpus
+        if res.memory is not None:
+            opts["memory"] = memory_bytes(res.memory)
+        if res.custom:
+            opts["resources"] = dict(res.custom)
+        if self.placement is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            bundle = self.bundle_index[(name, index)]
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle)
+            opts.setdefault("num_cpus", 0.01)
+        return opts
+
+    # --- placement ---
+
+    def bundles(self) -> list[dict]:
+        out, self.bundle_index = [], {}
+        for name, actor in self.spec.actors.items():
+            for i in range(actor.replicas):
+                res = actor.resources
+                bundle = {"CPU": res.cpus or 0.01}
+                if res.gpus:
+                    bundle["GPU"] = res.gpus
+                if res.memory is not None:
+                    bundle["memory"] = memory_bytes(res.memory)
+                bundle.update(res.custom)
+                self.bundle_index[(name, i)] = len(out)
+                out.append(bundle)
+        return out
+
+    def ensure_placement(self) -> None:
+        import ray
+        from ray.util.placement_group import get_placement_group, placement_group
+        bundles = self.bundles()
+        digest = hashlib.sha256(json.dumps([self.spec.ray.placement, bundles], sort_keys=True).encode()).hexdigest()[:10]
+        pg_name = f"_oob-{self.spec.name}-{digest}"
+        try:
+            self.placement = get_placement_group(pg_name)
+        except ValueError:
+            self.progress(f"placement group {self.spec.ray.placement} for {len(bundles)} replicas")
+            self.placement = placement_group(bundles, strategy=self.spec.ray.placement, name=pg_name,
+                                             lifetime="detached" if self.detached else None)
+        if not self.placement.wait(timeout_seconds=60):
+            raise ApplyError(f"placement group {self.spec.ray.placement} for {len(bundles)} replicas cannot be "
+                             "placed on this cluster (not enough nodes or resources)")
+        cluster.put_meta(self.namespace, "placement", {"name": pg_name})
+        self._old_placement = None
+
+    # --- execution ---
+
+    def plan(self) -> Plan:
+        import ray
+        observed = cluster.observe(self.namespace)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        return make_plan(self.spec, observed, single_node=len(nodes) == 1)
+
+    def run(self, timeout: float = 120.0) -> dict[str, dict[str, list[str]]]:
+        plan = self.plan()
+        for row in cluster.observe(self.namespace).replicas:
+            if row.alive:
+                self.info[(row.actor, row.replica)] = {"endpoints": row.endpoints, "node_id": row.node_id,
+                                                       "gpu_uuid": row.gpu_uuid}
+        doomed = [f"{a.actor}-{i}" for a in plan.actions if a.kind in ("delete", "replace") for i in a.replicas]
+        for action in plan.changes:
+            self.progress(f"{action.kind} {action.actor} [{','.join(map(str, action.replicas))}]: {action.reason}")
+        if doomed:
+            cluster.kill(doomed, self.namespace)
+            for name in doomed:
+                self.info.pop(cluster.split_name(name), None)
+        if self.spec.ray.placement:
+            self.ensure_placement()
+        todo = {(a.actor, i) for a in plan.actions if a.kind in ("create", "replace") for i in a.replicas}
+        for name in self.spec.actors:
+            self._collect_endpoints(name)
+        created: list[str] = []
+        try:
+            for wave in plan.waves:
+                refs = {}
+                for name in wave:
+                    indices = sorted(i for (a, i) in todo if a == name)
+                    if not indices:
+                        continue
+                    cls = self.actor_class(name)
+                    digest = config_hash(self.spec, name)
+                    for i in indices:
+                        cfg = self.replica_config(name, i, digest)
+                        handle = cls.options(**self.options(name, i, cfg)).remote(cfg, *self.spec.actors[name].args,
+                                                                                     **self.spec.actors[name].kwargs)
+                        created.append(f"{name}-{i}")
+                        refs[(name, i)] = handle._oob_ready.remote(timeout)
+                self._wait_ready(refs, timeout)
+                for name in wave:
+                    self._collect_endpoints(name)
+            self.setup_links()
+        except BaseException:
+            if created:
+                self.progress(f"cleaning up {len(created)} replica(s) started by this apply")
+                cluster.kill(created, self.namespace)
+            raise
+        cluster.put_meta(self.namespace, "spec", self.spec.model_dump(mode="json", by_alias=True))
+        return self.endpoints
+
+    def _wait_ready(self, refs: dict, timeout: float) -> None:
+        import ray
+        if not refs:
+            return
+        pending = {ref: key for key, ref in refs.items()}
+        deadline = time.monotonic() + timeout + 30  # + time to schedule and start the worker
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+            if not ready:
+                names = ", ".join(f"{a}-{i}" for a, i in pending.values())
+                raise ApplyError(f"{names} not ready after {timeout:.0f}s (not enough resources in the cluster?)",
+                                 self._log_tail(next(iter(pending.values()))))
+            ref = ready[0]
+            key = pending.pop(ref)
+            try:
+                info = ray.get(ref)
+            except Exception as exc:
+                raise ApplyError(f"actor {key[0]}-{key[1]} failed to start: {_cause(exc)}", self._log_tail(key)) from None
+            self.info[key] = info
+            self.progress(f"ready {key[0]}-{key[1]} (pid {info['pid']})"
+                          + "".join(f"  {s}: {u}" for s, u in info["endpoints"].items()))
+
+    def _log_tail(self, key: tuple[str, int], lines: int = 20) -> str:
+        import ray
+        try:
+            h = cluster.handle(f"{key[0]}-{key[1]}", self.namespace)
+            chunks = ray.get(h._oob_read_logs.remote([0, 0]), timeout=5)
+            text = "".join(t for _o, t in chunks)
+        except Exception:  # the replica is gone: nothing to show
+            text = ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _collect_endpoints(self, name: str) -> None:
+        actor = self.spec.actors[name]
+        servers: dict[str, list[str]] = {s.name: [] for s in actor.servers}
+        for i in range(actor.replicas):
+            info = self.info.get((name, i))
+            for s in actor.servers:
+                if info and s.name in info["endpoints"]:
+                    servers[s.name].append(info["endpoints"][s.name])
+        self.endpoints[name] = servers
+
+    # --- links ---
+
+    def setup_links(self) -> None:
+        import ray
+        handles = lambda a, i: cluster.handle(f"{a}-{i}", self.namespace)  # noqa: E731
+        for link in self.spec.links:
+            src_actor = link.from_.split(".", 1)[0]
+            src_info = self.info[(src_actor, 0)]
+            src_topo = Topology(src_info["node_id"], src_info.get("gpu_uuid"))
+            device = self.spec.actors[src_actor].buffers[link.from_.split(".", 1)[1]].device
+            targets = []
+            for target in link.to:
+                t_actor = target.split(".", 1)[0]
+                for i in range(self.spec.actors[t_actor].replicas):
+                    info = self.info[(t_actor, i)]
+                    transport = link.transport
+                    if transport == "auto":
+                        transport = choose_transport(device, src_topo, Topology(info["node_id"], info.get("gpu_uuid")))
+                    targets.append({"key": f"{t_actor}-{i}", "handle": handles(t_actor, i), "transport": transport,
+                                    "uuid": info.get("gpu_uuid")})
+            source = handles(src_actor, 0)
+            nccl = [t for t in targets if t["transport"] == "nccl"]
+            if nccl:
+                from ..transports import get_transport
+                module = get_transport("nccl")
+                module.check_distinct_gpus([src_topo.gpu_uuid] + [t["uuid"] for t in nccl])
+                unique_id = module.new_unique_id()
+                world = len(nccl) + 1
+                refs = [source._oob_nccl_root.remote(link.name, unique_id, world)]
+                refs += [t["handle"]._oob_link_receiver.remote(link.name, "nccl", {"unique_id": unique_id, "world": world,
+                                                                                     "rank": r + 1})
+                         for r, t in enumerate(nccl)]
+                ray.get(refs)
+            descriptors = ray.get([t["handle"]._oob_link_receiver.remote(link.name, t["transport"])
+                                   for t in targets if t["transport"] != "nccl"])
+            it = iter(descriptors)
+            for t in targets:
+                t["descriptor"] = next(it) if t["transport"] != "nccl" else None
+                t.pop("uuid", None)
+            ray.get(source._oob_link_sender.remote(link.name, link.transport, targets))
+            picked = sorted({t["transport"] for t in targets})
+            self.progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
+
+
+def _cause(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = str(exc)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def start_embedded(namespace: str, log_to_driver: bool = True) -> str:
+    import ray
+    ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=log_to_driver, configure_logging=True)
+    return ray.get_runtime_context().gcs_address
+
+
+def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
+    from rich.console import Console
+    console = Console(stderr=True, highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
+    progress = lambda msg: console.print(f"[dim]·[/dim] {msg}")  # noqa: E731
+    explicit = address or os.environ.get("RAY_ADDRESS") or spec.ray.address
+    if explicit:
+        cluster.connect(explicit, spec.namespace)
+        try:
+            endpoints = _apply_with_errors(spec, progress, timeout, detached=True)
+        finally:
+            import ray
+            ray.shutdown()
+        out.print(_endpoints(endpoints))
+        return
+    stop = threading.Event()
+    progress("starting a local Ray (embedded; Ctrl-C stops everything)")
+    gcs = start_embedded(spec.namespace)
+    registry = cluster.register_embedded(spec.name, gcs)
+
+    def on_signal(signum, _frame):
+        stop.set()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        endpoints = _apply_with_errors(spec, progress, timeout, detached=False)
+        out.print(_endpoints(endpoints))
+        console.print(f"running in the foreground on a local Ray ({gcs}); Ctrl-C to stop")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+        console.print("stopping: closing servers, stopping processes")
+    finally:
+        import ray
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            cluster.delete_all(spec.name)
+        except Exception:
+            log.debug("teardown", exc_info=True)
+        ray.shutdown()
+        registry.unlink(missing_ok=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    console.print("stopped")
+
+
+def _apply_with_errors(spec: Spec, progress: Progress, timeout: float, detached: bool) -> dict:
+    try:
+        return Applier(spec, progress, detached).run(timeout)
+    except ApplyError as exc:
+        if exc.log_tail:
+            print(f"--- last lines of the actor's log ---\n{exc.log_tail}\n---", file=sys.stderr)
+        raise
+
+
+def _endpoints(endpoints: dict) -> str:
+    from ..report import endpoints_text
+    return endpoints_text(endpoints)
+
+
+__all__ = ["Applier", "ClusterError", "apply_cli", "start_embedded"]

@@ -1,0 +1,178 @@
+"""Buffers and links inside a replica: allocation at start, receivers, senders, push.
+
+Link buffers are allocated and touched once, when the replica starts, so a push is one copy
+per target and never faults fresh pages. The source is replica 0 of the link's `from` actor.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ..errors import OobError
+
+
+def shm_name(cfg: dict, buffer: str, replica: int | None = None) -> str:
+    replica = cfg["replica"] if replica is None else replica
+    return f"oob-{cfg['deployment']}-{cfg['actor']}-{replica}-{buffer}"
+
+
+def allocate_buffers(cfg: dict) -> dict[str, Any]:
+    """Every declared buffer; cpu link targets live in named shared memory."""
+    from ..transports import allocate
+    owners = cfg.setdefault("_buffer_owners", {})
+    arrays = {}
+    for name, buf in cfg.get("buffers", {}).items():
+        shared = shm_name(cfg, name) if buf["device"] == "cpu" and buf.get("link_target") else None
+        if shared:
+            _unlink_stale(shared)
+        owner = allocate(buf["shape"], buf["dtype"], buf["device"], shared_name=shared)
+        owners[name] = owner
+        arrays[name] = owner.array
+    return arrays
+
+
+def _unlink_stale(name: str) -> None:
+    # A replica that crashed and was restarted by Ray left its segment behind: it is ours.
+    import os
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:
+        pass
+
+
+class Links:
+    def __init__(self, ctx, cfg: dict, owner):
+        self.ctx, self.cfg = ctx, cfg
+        self.links: dict[str, dict] = cfg.get("links", {})
+        self.receivers: dict[tuple[str, str], Any] = {}  # (link, transport) -> Receiver / nccl Group
+        self.senders: dict[str, list[dict]] = {}  # link -> [{handle, transport, sender, descriptor, key}]
+        self.groups: dict[str, Any] = {}  # link -> nccl Group (source side)
+        self.version: dict[str, int] = {}
+        self.last: dict[str, dict] = {}
+        self._uuid: str | None = None
+        self._lock = asyncio.Lock()
+
+    def _link(self, name: str) -> dict:
+        if name not in self.links:
+            known = ", ".join(self.links) or "none"
+            raise OobError(f"actor {self.cfg['actor']} has no link '{name}' (links: {known})")
+        return self.links[name]
+
+    def gpu_uuid(self) -> str | None:
+        if self._uuid is None and any(b["device"] == "gpu" for b in self.cfg.get("buffers", {}).values()):
+            from ..transports import get_transport
+            self._uuid = get_transport("cuda_ipc").gpu_uuid()
+        return self._uuid
+
+    # --- target side ---
+
+    async def receiver(self, link: str, transport: str, setup: dict | None) -> dict:
+        from ..transports import get_transport
+        spec = self._link(link)
+        buffer = spec["target_buffer"]
+        key = (link, transport)
+        if transport == "nccl":
+            nccl = get_transport("nccl")
+            self.receivers[key] = await asyncio.to_thread(nccl.Group, setup["unique_id"], setup["world"], setup["rank"])
+            return {}
+        if key not in self.receivers:
+            owner = self.cfg["_buffer_owners"][buffer]
+            module = get_transport(transport)
+            self.receivers[key] = module.Receiver(owner if transport == "shm" else owner.array)
+        return self.receivers[key].descriptor()
+
+    async def receive(self, link: str, message: Any, version: int) -> None:
+        spec = self._link(link)
+        transport = message.get("transport") if isinstance(message, dict) else None
+        payload = message.get("payload") if isinstance(message, dict) else None
+        receiver = self.receivers.get((link, transport))
+        if receiver is None:
+            raise OobError(f"link '{link}' is not set up on {self.cfg['actor']}-{self.cfg['replica']}")
+        if transport == "nccl":
+            await asyncio.to_thread(receiver.broadcast, self.ctx.buffers[spec["target_buffer"]])
+        elif transport != "shm":  # shm: the source already wrote into our segment
+            await asyncio.to_thread(receiver.receive, payload)
+        self.ctx.versions[spec["target_buffer"]] = version
+
+    # --- source side ---
+
+    async def connect(self, link: str, transport_by_target: list, _unused=None) -> None:
+        """targets: [{key, handle, transport, descriptor, setup}] — called by apply, idempotent."""
+        from ..transports import get_transport
+        spec = self._link(link)
+        source = self.ctx.buffers[spec["source_buffer"]]
+        old = {t["key"]: t for t in self.senders.get(link, [])}
+        fresh = []
+        for target in transport_by_target:
+            kept = old.pop(target["key"], None)
+            if kept and kept["transport"] == target["transport"] and kept["descriptor"] == target["descriptor"] \
+                    and target["transport"] != "nccl":
+                kept["handle"] = target["handle"]
+                fresh.append(kept)
+                continue
+            if kept and kept["sender"] is not None:
+                kept["sender"].close()
+            sender = None
+            if target["transport"] != "nccl":
+                sender = get_transport(target["transport"]).Sender(source, target["descriptor"])
+            fresh.append(dict(target, sender=sender))
+        for gone in old.values():
+            if gone["sender"] is not None:
+                gone["sender"].close()
+        self.senders[link] = fresh
+        self.version.setdefault(link, 0)
+
+    async def nccl_root(self, link: str, unique_id, world: int) -> None:
+        from ..transports import get_transport
+        self.groups[link] = await asyncio.to_thread(get_transport("nccl").Group, unique_id, world, 0)
+
+    async def push(self, link: str) -> dict:
+        spec = self._link(link)
+        if spec["role"] != "source" or self.cfg["replica"] != 0:
+            raise OobError(f"link '{link}' pushes from replica 0 of {spec['from'].split('.')[0]}, "
+                           f"not from {self.cfg['actor']}-{self.cfg['replica']}")
+        if link not in self.senders:
+            raise OobError(f"link '{link}' is not connected yet (apply sets it up once every replica is ready)")
+        async with self._lock:  # one push of a link at a time: versions stay in order
+            source = self.ctx.buffers[spec["source_buffer"]]
+            version = self.version[link] + 1
+            targets = self.senders[link]
+            start = time.perf_counter()
+            acks = []
+            nccl_targets = [t for t in targets if t["transport"] == "nccl"]
+            if nccl_targets:
+                acks += [t["handle"]._oob_receive.remote(link, {"transport": "nccl"}, version) for t in nccl_targets]
+                await asyncio.to_thread(self.groups[link].broadcast, source)
+            others = [t for t in targets if t["transport"] != "nccl"]
+            payloads = await asyncio.gather(*(asyncio.to_thread(t["sender"].send) for t in others))
+            acks += [t["handle"]._oob_receive.remote(link, {"transport": t["transport"], "payload": p}, version)
+                     for t, p in zip(others, payloads)]
+            await asyncio.gather(*acks)
+            seconds = time.perf_counter() - start
+            self.version[link] = version
+            nbytes = int(source.nbytes) * len(targets)
+            transports = sorted({t["transport"] for t in targets})
+            self.last[link] = {"version": version, "bytes": nbytes, "seconds": seconds,
+                               "gbps": nbytes / seconds / 1e9 if seconds else 0.0, "targets": len(targets),
+                               "transport": "/".join(transports), "at": time.time()}
+            return self.last[link]
+
+    def stats(self) -> dict:
+        return {name: {"last_push": self.last.get(name), "transports": sorted({t["transport"] for t in self.senders.get(name, [])})}
+                for name, spec in self.links.items() if spec["role"] == "source"}
+
+    def close(self) -> None:
+        for targets in self.senders.values():
+            for t in targets:
+                if t["sender"] is not None:
+                    t["sender"].close()
+        self.senders.clear()
+        for receiver in self.receivers.values():
+            close = getattr(receiver, "close", None)
+            if close:
+                close()
+        self.receivers.clear()
+        for owner in self.cfg.get("_buffer_owners", {}).values():
+            owner.close()
+        self.cfg["_buffer_owners"] = {}

@@ -1,0 +1,314 @@
+"""Servers that run inside an actor's event loop and call the actor's own methods.
+
+Everything that can be decided once (signatures, converters, the expected auth header) is
+decided when the server starts, so a request costs one dict build and one method call:
+no Ray call, no reflection.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("oobspec")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+
+
+def token_from_env(auth: dict | None) -> str | None:
+    """The bearer token an auth block asks for, read from this process's environment."""
+    if not auth:
+        return None
+    token = os.environ.get(auth["token_env"])
+    if not token:
+        raise RuntimeError(f"auth needs the environment variable {auth['token_env']}, which is not set "
+                           "in the actor (set it where you run `oob apply`)")
+    return token
+
+
+@dataclass
+class Signature:
+    """What a method accepts, worked out once."""
+
+    required: frozenset
+    allowed: frozenset | None  # None: takes **kwargs
+    converters: dict[str, Callable[[str], Any]]
+    is_async: bool
+
+    @classmethod
+    def of(cls, method) -> "Signature":
+        try:
+            sig = inspect.signature(method, eval_str=True)
+        except Exception:
+            sig = inspect.signature(method)
+        required, allowed, converters, var_kw = set(), set(), {}, False
+        for p in sig.parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                var_kw = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                allowed.add(p.name)
+                if p.default is p.empty:
+                    required.add(p.name)
+                if p.annotation in (int, float):
+                    converters[p.name] = p.annotation
+                elif p.annotation is bool:
+                    converters[p.name] = _to_bool
+        return cls(frozenset(required), None if var_kw else frozenset(allowed), converters,
+                   inspect.iscoroutinefunction(method))
+
+    def problem(self, kwargs: dict) -> str | None:
+        missing = self.required - kwargs.keys()
+        if missing:
+            return f"missing argument{'s' if len(missing) > 1 else ''}: {', '.join(sorted(missing))}"
+        if self.allowed is not None:
+            extra = kwargs.keys() - self.allowed
+            if extra:
+                return f"unexpected argument{'s' if len(extra) > 1 else ''}: {', '.join(sorted(extra))}"
+        return None
+
+
+def _to_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"'{text}' is not a boolean")
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+def _http_app(instance, server: dict):
+    from aiohttp import web
+
+    def error(status: int, message: str) -> web.Response:
+        return web.Response(status=status, body=dumps({"error": message, "status": status}),
+                            content_type="application/json")
+
+    @web.middleware
+    async def json_errors(request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # router 404/405, body too large 413, ...
+            if exc.status < 400:
+                raise
+            response = error(exc.status, exc.reason)
+            if exc.status == 405 and "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
+
+    token = token_from_env(server.get("auth"))
+    expected = f"Bearer {token}".encode() if token else None
+
+    def make_handler(call: str):
+        method = getattr(instance, call)
+        sig = Signature.of(method)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if expected is not None:
+                got = request.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(got, expected):
+                    return error(401, "missing or wrong bearer token")
+            kwargs: dict[str, Any] = dict(request.match_info)
+            if request.query:
+                kwargs.update(request.query)
+            try:
+                for name, convert in sig.converters.items():
+                    if isinstance(kwargs.get(name), str):
+                        kwargs[name] = convert(kwargs[name])
+            except ValueError as exc:
+                return error(400, str(exc))
+            if request.can_read_body:
+                raw = await request.read()
+                if raw.strip():
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:
+                        return error(400, "request body is not valid JSON")
+                    if not isinstance(body, dict):
+                        return error(400, "request body must be a JSON object of keyword arguments")
+                    kwargs.update(body)
+            problem = sig.problem(kwargs)
+            if problem:
+                return error(400, problem)
+            try:
+                result = method(**kwargs)
+                if sig.is_async:
+                    result = await result
+            except Exception as exc:
+                log.exception("%s raised", call)
+                return error(500, f"{type(exc).__name__}: {exc}")
+            if isinstance(result, web.StreamResponse):
+                return result
+            if isinstance(result, str):
+                return web.Response(text=result, content_type="text/plain")
+            if isinstance(result, (bytes, bytearray, memoryview)):
+                return web.Response(body=bytes(result), content_type="application/octet-stream")
+            return web.Response(body=dumps(result), content_type="application/json")
+
+        return handle
+
+    app = web.Application(client_max_size=server.get("max_body", 1024**2), middlewares=[json_errors])
+    for route in server.get("routes", []):
+        app.router.add_route(route["method"], route["path"], make_handler(route["call"]))
+    return app
+
+
+class Running:
+    """A started server: its bound port and how to stop it."""
+
+    def __init__(self, name: str, protocol: str, host: str, port: int, stop):
+        self.name, self.protocol, self.host, self.port, self._stop = name, protocol, host, port, stop
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
+        return f"http://{host}:{self.port}" if self.protocol == "http" else f"{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._stop is not None:
+            await self._stop()
+            self._stop = None
+
+
+async def start_http(instance, server: dict) -> Running:
+    from aiohttp import web
+
+    runner = web.AppRunner(_http_app(instance, server), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, server["host"], server["port"], reuse_address=True)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return Running(server["name"], "http", server["host"], port, runner.cleanup)
+
+
+# --- gRPC ---------------------------------------------------------------------------------
+
+
+def _auth_interceptor(token: str):
+    import grpc
+
+    expected = f"Bearer {token}"
+
+    def deny(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    class Auth(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            if details.method.startswith("/grpc.health.v1.Health/"):
+                return await continuation(details)  # probes carry no token
+            got = dict(details.invocation_metadata or ()).get("authorization", "")
+            if hmac.compare_digest(got.encode(), expected.encode()):
+                return await continuation(details)
+
+            async def abort(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            return grpc.unary_unary_rpc_method_handler(abort)
+
+    return Auth()
+
+
+def _json_method(instance, call: str):
+    import grpc
+
+    method = getattr(instance, call)
+    sig = Signature.of(method)
+
+    async def handle(request: bytes, context):
+        try:
+            kwargs = json.loads(request) if request else {}
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not valid JSON")
+        if not isinstance(kwargs, dict):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request must be a JSON object of keyword arguments")
+        problem = sig.problem(kwargs)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            result = method(**kwargs)
+            if sig.is_async:
+                result = await result
+        except Exception as exc:
+            log.exception("%s raised", call)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return dumps(result)
+
+    return grpc.unary_unary_rpc_method_handler(handle)
+
+
+async def start_grpc(instance, server: dict, import_object) -> Running:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+
+    token = token_from_env(server.get("auth"))
+    grpc_server = grpc.aio.server(interceptors=[_auth_interceptor(token)] if token else None,
+                                  options=[("grpc.so_reuseport", 0)])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    if server.get("service") and server.get("methods"):
+        handlers = {m: _json_method(instance, m) for m in server["methods"]}
+        grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server["service"], handlers),))
+    if server.get("proto"):
+        import_object(server["proto"])(instance, grpc_server)
+    port = grpc_server.add_insecure_port(f"{server['host']}:{server['port']}")
+    if port == 0:
+        raise OSError(f"cannot bind {server['host']}:{server['port']}")
+    await grpc_server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    if server.get("service"):
+        await health.set(server["service"], health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop():
+        await health.enter_graceful_shutdown()
+        await grpc_server.stop(grace=1)
+
+    return Running(server["name"], "grpc", server["host"], port, stop)
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+async def wait_connectable(host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Wait until something accepts TCP connections on host:port (the tcp 'health check')."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.02
+    while True:
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), 1.0)
+            writer.close()
+            return
+        except (OSError, asyncio.TimeoutError):
+            if not alive():
+                raise RuntimeError(f"the process serving port {port} exited") from None
+            if loop.time() > deadline:
+                raise TimeoutError(f"nothing accepts connections on {target}:{port} after {timeout:.0f}s") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in ("0.0.0.0",) else "", 0))
+        return s.getsockname()[1]
