@@ -1,0 +1,85 @@
+"""What every transport shares: the error type, the Sender/Receiver contract, Topology."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+try:
+    from oobspec.errors import OobError
+except ImportError:  # the package-wide error module may not exist yet
+    OobError = Exception
+
+
+class TransportError(OobError):
+    """A transport cannot set up or complete a copy."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where one replica's buffer lives."""
+
+    node_id: str
+    gpu_uuid: str | None = None
+
+
+class Receiver(Protocol):
+    """Lives in a target replica and owns the target buffer `.array`."""
+
+    array: Any
+
+    def descriptor(self) -> dict: ...
+
+    def receive(self, message: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sender(Protocol):
+    """Lives in the source replica, one per (link, target replica).
+
+    Built as `Sender(source_array, receiver_descriptor)`.
+    """
+
+    def send(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def import_cupy():
+    """cupy, imported only when a GPU transport is actually used."""
+    try:
+        import cupy
+    except ImportError:
+        raise TransportError("GPU transports need cupy (e.g. pip install cupy-cuda13x)") from None
+    return cupy
+
+
+class LocalBuffer:
+    """A process-private buffer, so `allocate` returns one shape of object for every device."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def close(self, unlink: bool = True) -> None:
+        self.array = None
+
+
+def unwrap(array_or_buffer):
+    """Accept what `allocate` returns as well as a bare array."""
+    return getattr(array_or_buffer, "array", array_or_buffer)
+
+
+def spec(array) -> dict:
+    """Plain-data shape/dtype, safe to pickle across processes and Ray calls."""
+    return {"shape": tuple(int(n) for n in array.shape), "dtype": np.dtype(array.dtype).str}
+
+
+def check_match(array, shape, dtype, where: str) -> None:
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
+        raise TransportError(
+            f"{where}: source buffer is {np.dtype(array.dtype)}{list(array.shape)} "
+            f"but the target buffer is {dtype}{list(shape)}"
+        )

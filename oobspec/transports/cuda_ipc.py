@@ -1,0 +1,138 @@
+"""cuda_ipc: a GPU buffer copied between processes on one node (same or peer GPU).
+
+The source exports its allocation and an interprocess event once; each send only
+records the event. The target opens the handle once and pulls with one
+device-to-device copy ordered after that event. The source must not overwrite its
+buffer until the target's receive() has returned, and targets must close() before
+the source frees its buffer.
+"""
+from __future__ import annotations
+
+import ctypes
+from math import prod
+
+import numpy as np
+
+from .base import TransportError, check_match, spec, unwrap
+from .base import import_cupy as _cupy
+
+
+def _driver_uuid(device_index: int) -> bytes:
+    lib = ctypes.CDLL("libcuda.so.1")
+    dev, raw = ctypes.c_int(), (ctypes.c_char * 16)()
+    get = getattr(lib, "cuDeviceGetUuid_v2", None) or lib.cuDeviceGetUuid
+    if lib.cuInit(0) or lib.cuDeviceGet(ctypes.byref(dev), device_index) or get(raw, dev):
+        raise TransportError(f"cannot read the UUID of GPU {device_index}")
+    return raw.raw
+
+
+def gpu_uuid(device_index: int = 0) -> str:
+    """The GPU's UUID as nvidia-smi prints it; stable across CUDA_VISIBLE_DEVICES remapping."""
+    raw = _cupy().cuda.runtime.getDeviceProperties(device_index).get("uuid", b"")
+    if len(raw) != 16:
+        # cupy converts the char[16] like a C string, so a zero byte cuts it
+        # short; ask the driver for all 16.
+        raw = _driver_uuid(device_index)
+    h = bytes(raw).hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def allocate_gpu(shape, dtype):
+    """A cupy array in its own cudaMalloc, outside cupy's pool.
+
+    An IPC handle names a whole cudaMalloc allocation; a pool chunk shares one with
+    unrelated arrays, which the importer would then map (and could overwrite).
+    """
+    cp = _cupy()
+    nbytes = prod(shape) * np.dtype(dtype).itemsize
+    return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(cp.cuda.Memory(nbytes), 0))
+
+
+def _export_base(array) -> tuple[int, int]:
+    cp = _cupy()
+    mem = array.data.mem
+    if type(mem) is not cp.cuda.Memory or not array.flags.c_contiguous:
+        raise TransportError("cuda_ipc needs a C-contiguous source buffer from allocate_gpu(...)")
+    return mem.ptr, array.data.ptr - mem.ptr
+
+
+class Sender:
+    def __init__(self, array, descriptor: dict):
+        check_match(array, descriptor["shape"], descriptor["dtype"], "cuda_ipc")
+        cp = _cupy()
+        rt = cp.cuda.runtime
+        self._src = array
+        base, offset = _export_base(array)
+        with array.device:
+            self._event = cp.cuda.Event(block=False, disable_timing=True, interprocess=True)
+            self._message = {
+                "mem_handle": rt.ipcGetMemHandle(base),
+                "offset": offset,
+                "event_handle": rt.ipcGetEventHandle(self._event.ptr),
+                "nbytes": array.nbytes,
+                **spec(array),
+                "device_uuid": gpu_uuid(array.device.id),
+            }
+
+    def send(self) -> dict:
+        # Marks the end of the source's queued writes; the target's copy waits on it.
+        with self._src.device:
+            self._event.record()
+        return dict(self._message)
+
+    def close(self) -> None:
+        self._src = self._event = None
+
+
+class Receiver:
+    def __init__(self, array):
+        self.array = unwrap(array)
+        if not self.array.flags.c_contiguous:
+            raise TransportError("cuda_ipc needs a C-contiguous target buffer")
+        self._uuid = gpu_uuid(self.array.device.id)
+        self._mem = None  # (handle bytes, mapped base pointer)
+        self._event = None  # (handle bytes, event pointer)
+
+    def descriptor(self) -> dict:
+        return {**spec(self.array), "device_uuid": self._uuid}
+
+    def receive(self, message: dict) -> None:
+        if tuple(message["shape"]) != self.array.shape or np.dtype(message["dtype"]) != self.array.dtype:
+            raise TransportError(
+                f"cuda_ipc: source buffer is {np.dtype(message['dtype'])}{list(message['shape'])} "
+                f"but the target buffer is {self.array.dtype}{list(self.array.shape)}"
+            )
+        rt = _cupy().cuda.runtime
+        with self.array.device:
+            if self._mem is None or self._mem[0] != message["mem_handle"]:
+                self._close_mem()
+                self._mem = (message["mem_handle"], rt.ipcOpenMemHandle(message["mem_handle"]))
+            if self._event is None or self._event[0] != message["event_handle"]:
+                self._close_event()
+                self._event = (message["event_handle"], rt.ipcOpenEventHandle(message["event_handle"]))
+            stream = _cupy().cuda.get_current_stream()
+            rt.streamWaitEvent(stream.ptr, self._event[1])
+            # memcpyDefault lets unified addressing route a same-GPU or a peer
+            # copy; the source GPU's index in this process is never needed (it may
+            # not even be visible under Ray's CUDA_VISIBLE_DEVICES).
+            rt.memcpyAsync(self.array.data.ptr, self._mem[1] + message["offset"],
+                           message["nbytes"], rt.memcpyDefault, stream.ptr)
+            stream.synchronize()
+
+    def _close_mem(self):
+        if self._mem is not None:
+            _cupy().cuda.runtime.ipcCloseMemHandle(self._mem[1])
+            self._mem = None
+
+    def _close_event(self):
+        if self._event is not None:
+            _cupy().cuda.runtime.eventDestroy(self._event[1])
+            self._event = None
+
+    def close(self) -> None:
+        if self.array is None:
+            return
+        with self.array.device:
+            self._close_mem()
+            self._close_event()
+        self.array = None
