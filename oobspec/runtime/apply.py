@@ -323,6 +323,8 @@ def _cause(exc: Exception) -> str:
 
 
 def start_embedded(namespace: str, log_to_driver: bool = True) -> str:
+    # A new local Ray turns token auth on when the mode is unset (and says so); say it ourselves.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=log_to_driver, configure_logging=True)

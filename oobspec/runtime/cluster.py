@@ -38,7 +38,7 @@ def _embedded_address(name: str) -> str | None:
         os.kill(entry["pid"], 0)
     except (OSError, ValueError, KeyError):
         return None
-    return entry["address"]
+    return entry["address"] if _reachable(entry["address"]) else None
 
 
 def _reachable(address: str) -> bool:
@@ -75,6 +75,11 @@ def _use_token_if_any(address: str) -> None:
         return
     if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists():
         os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray caches its config at import; refresh it so this process sees token mode
+            from ray._raylet import Config
+            Config.initialize("")
+        except Exception:
+            pass
 
 
 def connect(address: str, namespace: str) -> None:
