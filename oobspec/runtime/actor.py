@@ -153,8 +153,8 @@ class OobMixin:
     async def _oob_link_receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
         return await self._oob_context._links.receiver(link, transport, setup)
 
-    async def _oob_link_sender(self, link: str, transport: str, targets: list) -> None:
-        await self._oob_context._links.connect(link, transport, targets)
+    async def _oob_link_sender(self, link: str, targets: list) -> None:
+        await self._oob_context._links.connect(link, targets)
 
     async def _oob_receive(self, link: str, message: Any, version: int) -> None:
         await self._oob_context._links.receive(link, message, version)

@@ -304,7 +304,7 @@ class Applier:
             for t in targets:
                 t["descriptor"] = next(it) if t["transport"] != "nccl" else None
                 t.pop("uuid", None)
-            ray.get(source._oob_link_sender.remote(link.name, link.transport, targets))
+            ray.get(source._oob_link_sender.remote(link.name, targets))
             picked = sorted({t["transport"] for t in targets})
             self.progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
 
@@ -324,7 +324,8 @@ def _cause(exc: Exception) -> str:
 
 def start_embedded(namespace: str, log_to_driver: bool = True) -> str:
     # A new local Ray turns token auth on when the mode is unset (and says so); say it ourselves.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "RAY_AUTH_MODE" not in os.environ:
+        cluster.token_mode()
     import ray
     ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=log_to_driver, configure_logging=True)

@@ -74,12 +74,16 @@ def _use_token_if_any(address: str) -> None:
     if address.startswith("ray://") or address == "auto" or os.environ.get("RAY_AUTH_MODE"):
         return
     if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        try:  # Ray caches its config at import; refresh it so this process sees token mode
-            from ray._raylet import Config
-            Config.initialize("")
-        except Exception:
-            pass
+        token_mode()
+
+
+def token_mode() -> None:
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import; refresh it so this process sees token mode
+        from ray._raylet import Config
+        Config.initialize("")
+    except Exception:
+        pass
 
 
 def connect(address: str, namespace: str) -> None:

@@ -97,14 +97,14 @@ class Links:
 
     # --- source side ---
 
-    async def connect(self, link: str, transport_by_target: list, _unused=None) -> None:
+    async def connect(self, link: str, targets: list) -> None:
         """targets: [{key, handle, transport, descriptor, setup}] — called by apply, idempotent."""
         from ..transports import get_transport
         spec = self._link(link)
         source = self.ctx.buffers[spec["source_buffer"]]
         old = {t["key"]: t for t in self.senders.get(link, [])}
         fresh = []
-        for target in transport_by_target:
+        for target in targets:
             kept = old.pop(target["key"], None)
             if kept and kept["transport"] == target["transport"] and kept["descriptor"] == target["descriptor"] \
                     and target["transport"] != "nccl":
