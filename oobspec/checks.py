@@ -107,6 +107,7 @@ def _human(error: dict) -> str:
         return f"'{error.get('input')}' must be {words}" if words in _PATTERN_WORDS.values() else f"must {words}"
     msg = msg.replace("Value error, ", "").replace("Input should be", "must be")
     msg = msg.replace("String should", "must").replace("List should", "must").replace("Dictionary should", "must")
+    msg = msg.replace(" after validation", "")
     if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
         return "must be a mapping"
     if error["type"] == "list_type":

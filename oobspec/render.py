@@ -22,8 +22,40 @@ _MARKERS = ("{{", "{%", "{#")
 # Items that may carry `when:`: path patterns, with None standing for any key or index.
 _WHEN_PARENTS = (("actors", None), ("actors", None, "servers", None), ("links", None))
 
-_env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
-                                     keep_trailing_newline=True)
+_MAX_SIZE = 1_000_000  # longest string or list `*` may build; `**` exponents are capped alike
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus caps on `**` and `*` so `{{ 9**9**9 }}` cannot hang lint."""
+
+    intercepted_binops = frozenset({"**", "*"})
+
+    def call_binop(self, context, operator, left, right):
+        def number(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+        if operator == "**" and number(left) and number(right) and abs(left) > 1 and right > 4096:
+            raise SecurityError(f"{left} ** {right} is too large to compute in a template")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and number(n) and len(seq) * n > _MAX_SIZE:
+                raise SecurityError(f"a {type(seq).__name__} of {len(seq) * n:,} items is too large for a template")
+        return super().call_binop(context, operator, left, right)
+
+
+_env = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def _is_data(value: Any, depth: int = 0) -> bool:
+    """Template results must be YAML data: not functions, classes or other Python objects."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if depth > 32:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_data(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _is_when_item(path: tuple) -> bool:
@@ -96,7 +128,11 @@ class _Renderer:
                     return resolve_plain(result) if result.strip() == result else result
                 if isinstance(result, Undefined):  # a bare undefined name is returned, not raised
                     result._fail_with_undefined_error()
-                return result
+                if not _is_data(result):
+                    self._fail(path, f"template result is a {type(result).__name__}, not YAML data "
+                               "(a string, number, boolean, null, list or mapping)")
+                    return None
+                return list(result) if isinstance(result, tuple) else result
             return _env.from_string(value).render(**self.context)
         except SecurityError as exc:
             self._fail(path, f"template refused by the sandbox: {exc}", "OOB111")

@@ -1,0 +1,91 @@
+"""Actor classes for the runtime tests."""
+import asyncio
+import os
+
+import oobspec
+
+
+class Echo:
+    def __init__(self, greeting: str = "hello"):
+        self.greeting = greeting
+        self.calls = 0
+
+    async def hello(self, name: str) -> str:
+        self.calls += 1
+        return f"{self.greeting} {name}"
+
+    async def add(self, a: int, b: int = 0) -> dict:
+        return {"sum": a + b}
+
+    async def blob(self) -> bytes:
+        return b"\x00\x01\x02"
+
+    async def boom(self) -> None:
+        raise ValueError("kaboom")
+
+    def sync_count(self) -> int:
+        return self.calls
+
+    async def item(self, key: str, verbose: bool = False) -> dict:
+        return {"key": key, "verbose": verbose}
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def upload(self, data: str = "") -> int:
+        return len(data)
+
+
+class AsyncInitCounter:
+    """Written as in Ray's docs: async __init__ that starts its own aiohttp server."""
+
+    async def __init__(self, port: int):
+        from aiohttp import web
+        self.count = 0
+        app = web.Application()
+        app.router.add_get("/", self._get)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+
+    async def _get(self, request):
+        from aiohttp import web
+        return web.Response(text=str(self.count))
+
+    async def increment(self) -> int:
+        self.count += 1
+        return self.count
+
+    async def get(self) -> int:
+        return self.count
+
+
+class Wired:
+    """Reports what wiring gave it: environment and oobspec.context()."""
+
+    def __init__(self):
+        self.env_at_init = {k: v for k, v in os.environ.items() if k.startswith("OOB_")}
+
+    async def wiring(self) -> dict:
+        ctx = oobspec.context()
+        return {"env": self.env_at_init, "endpoints": ctx.endpoints, "replica": ctx.replica,
+                "replicas": ctx.replicas}
+
+    async def node(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def get(self) -> str:
+        return "ok"
+
+
+class Greeter:
+    """A proto-mode gRPC servicer: the instance itself implements the generated service."""
+
+    async def SayHello(self, request, context):
+        from greeter_pb2 import HelloReply
+        await asyncio.sleep(0)
+        return HelloReply(message=f"hello {request.name}")
