@@ -120,6 +120,9 @@ def schema_diagnostics(exc: ValidationError, doc: Document) -> list[Diagnostic]:
     order: list[tuple] = []
     for err in exc.errors(include_url=False):
         path, is_key = _data_path(tuple(err["loc"]), doc.data)
+        if err["type"] == "invalid_protocol" and isinstance(err.get("input"), dict) and "protocol" in err["input"]:
+            path = path + ("protocol",)  # point at the bad value, not at the whole server
+            err = {**err, "msg": "must be one of http, grpc, tcp"}
         slot = (path, is_key, err["type"] == "extra_forbidden", err["type"] == "missing")
         if slot not in by_path:
             order.append(slot)
@@ -180,7 +183,7 @@ class _Checker:
         return sorted(self.out, key=lambda d: (d.line, d.col, d.code))
 
     def servers_and_ports(self) -> None:
-        bound: dict[int, list[tuple[str, str, tuple]]] = {}
+        bound: dict[int, list[tuple[str, str, tuple]]] = {}  # port -> (host, who, path)
         for aname, actor in self.spec.actors.items():
             seen: dict[str, int] = {}
             for i, server in enumerate(actor.servers):
@@ -200,14 +203,14 @@ class _Checker:
                         self.add("OOB302", f"{who}: port {server.port} is below 1024 (needs root)",
                                  spath + ("port",), severity="warning")
                     for port in range(server.port, min(last, 65535) + 1):
+                        mine = f"{who} (replica {port - server.port})" if actor.replicas > 1 else who
                         for host, other, opath in bound.get(port, ()):
                             if host == server.host or "0.0.0.0" in (host, server.host) or "::" in (host, server.host):
-                                self.add("OOB301", f"{who} and {other} both claim {server.host}:{port}"
-                                         + (" (replica ports included)" if actor.replicas > 1 or port != server.port else ""),
-                                         spath + ("port",), hint=f"{other} is at line {self.doc.where(opath)[0]}")
+                                self.add("OOB301", f"{mine} and {other} both claim {server.host}:{port}",
+                                         spath + ("port",), hint=f"{other.split(' ')[0]} is at line {self.doc.where(opath)[0]}")
                                 break
                         else:
-                            bound.setdefault(port, []).append((server.host, who, spath + ("port",)))
+                            bound.setdefault(port, []).append((server.host, mine, spath + ("port",)))
                             continue
                         break
                 if server.host in ("0.0.0.0", "::") and server.auth is None:

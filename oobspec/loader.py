@@ -49,8 +49,18 @@ class YamlFloat(float):
         obj.text = text
         return obj
 
+    def __str__(self) -> str:  # "python{{ v }}" with v: 3.10 renders as written: python3.10
+        return self.text
+
     def __reduce__(self):
         return (float, (float(self),))
+
+
+def one_line(text: str | None) -> str | None:
+    """A message is one line: control characters and line breaks from user text are escaped."""
+    if text is None or text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def scalar_text(value: Any) -> str:
@@ -103,36 +113,37 @@ class Document:
     def diag(self, code: str, message: str, path: tuple = (), *, key: bool = False,
              severity: str = "error", hint: str | None = None) -> Diagnostic:
         line, col = self.where(path, key=key)
-        return Diagnostic(code, message, self.file, line, col, severity, hint)
+        return Diagnostic(code, one_line(message), self.file, line, col, severity, one_line(hint))
 
 
 class _Builder:
     def __init__(self, doc: Document):
         self.doc = doc
-        self.anchors: dict[str, tuple[Any, int]] = {}
+        self.anchors: dict[str, tuple[Any, int, int]] = {}  # anchor -> (value, nodes, nesting height)
         self.expanded = 0
 
     def fail(self, code: str, message: str, mark) -> SpecError:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return SpecError([Diagnostic(code, message, self.doc.file, line, col)])
+        return SpecError([Diagnostic(code, one_line(message), self.doc.file, line, col)])
 
     def build(self, parser) -> Any:
         """Iterative build over the event stream (no recursion: deep nesting cannot crash us)."""
-        # Each frame: [container, path, start_mark, anchor, pending_key, pending_key_mark, size, seen_keys]
+        # Each frame: [container, path, start_mark, anchor, pending_key, pending_key_mark, size, seen_keys, height]
         stack: list[list] = []
         root: Any = None
         documents = 0
 
-        def attach(value, size, mark, anchor):
+        def attach(value, size, mark, anchor, height=0):
             nonlocal root
             if anchor:
-                self.anchors[anchor] = (value, size)
+                self.anchors[anchor] = (value, size, height)
             if not stack:
                 root = value
                 self.doc.positions[()] = (mark.line + 1, mark.column + 1)
                 return
             frame = stack[-1]
             frame[6] += size
+            frame[8] = max(frame[8], height + 1)
             container, path = frame[0], frame[1]
             if isinstance(container, list):
                 sub = path + (len(container),)
@@ -151,7 +162,7 @@ class _Builder:
                 return
             key, key_mark = frame[4], frame[5]
             frame[4] = _NO_KEY
-            if key == "<<" and isinstance(value, (dict, list)):
+            if key == "<<":
                 self._merge(container, value, key_mark)
                 return
             sub = path + (key,)
@@ -177,9 +188,11 @@ class _Builder:
             if isinstance(event, yaml.AliasEvent):
                 if event.anchor not in self.anchors:
                     raise self.fail("OOB100", f"unknown alias '*{event.anchor}'", mark)
-                value, size = self.anchors[event.anchor]
+                value, size, height = self.anchors[event.anchor]
+                if len(stack) + height > MAX_DEPTH:  # an alias must not smuggle in deeper nesting
+                    raise self.fail("OOB103", f"nesting deeper than {MAX_DEPTH} levels (through aliases)", mark)
                 self._count(size, mark)
-                attach(value, size, mark, None)
+                attach(value, size, mark, None, height)
             elif isinstance(event, yaml.ScalarEvent):
                 self._count(1, mark)
                 attach(self._scalar(event), 1, mark, event.anchor)
@@ -189,10 +202,10 @@ class _Builder:
                 self._count(1, mark)
                 container: Any = {} if isinstance(event, yaml.MappingStartEvent) else []
                 path = self._child_path(stack)
-                stack.append([container, path, mark, event.anchor, _NO_KEY, None, 1, {}])
+                stack.append([container, path, mark, event.anchor, _NO_KEY, None, 1, {}, 1])
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                container, _path, start, anchor, _k, _km, size, _seen = stack.pop()
-                attach(container, size, start, anchor)
+                container, _path, start, anchor, _k, _km, size, _seen, height = stack.pop()
+                attach(container, size, start, anchor, height)
         return root
 
     def _child_path(self, stack) -> tuple:
@@ -256,9 +269,9 @@ def loads(text: str | bytes, file: str = "<spec>") -> Document:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
-        raise SpecError([Diagnostic("OOB100", f"invalid YAML: {problem}", file, line, col)]) from None
+        raise SpecError([Diagnostic("OOB100", one_line(f"invalid YAML: {problem}"), file, line, col)]) from None
     except yaml.YAMLError as exc:
-        raise SpecError([Diagnostic("OOB100", f"invalid YAML: {exc}", file)]) from None
+        raise SpecError([Diagnostic("OOB100", one_line(f"invalid YAML: {exc}"), file)]) from None
     except RecursionError:
         raise SpecError([Diagnostic("OOB103", "document nests too deeply", file)]) from None
     finally:

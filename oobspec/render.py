@@ -15,7 +15,7 @@ from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .errors import Diagnostic, SpecError, UsageError
-from .loader import Document, load_file, resolve_plain
+from .loader import MAX_DEPTH, Document, YamlFloat, load_file, loads, resolve_plain
 
 _ONE_EXPR = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.S)
 _MARKERS = ("{{", "{%", "{#")
@@ -49,7 +49,7 @@ def _is_data(value: Any, depth: int = 0) -> bool:
     """Template results must be YAML data: not functions, classes or other Python objects."""
     if value is None or isinstance(value, (str, bool, int, float)):
         return True
-    if depth > 32:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(value, (list, tuple)):
         return all(_is_data(v, depth + 1) for v in value)
@@ -70,12 +70,10 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set takes KEY=VALUE, got '{item}'")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        try:  # the same YAML 1.2 rules as the spec: `on` stays a string, `3.10` keeps its text
+            value = loads(raw, "--set").data if raw.strip() else ""
+        except SpecError:
             value = raw
-        if isinstance(value, str):
-            value = resolve_plain(raw) if raw == value else value
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -199,9 +197,16 @@ def render(doc: Document, values: dict | None = None, environ: dict | None = Non
     return _Renderer(doc, context).render()
 
 
+class _Dumper(yaml.SafeDumper):
+    """Safe dumper that writes a float as the user wrote it (`python: 3.10` stays 3.10)."""
+
+
+_Dumper.add_representer(YamlFloat, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:float", value.text))
+
+
 def to_yaml(data: Any) -> str:
     """Rendered spec as YAML text (plain types only; YAML 1.1 look-alikes are quoted)."""
-    return yaml.safe_dump(_plain(data), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml.dump(_plain(data), Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def _plain(value: Any) -> Any:
@@ -209,6 +214,6 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, float):
+    if isinstance(value, float) and not isinstance(value, YamlFloat):
         return float(value)
     return value
