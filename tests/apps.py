@@ -89,3 +89,34 @@ class Greeter:
         from greeter_pb2 import HelloReply
         await asyncio.sleep(0)
         return HelloReply(message=f"hello {request.name}")
+
+
+class Source:
+    """Fills its buffer with seeded random data and pushes it."""
+
+    async def fill_and_push(self, seed: int) -> dict:
+        import numpy as np
+        ctx = oobspec.context()
+        buf = ctx.buffers["data"]
+        buf[...] = np.random.default_rng(seed).random(buf.shape, dtype=buf.dtype)
+        result = await ctx.push("data")
+        return dict(result, checksum=float(buf.sum()))
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class Sink:
+    async def checksum(self) -> dict:
+        ctx = oobspec.context()
+        return {"version": ctx.versions.get("data", 0), "checksum": float(ctx.buffers["data"].sum())}
+
+    async def try_push(self) -> str:
+        try:
+            await oobspec.context().push("data")
+        except oobspec.OobError as exc:
+            return str(exc)
+        return "pushed"
+
+    async def pid(self) -> int:
+        return os.getpid()
