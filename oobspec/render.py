@@ -33,8 +33,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         def number(x):
             return isinstance(x, int) and not isinstance(x, bool)
-        if operator == "**" and number(left) and number(right) and abs(left) > 1 and right > 4096:
-            raise SecurityError(f"{left} ** {right} is too large to compute in a template")
+        if operator == "**" and number(left) and number(right) and abs(left) > 1 and \
+                right * abs(left).bit_length() > 100_000:
+            raise SecurityError(f"a power with {right * abs(left).bit_length():,} bits is too large for a template")
         if operator == "*":
             seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
             if isinstance(seq, (str, list, tuple)) and number(n) and len(seq) * n > _MAX_SIZE:

@@ -120,3 +120,9 @@ class Sink:
 
     async def pid(self) -> int:
         return os.getpid()
+
+
+class Broken:
+    def __init__(self):
+        print("about to fail: checking the config", flush=True)
+        raise RuntimeError("config file /etc/missing.conf not found")

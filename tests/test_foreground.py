@@ -73,3 +73,45 @@ def test_foreground_apply_tears_down(write_spec, tmp_path, sig):
     assert not port_open(port)
     assert not os.path.exists(f"/proc/{pid}")
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("oob-fg-")]
+
+
+def test_ray_start_head_then_apply_with_address(write_spec):
+    """`ray start --head` (token auth on by default in Ray 2.60) then `oob apply --address 127.0.0.1:P`."""
+    from conftest import free_port
+    gcs_port, http_port = free_port(), free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(key, None)
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={gcs_port}", "--include-dashboard=false",
+                             "--num-cpus=2", "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    spec = write_spec(f"""
+        version: 1
+        name: headed
+        actors:
+          echo:
+            class: apps:Echo
+            restarts: -1
+            servers: [{{name: http, port: {http_port}, routes: [{{path: "/hello/{{name}}", call: hello}}]}}]
+    """)
+    try:
+        deadline = time.time() + 60
+        while not port_open(gcs_port) and time.time() < deadline:
+            time.sleep(0.5)
+        oob = [sys.executable, "-m", "oobspec.cli"]
+        address = f"127.0.0.1:{gcs_port}"
+        applied = subprocess.run(oob + ["apply", str(spec), "--address", address], capture_output=True, text=True,
+                                 timeout=120, env=env)
+        assert applied.returncode == 0, applied.stderr
+        assert requests.get(f"http://127.0.0.1:{http_port}/hello/head", timeout=5).text == "hello head"
+        deleted = subprocess.run(oob + ["delete", "headed"], capture_output=True, text=True, timeout=120,
+                                 env=dict(env, RAY_ADDRESS=address))
+        assert deleted.returncode == 0, deleted.stderr
+        assert not port_open(http_port)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only the cluster this test started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

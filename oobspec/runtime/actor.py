@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 from .context import Context, set_current
@@ -22,6 +23,7 @@ from .servers import Running, free_port, start_grpc, start_http, wait_connectabl
 
 log = logging.getLogger("oobspec")
 READY_TIMEOUT = 60.0
+_RAY_MARKERS = (":job_id:", ":actor_name:", ":task_name:")
 
 
 def _kv_key(cfg: dict, server: str) -> bytes:
@@ -79,6 +81,8 @@ class OobMixin:
 
     async def _oob_ready(self, timeout: float = READY_TIMEOUT) -> dict:
         """Returns once every server of this replica accepts connections."""
+        if self._oob_failed is not None:
+            raise self._oob_failed
         cfg = self._oob_cfg
         process = getattr(self, "_oob_process", None)
         for server in cfg["servers"]:
@@ -112,14 +116,17 @@ class OobMixin:
     async def _oob_info(self) -> dict:
         import ray
         cfg = self._oob_cfg
-        ctx = self._oob_context
+        ctx = getattr(self, "_oob_context", None)
         process = getattr(self, "_oob_process", None)
+        failed = self._oob_failed
         return {
+            "error": f"{type(failed).__name__}: {failed}" if failed else None,
             "actor": cfg["actor"], "replica": cfg["replica"], "config_hash": cfg["config_hash"],
             "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_uuid": ctx._links.gpu_uuid() if ctx._links else None,
+            "gpu_uuid": ctx._links.gpu_uuid() if ctx and ctx._links else None,
             "endpoints": self._oob_endpoints(), "process": process.describe() if process else None,
-            "links": ctx._links.stats() if ctx._links else {}, "versions": dict(ctx.versions),
+            "links": ctx._links.stats() if ctx and ctx._links else {},
+            "versions": dict(ctx.versions) if ctx else {},
         }
 
     async def _oob_stop(self) -> None:
@@ -147,7 +154,10 @@ class OobMixin:
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read(4 * 1024 * 1024)
-            out.append((offset + len(data), data.decode("utf-8", "replace")))
+            text = data.decode("utf-8", "replace")
+            # Ray's own markers (":job_id:…", ":actor_name:…", ":task_name:…") are not output.
+            text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(_RAY_MARKERS))
+            out.append((offset + len(data), text))
         return out
 
     async def _oob_link_receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
@@ -178,16 +188,34 @@ def _prepare(cfg: dict) -> Context:
     return ctx
 
 
+async def _guarded_start(self, cfg: dict, user_start) -> None:
+    """Run the user's start-up, then ours. A failure keeps the replica alive but failed, so
+    apply can read its log and report one clear error before removing it."""
+    self._oob_cfg = cfg
+    self._oob_servers = []
+    self._oob_failed = None
+    try:
+        self._oob_context = _prepare(cfg)
+        await user_start()
+        await OobMixin._oob_start(self, cfg)
+    except Exception as exc:
+        self._oob_failed = exc
+        # The user's frames only: ours say nothing about what to fix.
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/oobspec/" not in f.filename]
+        print("".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(exc)),
+              file=sys.stderr, flush=True)
+
+
 def make_actor_class(user_cls: type) -> type:
     """A subclass of the user's class whose handle has the user's methods plus oob's."""
     user_init = user_cls.__init__
 
     async def __init__(self, _oob_cfg: dict, *args, **kwargs):
-        self._oob_context = _prepare(_oob_cfg)
-        result = user_init(self, *args, **kwargs)
-        if inspect.isawaitable(result):
-            await result
-        await OobMixin._oob_start(self, _oob_cfg)
+        async def start():
+            result = user_init(self, *args, **kwargs)
+            if inspect.isawaitable(result):
+                await result
+        await _guarded_start(self, _oob_cfg, start)
 
     namespace = {"__init__": __init__, "__module__": user_cls.__module__,
                  "__qualname__": user_cls.__qualname__, "__doc__": user_cls.__doc__}
@@ -302,9 +330,7 @@ class CommandActor:
 
 def make_command_class() -> type:
     async def __init__(self, _oob_cfg: dict):
-        self._oob_context = _prepare(_oob_cfg)
         self._oob_cfg_pending = _oob_cfg
-        await CommandActor.__init__(self)
-        await OobMixin._oob_start(self, _oob_cfg)
+        await _guarded_start(self, _oob_cfg, lambda: CommandActor.__init__(self))
 
     return type("CommandActor", (CommandActor, OobMixin), {"__init__": __init__, "__module__": __name__})

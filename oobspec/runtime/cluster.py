@@ -162,7 +162,7 @@ def observe(namespace: str) -> Observed:
     replicas = []
     for name, info in infos(namespace).items():
         actor, index = split_name(name)
-        if info is None:
+        if info is None or info.get("error"):
             replicas.append(ReplicaState(actor, index, "", alive=False))
         else:
             replicas.append(ReplicaState(actor, index, info["config_hash"], info["pid"], info["node_id"], True,
@@ -254,6 +254,8 @@ def status(name: str, address: str | None) -> dict:
                 process = info.get("process")
                 if process and not process["alive"]:
                     row["state"] = f"process exited ({process['last_exit']})"
+                if info.get("error"):
+                    row["state"] = f"failed: {info['error']}"
                 row.update(pid=info["pid"], node_id=info["node_id"], endpoints=info["endpoints"],
                            process=process, versions=info.get("versions", {}))
                 for lname, stats in info.get("links", {}).items():

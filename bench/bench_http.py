@@ -1,0 +1,246 @@
+"""Requests/s of an HTTP server inside a Ray actor: oobspec vs hand-written aiohttp vs Ray Serve.
+
+The same handler everywhere (`Hits.hit`: an async method that increments a counter and returns
+`{"count": n}`), the same load generator in its own process (`wrk` when installed, otherwise
+the aiohttp client built into this file), the same concurrency (32 keep-alive connections),
+a warm-up, then a fixed duration:
+
+  a. oobspec      one actor, one http route (GET / -> hit), applied with `oobspec.deploy(spec)`
+  b. hand-written a plain `@ray.remote` class that starts its own aiohttp AppRunner/TCPSite in
+                  an async method (`web.json_response(await self.hit())`, access log off)
+  c. Ray Serve    `@serve.deployment` (max_ongoing_requests=1000, access log off) called
+                  through Serve's HTTP proxy on 127.0.0.1
+
+Everything runs on the bench's own local Ray. a and b are up together and measured in
+alternating order, round after round; Serve is measured after they are gone (its controller
+and proxy poll in the background, which would tax a and b). Each figure is the median over
+rounds. Goals: oobspec >= 0.9x hand-written, >= 20x Serve.
+
+    .venv/bin/python bench/bench_http.py [--rounds 3] [--duration 5] [--warmup 2]
+                                         [--connections 32] [--load auto|wrk|aiohttp] [--no-serve]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+class Hits:
+    """The user's logic, identical for all three servers."""
+
+    def __init__(self):
+        self.n = 0
+
+    async def hit(self) -> dict:
+        self.n += 1
+        return {"count": self.n}
+
+
+class HandServer(Hits):
+    """b: the pattern oobspec replaces — an actor that starts its own aiohttp server."""
+
+    async def serve(self, port: int = 0) -> int:
+        from aiohttp import web
+
+        async def handle(_request):
+            return web.json_response(await self.hit())
+
+        app = web.Application()
+        app.router.add_get("/", handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+SPEC = """\
+version: 1
+name: bench-http
+actors:
+  hits:
+    class: bench_http:Hits
+    servers:
+      - name: http
+        protocol: http
+        host: 127.0.0.1
+        port: 0
+        routes:
+          - {method: GET, path: /, call: hit}
+"""
+
+
+# --- load generator (always its own process) --------------------------------------------------
+
+
+def _aiohttp_client(url: str, connections: int, seconds: float) -> None:
+    """Runs in a child process: `connections` keep-alive loops for `seconds`; prints JSON."""
+    import aiohttp
+
+    async def main():
+        done = errors = 0
+        stop = time.perf_counter() + seconds
+        connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def worker():
+                nonlocal done, errors
+                while time.perf_counter() < stop:
+                    async with session.get(url) as resp:
+                        await resp.read()
+                        if resp.status == 200:
+                            done += 1
+                        else:
+                            errors += 1
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(connections)))
+            elapsed = time.perf_counter() - start
+        print(json.dumps({"rps": done / elapsed, "requests": done, "errors": errors}))
+
+    asyncio.run(main())
+
+
+def load(url: str, connections: int, seconds: float, tool: str) -> dict:
+    if tool == "wrk":
+        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", url]
+    else:
+        cmd = [sys.executable, __file__, "--_client", url, str(connections), str(seconds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr.strip() or out.stdout.strip()}")
+    if tool != "wrk":
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out.stdout).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out.stdout).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out.stdout)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return {"rps": rps, "requests": reqs, "errors": errors}
+
+
+def measure(url: str, args) -> float:
+    load(url, args.connections, args.warmup, args.tool)  # warm-up, discarded
+    result = load(url, args.connections, args.duration, args.tool)
+    if result["errors"]:
+        print(f"    ! {result['errors']} errors at {url}", flush=True)
+    return result["rps"]
+
+
+def get_json(url: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return json.loads(resp.read())
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the three servers -----------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--load", choices=["auto", "wrk", "aiohttp"], default="auto")
+    ap.add_argument("--no-serve", action="store_true", help="skip Ray Serve (a and b only)")
+    args = ap.parse_args()
+    args.tool = ("wrk" if shutil.which("wrk") else "aiohttp") if args.load == "auto" else args.load
+
+    # Actors import `bench_http:Hits` (oobspec) from here; the driver has this folder on sys.path.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(ROOT), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(ROOT))
+    import ray
+
+    import oobspec
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    rps: dict[str, list[float]] = {"oobspec": [], "hand-written": [], "Ray Serve": []}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "bench-http.yaml"
+            spec_path.write_text(SPEC)
+            spec = oobspec.load(spec_path)
+            with oobspec.deploy(spec) as dep:
+                urls = {"oobspec": dep.endpoints["hits"]["http"][0] + "/"}
+                hand = ray.remote(HandServer).remote()
+                urls["hand-written"] = f"http://127.0.0.1:{ray.get(hand.serve.remote())}/"
+                for name, url in urls.items():
+                    assert get_json(url) == {"count": 1}, name
+                print(f"load: {args.tool}, {args.connections} connections, {args.warmup:g} s warm-up + "
+                      f"{args.duration:g} s per measurement, {args.rounds} rounds, {os.cpu_count()} CPUs", flush=True)
+                for r in range(args.rounds):
+                    order = ["oobspec", "hand-written"] if r % 2 == 0 else ["hand-written", "oobspec"]
+                    for name in order:
+                        rps[name].append(measure(urls[name], args))
+                        print(f"  round {r + 1}  {name:<13} {rps[name][-1]:9.0f} req/s", flush=True)
+                ray.get(hand.close.remote())
+                ray.kill(hand)
+        if not args.no_serve:
+            from ray import serve
+
+            quiet = {"log_level": "WARNING", "enable_access_log": False}
+
+            @serve.deployment(max_ongoing_requests=1000, logging_config=quiet)
+            class ServeHits(Hits):
+                async def __call__(self, _request):
+                    return await self.hit()
+
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+            try:
+                serve.run(ServeHits.bind(), route_prefix="/", logging_config=quiet)
+                url = f"http://127.0.0.1:{port}/"
+                assert get_json(url) == {"count": 1}
+                for r in range(args.rounds):
+                    rps["Ray Serve"].append(measure(url, args))
+                    print(f"  round {r + 1}  {'Ray Serve':<13} {rps['Ray Serve'][-1]:9.0f} req/s", flush=True)
+            finally:
+                serve.shutdown()
+    finally:
+        ray.shutdown()
+
+    med = {k: statistics.median(v) for k, v in rps.items() if v}
+    print(f"\nmedian of {args.rounds} rounds (min-max):")
+    for k, v in rps.items():
+        if v:
+            print(f"  {k:<13} {med[k]:9.0f} req/s  ({min(v):.0f}-{max(v):.0f})")
+    print(f"  oobspec / hand-written  {med['oobspec'] / med['hand-written']:6.2f}x  (goal >= 0.9)")
+    if "Ray Serve" in med:
+        print(f"  oobspec / Ray Serve     {med['oobspec'] / med['Ray Serve']:6.1f}x  (goal >= 20)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--_client":
+        _aiohttp_client(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        main()

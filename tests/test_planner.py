@@ -1,0 +1,389 @@
+"""Phase 5: the pure planner — desired spec + observed state → actions, order, links, totals."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from oobspec.models import Spec
+from oobspec.plan import (Observed, ReplicaState, Topology, choose_transport, config_hash, make_plan,
+                          start_waves)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def spec_of(actors: dict, links: list | None = None, **extra) -> Spec:
+    return Spec.model_validate({"version": 1, "name": "p", "actors": actors, "links": links or [], **extra})
+
+
+def base() -> dict:
+    return {
+        "store": {"class": "m:Store", "restarts": -1, "servers": [{"name": "http", "port": 0}]},
+        "web": {"class": "m:Web", "replicas": 2, "restarts": -1, "connect": {"store": "store.http"},
+                "servers": [{"name": "http", "port": 8000}]},
+        "batch": {"class": "m:Batch"},
+    }
+
+
+def running(spec: Spec, **overrides) -> Observed:
+    """What the cluster looks like right after applying `spec`."""
+    replicas = []
+    for name, actor in spec.actors.items():
+        for i in range(actor.replicas):
+            replicas.append(ReplicaState(name, i, config_hash(spec, name), pid=100 + i, node_id="n1"))
+    return Observed(online=True, replicas=replicas, **overrides)
+
+
+def actions(plan) -> set[tuple[str, str, tuple[int, ...]]]:
+    return {(a.kind, a.actor, tuple(a.replicas)) for a in plan.actions}
+
+
+def reasons(plan) -> dict[tuple[str, str], str]:
+    return {(a.kind, a.actor): a.reason for a in plan.actions}
+
+
+def test_offline_plan_creates_everything():
+    spec = spec_of(base())
+    plan = make_plan(spec)
+    assert plan.online is False and plan.name == "p" and plan.namespace == "oob-p"
+    assert actions(plan) == {("create", "store", (0,)), ("create", "web", (0, 1)), ("create", "batch", (0,))}
+    assert all(a.reason == "new actor" for a in plan.actions)
+    assert [a.kind for a in plan.changes] == ["create"] * 3
+
+
+def test_same_spec_twice_keeps_everything():
+    spec = spec_of(base())
+    plan = make_plan(spec, running(spec))
+    assert plan.online is True
+    assert {a.kind for a in plan.actions} == {"keep"}
+    assert actions(plan) == {("keep", "store", (0,)), ("keep", "web", (0, 1)), ("keep", "batch", (0,))}
+    assert plan.changes == []
+    assert all(a.reason == "unchanged" for a in plan.actions)
+
+
+def test_hash_is_stable_and_ignores_when_and_address():
+    a = spec_of(base())
+    data = base()
+    data["batch"]["when"] = True
+    b = spec_of(data, ray={"address": "ray://elsewhere:10001"})
+    assert config_hash(a, "batch") == config_hash(b, "batch")
+    assert config_hash(a, "web") == config_hash(spec_of(base()), "web")
+
+
+def test_one_actor_changed_only_it_is_replaced():
+    old = spec_of(base())
+    data = base()
+    data["batch"]["env"] = {"MODE": "fast"}
+    new = spec_of(data)
+    plan = make_plan(new, running(old))
+    assert actions(plan) == {("keep", "store", (0,)), ("keep", "web", (0, 1)), ("replace", "batch", (0,))}
+    assert reasons(plan)[("replace", "batch")] == "spec changed"
+
+
+def test_removed_actor_is_deleted():
+    old = spec_of(base())
+    data = base()
+    del data["batch"]
+    plan = make_plan(spec_of(data), running(old))
+    assert ("delete", "batch", (0,)) in actions(plan)
+    assert reasons(plan)[("delete", "batch")] == "no longer in the spec"
+    assert {a.kind for a in plan.actions if a.actor != "batch"} == {"keep"}
+
+
+def test_new_actor_is_created_beside_kept_ones():
+    old = spec_of(base())
+    data = base()
+    data["extra"] = {"class": "m:Extra"}
+    plan = make_plan(spec_of(data), running(old))
+    assert ("create", "extra", (0,)) in actions(plan)
+    assert {a.kind for a in plan.actions if a.actor != "extra"} == {"keep"}
+
+
+def test_dead_replica_is_replaced():
+    spec = spec_of(base())
+    observed = running(spec)
+    observed.replicas[0].alive = False  # store-0
+    plan = make_plan(spec, observed)
+    assert ("replace", "store", (0,)) in actions(plan)
+    assert reasons(plan)[("replace", "store")] == "replica not alive"
+
+
+def test_replicas_up():
+    old = spec_of(base())
+    data = base()
+    data["web"]["replicas"] = 4
+    plan = make_plan(spec_of(data), running(old))
+    web = {a.kind: a for a in plan.actions if a.actor == "web"}
+    assert web["create"].replicas == [2, 3]
+    assert web["create"].reason == "replicas 2 -> 4"
+    # existing replicas learn the new count (OOB_REPLICAS) only by being replaced
+    assert web["replace"].replicas == [0, 1]
+    assert {a.kind for a in plan.actions if a.actor != "web"} == {"keep"}
+
+
+def test_replicas_down():
+    old = spec_of(base())
+    data = base()
+    data["web"]["replicas"] = 1
+    plan = make_plan(spec_of(data), running(old))
+    web = {a.kind: a for a in plan.actions if a.actor == "web"}
+    assert web["delete"].replicas == [1] and web["delete"].reason == "replicas 2 -> 1"
+    assert "create" not in web
+    assert {a.kind for a in plan.actions if a.actor != "web"} == {"keep"}
+
+
+def test_dependent_of_a_replaced_dynamic_port_peer_is_replaced():
+    old = spec_of(base())
+    data = base()
+    data["store"]["env"] = {"X": "1"}  # store (port 0) is replaced: its port will change
+    plan = make_plan(spec_of(data), running(old))
+    assert ("replace", "store", (0,)) in actions(plan)
+    assert ("replace", "web", (0, 1)) in actions(plan)
+    assert reasons(plan)[("replace", "web")] == "peer store restarts on a new port"
+    assert ("keep", "batch", (0,)) in actions(plan)
+
+
+def test_dependent_of_a_replaced_fixed_port_peer_is_kept():
+    data = base()
+    data["store"]["servers"][0]["port"] = 9000
+    old = spec_of(data)
+    data = copy.deepcopy(data)
+    data["store"]["env"] = {"X": "1"}
+    plan = make_plan(spec_of(data), running(old))
+    assert ("replace", "store", (0,)) in actions(plan)
+    assert ("keep", "web", (0, 1)) in actions(plan)
+
+
+def test_dynamic_port_replacement_propagates_down_the_chain():
+    actors = {
+        "a": {"class": "m:A", "servers": [{"name": "s", "port": 0}]},
+        "b": {"class": "m:B", "connect": {"a": "a.s"}, "servers": [{"name": "s", "port": 0}]},
+        "c": {"class": "m:C", "connect": {"b": "b.s"}},
+        "d": {"class": "m:D", "connect": {"c": "a.s"}, "servers": [{"name": "s", "port": 7000}]},
+        "e": {"class": "m:E", "connect": {"d": "d.s"}},
+    }
+    old = spec_of(actors)
+    changed = copy.deepcopy(actors)
+    changed["a"]["restarts"] = 2
+    plan = make_plan(spec_of(changed), running(old))
+    kinds = {a.actor: a.kind for a in plan.actions}
+    assert kinds == {"a": "replace", "b": "replace", "c": "replace", "d": "replace", "e": "keep"}
+
+
+def test_peer_change_of_replicas_replaces_dependents():
+    old = spec_of(base())
+    data = base()
+    data["store"]["replicas"] = 2  # web's endpoint list for store changes
+    plan = make_plan(spec_of(data), running(old))
+    assert ("replace", "web", (0, 1)) in actions(plan)
+
+
+def test_observed_actor_of_another_generation_is_replaced():
+    spec = spec_of(base())
+    observed = running(spec)
+    observed.replicas[1].config_hash = "0" * 16  # web-0 runs an older config
+    plan = make_plan(spec, observed)
+    web = {a.kind: a.replicas for a in plan.actions if a.actor == "web"}
+    assert web == {"replace": [0], "keep": [1]}
+
+
+def test_plan_is_pure():
+    spec = spec_of(base())
+    observed = running(spec)
+    before = copy.deepcopy(observed)
+    first = make_plan(spec, observed).to_dict()
+    assert make_plan(spec, observed).to_dict() == first
+    assert observed == before
+    json.dumps(first)  # JSON-ready for `oob plan -o json`
+
+
+# --- start order ------------------------------------------------------------------------------------
+
+
+def test_start_waves_are_topological():
+    actors = {
+        "front": {"class": "m:A", "connect": {"api": "api.http", "auth": "auth.http"}},
+        "api": {"class": "m:A", "connect": {"db": "db.tcp"}, "servers": [{"name": "http"}]},
+        "auth": {"class": "m:A", "connect": {"db": "db.tcp"}, "servers": [{"name": "http"}]},
+        "db": {"command": ["db"], "servers": [{"name": "tcp", "protocol": "tcp"}]},
+        "lone": {"class": "m:A"},
+    }
+    waves = start_waves(spec_of(actors))
+    assert waves == [["db", "lone"], ["api", "auth"], ["front"]]
+    plan = make_plan(spec_of(actors))
+    assert plan.waves == waves
+    position = {a: i for i, wave in enumerate(waves) for a in wave}
+    for name, actor in actors.items():
+        for ref in actor.get("connect", {}).values():
+            assert position[ref.split(".")[0]] < position[name]
+
+
+def test_start_waves_survive_a_cycle():
+    actors = {"a": {"class": "m:A", "connect": {"b": "b.s"}, "servers": [{"name": "s"}]},
+              "b": {"class": "m:A", "connect": {"a": "a.s"}, "servers": [{"name": "s"}]},
+              "c": {"class": "m:A"}}
+    waves = start_waves(spec_of(actors))
+    assert waves == [["c"], ["a", "b"]]
+
+
+def test_start_waves_ignore_missing_peers():
+    assert start_waves(spec_of({"a": {"class": "m:A", "connect": {"x": "ghost.s"}}})) == [["a"]]
+
+
+# --- servers --------------------------------------------------------------------------------------
+
+
+def test_server_rows():
+    actors = {"web": {"class": "m:A", "replicas": 3, "servers": [
+        {"name": "http", "port": 8000}, {"name": "rpc", "protocol": "grpc", "port": 0, "host": "0.0.0.0"}]}}
+    plan = make_plan(spec_of(actors))
+    urls = [(s.replica, s.server, s.url) for s in plan.servers]
+    assert urls == [(0, "http", "http://127.0.0.1:8000"), (0, "rpc", "0.0.0.0:auto"),
+                    (1, "http", "http://127.0.0.1:8001"), (1, "rpc", "0.0.0.0:auto"),
+                    (2, "http", "http://127.0.0.1:8002"), (2, "rpc", "0.0.0.0:auto")]
+
+
+def test_server_rows_use_observed_endpoints_of_kept_replicas():
+    spec = spec_of({"kv": {"class": "m:A", "servers": [{"name": "rpc", "protocol": "grpc", "port": 0}]}})
+    observed = running(spec)
+    observed.replicas[0].endpoints = {"rpc": "127.0.0.1:43121"}
+    assert make_plan(spec, observed).servers[0].url == "127.0.0.1:43121"
+    observed.replicas[0].config_hash = "stale"
+    assert make_plan(spec, observed).servers[0].url == "127.0.0.1:auto"
+
+
+# --- auto transport -------------------------------------------------------------------------------
+
+
+def link_spec(device: str, replicas: int = 2, transport: str = "auto") -> Spec:
+    gpus = 1 if device == "gpu" else 0
+    buf = {"shape": [16], "device": device}
+    return spec_of(
+        {"src": {"class": "m:A", "resources": {"gpus": gpus}, "buffers": {"w": buf}},
+         "dst": {"class": "m:A", "replicas": replicas, "resources": {"gpus": gpus}, "buffers": {"w": buf}}},
+        [{"name": "w", "from": "src.w", "to": ["dst.w"], "transport": transport}])
+
+
+def one_node(n: int = 2) -> dict:
+    return {("src", 0): Topology("node-a", "gpu-0"), **{("dst", i): Topology("node-a", f"gpu-{i + 1}") for i in range(n)}}
+
+
+def two_nodes(n: int = 2) -> dict:
+    return {("src", 0): Topology("node-a", "gpu-0"), **{("dst", i): Topology("node-b", f"gpu-{i}") for i in range(n)}}
+
+
+@pytest.mark.parametrize("device, topology, transport, reason", [
+    ("cpu", one_node(), "shm", "replicas on one node"),
+    ("gpu", one_node(), "cuda_ipc", "replicas on one node"),
+    ("cpu", two_nodes(), "object_store", "replicas on several nodes"),
+    ("gpu", two_nodes(), "nccl", "replicas on several nodes"),
+])
+def test_auto_transport_on_synthetic_topologies(device, topology, transport, reason):
+    (row,) = make_plan(link_spec(device), topology=topology).links
+    assert (row.name, row.source, row.target, row.device) == ("w", "src.w", "dst.w", device)
+    assert (row.transport, row.reason) == (transport, reason)
+
+
+def test_auto_transport_mixed_placement_lists_both():
+    topology = {("src", 0): Topology("node-a"), ("dst", 0): Topology("node-a"), ("dst", 1): Topology("node-b")}
+    (row,) = make_plan(link_spec("gpu"), topology=topology).links
+    assert row.transport == "cuda_ipc/nccl" and row.reason == "replicas on several nodes"
+
+
+@pytest.mark.parametrize("device, options", [("cpu", "auto (shm or object_store)"), ("gpu", "auto (cuda_ipc or nccl)")])
+def test_auto_transport_unknown_placement(device, options):
+    (row,) = make_plan(link_spec(device)).links
+    assert row.transport == options and row.reason == "decided when the replicas are placed"
+    partial = {("src", 0): Topology("node-a")}  # not every end placed yet
+    (row,) = make_plan(link_spec(device), topology=partial).links
+    assert row.transport == options
+
+
+@pytest.mark.parametrize("device, transport", [("cpu", "shm"), ("gpu", "cuda_ipc")])
+def test_auto_transport_single_node(device, transport):
+    (row,) = make_plan(link_spec(device), single_node=True).links
+    assert (row.transport, row.reason) == (transport, "one node")
+
+
+def test_auto_transport_from_observed_nodes():
+    spec = link_spec("cpu")
+    observed = running(spec)
+    observed.replicas[-1].node_id = "n2"
+    (row,) = make_plan(spec, observed).links
+    assert row.transport == "object_store/shm"
+
+
+def test_explicit_transport_is_kept():
+    (row,) = make_plan(link_spec("gpu", transport="nccl"), topology=one_node()).links
+    assert (row.transport, row.reason) == ("nccl", "set in the spec")
+
+
+def test_choose_transport():
+    a, b = Topology("n1"), Topology("n2")
+    assert choose_transport("cpu", a, a) == "shm" and choose_transport("cpu", a, b) == "object_store"
+    assert choose_transport("gpu", a, a) == "cuda_ipc" and choose_transport("gpu", a, b) == "nccl"
+    assert choose_transport("gpu", None, a) is None
+
+
+def test_link_change_replaces_both_ends_only():
+    old = link_spec("cpu")
+    data = old.model_dump(by_alias=True, exclude_defaults=True)
+    data["links"][0]["transport"] = "object_store"
+    data["actors"]["other"] = {"class": "m:O"}
+    new = Spec.model_validate(data)
+    observed = running(old)
+    observed.replicas.append(ReplicaState("other", 0, config_hash(new, "other")))
+    kinds = {a.actor: a.kind for a in make_plan(new, observed).actions}
+    assert kinds == {"src": "replace", "dst": "replace", "other": "keep"}
+
+
+# --- totals ---------------------------------------------------------------------------------------
+
+
+def test_resource_totals():
+    actors = {
+        "a": {"class": "m:A", "replicas": 3, "resources": {"cpus": 0.5, "gpus": 0.25, "memory": "512MiB"}},
+        "b": {"class": "m:A", "resources": {"cpus": 2, "memory": 1000}},
+        "c": {"command": ["x"]},
+    }
+    totals = make_plan(spec_of(actors)).resources
+    assert totals == {"actors": 5, "cpus": 3.5, "gpus": 0.75, "memory_bytes": 3 * 512 * 1024**2 + 1000}
+
+
+# --- the spec layer never needs Ray -----------------------------------------------------------------
+
+NO_RAY = """
+import sys
+from pathlib import Path
+import oobspec
+from oobspec.plan import make_plan
+from oobspec.report import plan_text
+from oobspec.render import to_yaml
+specs = Path("specs")
+for path in sorted(specs.glob("*.yaml")):
+    if path.name.endswith(".values.yaml"):
+        continue
+    values = [specs / "web.values.yaml"] if path.name == "web.yaml" else []
+    spec = oobspec.load(path, value_files=values)
+    assert oobspec.lint(spec) == [], path
+    assert oobspec.lint_file(path, value_files=values, imports=False) == [], path
+    plan_text(make_plan(spec, single_node=True))
+    to_yaml(spec._source.document.data)
+loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+print("RAY MODULES:", loaded)
+assert not loaded, loaded
+"""
+
+
+def test_spec_layer_never_imports_ray():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", NO_RAY], cwd=root, env=env, capture_output=True, text=True, timeout=25)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RAY MODULES: []" in proc.stdout
