@@ -152,7 +152,6 @@ class Applier:
         return out
 
     def ensure_placement(self) -> None:
-        import ray
         from ray.util.placement_group import get_placement_group, placement_group
         bundles = self.bundles()
         digest = hashlib.sha256(json.dumps([self.spec.ray.placement, bundles], sort_keys=True).encode()).hexdigest()[:10]

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -101,18 +102,18 @@ def connect(address: str, namespace: str) -> None:
 @contextmanager
 def session(name: str, address: str | None, spec_address: str | None = None, required: bool = True) -> Iterator[str | None]:
     """Connected to the deployment's cluster for the duration (disconnects after, unless already connected)."""
-    import ray
-    if ray.is_initialized():
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         yield "current"
         return
     found = find_address(name, address, spec_address)
-    if found is None:
+    if found is None:  # no cluster: nothing to import (an offline plan stays light)
         if required:
             raise ClusterError(f"no Ray cluster found for '{name}': start one with `oob apply`, or pass "
                                "--address / set RAY_ADDRESS")
         yield None
         return
     connect(found, f"oob-{name}")
+    import ray
     try:
         yield found
     finally:
