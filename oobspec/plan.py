@@ -101,8 +101,11 @@ def actor_config(spec: Spec, name: str) -> dict:
                           "server": target.model_dump(mode="json") if target else None}
     links = [link.model_dump(mode="json", by_alias=True) for link in spec.links
              if link.from_.startswith(name + ".") or any(t.startswith(name + ".") for t in link.to)]
-    return {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when"}),
-            "ray": spec.ray.model_dump(mode="json", exclude={"address"}), "peers": peers, "links": links}
+    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when"}),
+              "ray": spec.ray.model_dump(mode="json", exclude={"address"}), "peers": peers, "links": links}
+    if spec.ray.placement:  # one placement group holds every replica: its layout is everyone's config
+        config["layout"] = [(n, a.replicas, a.resources.model_dump(mode="json")) for n, a in spec.actors.items()]
+    return config
 
 
 def config_hash(spec: Spec, name: str) -> str:

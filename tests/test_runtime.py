@@ -115,6 +115,11 @@ def test_http_auth(echo):
     ok = requests.get(f"{base}/hello/x", headers={"Authorization": "Bearer s3cret-token"}, timeout=5)
     assert (ok.status_code, ok.text) == (200, "hi x")
     assert "s3cret-token" not in json.dumps(echo.status())
+    logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+    for root, _dirs, files in os.walk(logs_dir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert b"s3cret-token" not in f.read(), f"token leaked into {name}"
 
 
 def test_handle_exposes_user_methods(echo):

@@ -76,6 +76,10 @@ class Applier:
                         for b, buf in actor.buffers.items()},
             "links": self._links_of(name),
             "sys_path": [str(self.base_dir), os.getcwd()],
+            # Auth tokens travel as constructor arguments, not runtime_env: Ray's runtime-env
+            # agent logs env_vars, and a secret must never reach a log.
+            "secrets": {s.auth.token_env: os.environ[s.auth.token_env] for s in actor.servers
+                        if s.auth and s.auth.token_env in os.environ and s.auth.token_env not in actor.env},
         }
 
     def runtime_env(self, name: str, index: int, cfg: dict) -> dict:
@@ -89,9 +93,6 @@ class Applier:
         env_vars["OOB_REPLICA"] = str(index)
         env_vars["OOB_REPLICAS"] = str(actor.replicas)
         env_vars["OOB_DEPLOYMENT"] = self.spec.name
-        for server in actor.servers:  # forward auth tokens from our environment; never logged
-            if server.auth and server.auth.token_env in os.environ and server.auth.token_env not in env_vars:
-                env_vars[server.auth.token_env] = os.environ[server.auth.token_env]
         paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env["env_vars"] = env_vars
@@ -165,8 +166,10 @@ class Applier:
         if not self.placement.wait(timeout_seconds=60):
             raise ApplyError(f"placement group {self.spec.ray.placement} for {len(bundles)} replicas cannot be "
                              "placed on this cluster (not enough nodes or resources)")
+        old = cluster.get_meta(self.namespace, "placement")
+        if old and old["name"] != pg_name:
+            cluster.remove_placement(old["name"])
         cluster.put_meta(self.namespace, "placement", {"name": pg_name})
-        self._old_placement = None
 
     # --- execution ---
 

@@ -216,10 +216,21 @@ def cleanup_shm(deployment: str) -> None:
     get_transport("shm").cleanup(f"oob-{deployment}-")
 
 
+def remove_placement(pg_name: str) -> None:
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+    try:
+        remove_placement_group(get_placement_group(pg_name))
+    except ValueError:  # already gone
+        pass
+
+
 def delete_all(name: str) -> int:
     namespace = f"oob-{name}"
     names = replica_names(namespace)
     kill(names, namespace)
+    placement = get_meta(namespace, "placement")
+    if placement:
+        remove_placement(placement["name"])
     forget(namespace)
     cleanup_shm(name)
     return len(names)
