@@ -65,7 +65,7 @@ def make_spec(n: int) -> str:
 
 def run(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
@@ -94,8 +94,8 @@ def main() -> None:
                 path.write_text(make_spec(n))
             return str(path)
 
-        lint = lambda f: [py, "-m", "oobspec.cli", "lint", "--no-import", f]  # noqa: E731
-        pyyaml = lambda f: [py, "-c", f"import yaml; yaml.load(open({f!r}), Loader=yaml.SafeLoader)"]  # noqa: E731
+        lint = lambda f: [py, "-m", "oobspec.cli", "lint", "--no-import", f]
+        pyyaml = lambda f: [py, "-c", f"import yaml; yaml.load(open({f!r}), Loader=yaml.SafeLoader)"]
 
         f = spec_file(args.actors)
         size_kib = Path(f).stat().st_size / 1024

@@ -11,7 +11,7 @@ import importlib
 import inspect
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -313,7 +313,8 @@ class _Checker:
                              f"'{target}' is on {dst_buf.device}", tpath)
 
     def code(self) -> None:
-        with import_path(self.base_dir):
+        # What user modules print while importing goes to stderr: `-o json` output stays parseable.
+        with import_path(self.base_dir), redirect_stdout(sys.stderr):
             for aname, actor in self.spec.actors.items():
                 apath = ("actors", aname)
                 cls = None
@@ -404,7 +405,7 @@ def import_object(ref: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(str(exc)) from None
-    except Exception as exc:  # the user's module raised while importing
+    except (Exception, SystemExit) as exc:  # the user's module raised (or called exit) while importing
         raise ImportError(f"importing {module_name} raised {type(exc).__name__}: {exc}") from None
     obj = module
     for part in attr.split("."):

@@ -20,8 +20,11 @@ def diagnostics(diags: list[Diagnostic], fmt: str = "text") -> str:
     if fmt == "github":
         def esc(s: str) -> str:
             return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+        def prop(s: str) -> str:  # workflow-command properties also escape ':' and ','
+            return esc(s).replace(":", "%3A").replace(",", "%2C")
         return "\n".join(
-            f"::{d.severity} file={d.file},line={d.line},col={d.col},title={d.code}::"
+            f"::{d.severity} file={prop(d.file)},line={d.line},col={d.col},title={prop(d.code)}::"
             f"{esc(d.message + (f' ({d.hint})' if d.hint else ''))}" for d in diags)
     return "\n".join(str(d) for d in diags)
 

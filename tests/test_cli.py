@@ -33,7 +33,7 @@ def oob(tmp_path):
 
     def run(*args, cwd=ROOT, extra_env=None, check_traceback=True):
         proc = subprocess.run([sys.executable, "-m", "oobspec.cli", *map(str, args)], cwd=cwd,
-                              env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=50)
+                              env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=50, check=False)
         if check_traceback:
             assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
         return proc
@@ -287,3 +287,24 @@ def test_no_traceback_on_odd_input(oob, tmp_path):
                  ("lint", INVALID / "05-alias-bomb.yaml"), ("render", INVALID / "45-sandbox-globals.yaml")):
         proc = oob(*args)
         assert proc.returncode == 1, (args, proc.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_lint_json_stays_parseable_when_user_modules_print(oob):
+    proc = oob("lint", "-o", "json", INVALID / "57-class-import-exits.yaml")
+    assert proc.returncode == 1
+    (diag,) = json.loads(proc.stdout)
+    assert diag["code"] == "OOB501" and "SystemExit" in diag["message"]
+    assert "noisy_module imported" in proc.stderr
+
+
+def test_report_formats_escape_what_would_break_a_line():
+    from oobspec.errors import Diagnostic
+    from oobspec.report import diagnostics, summary
+
+    d = Diagnostic("OOB120", "unknown key 'a%b'\nsecond", "dir,1/a:b.yaml", 3, 4, "warning", "did you mean 'x'?")
+    (line,) = diagnostics([d], "github").splitlines()
+    assert line == ("::warning file=dir%2C1/a%3Ab.yaml,line=3,col=4,title=OOB120::"
+                    "unknown key 'a%25b'%0Asecond (did you mean 'x'?)")
+    assert json.loads(diagnostics([d], "json"))[0]["hint"] == "did you mean 'x'?"
+    assert summary([], 1) == "1 spec ok" and summary([d], 2) == "0 errors, 1 warning"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import oobspec
 from oobspec import lint_file
 from oobspec.report import diagnostics
 
@@ -117,7 +118,7 @@ def test_port_clashes_name_both_servers():
 def test_sandbox_escape_runs_nothing(tmp_path, monkeypatch):
     marker = Path("/tmp/oob-pwned")
     marker.unlink(missing_ok=True)
-    (d,) = _one("45-sandbox-globals.yaml", "OOB111")
+    assert _one("45-sandbox-globals.yaml", "OOB111")
     assert not marker.exists()
 
 
@@ -126,3 +127,12 @@ def test_no_import_skips_code_checks():
                  "40-proto-does-not-import.yaml", "41-args-do-not-fit.yaml"):
         codes = {d.code for d in lint_file(CORPUS / name, imports=False)}
         assert not codes & {"OOB501", "OOB502", "OOB503", "OOB504"}, name
+
+
+def test_lint_of_a_spec_built_in_python():
+    from oobspec.models import Spec
+
+    spec = Spec.model_validate({"version": 1, "name": "py", "actors": {"a": {
+        "class": "examples.counter:Counter", "restarts": 1, "servers": [{"name": "h", "port": 80}]}}})
+    (d,) = oobspec.lint(spec)
+    assert (d.code, d.severity, d.file) == ("OOB302", "warning", "<spec>")

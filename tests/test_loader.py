@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 import oobspec
 from oobspec.api import lint_file
 from oobspec.errors import SpecError
-from oobspec.loader import MAX_BYTES, MAX_DEPTH, YamlFloat, load_file, loads, resolve_plain, scalar_text
+from oobspec.loader import (
+    MAX_BYTES,
+    MAX_DEPTH,
+    YamlFloat,
+    load_file,
+    loads,
+    resolve_plain,
+    scalar_text,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -3,12 +3,23 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from oobspec.models import Spec
-from oobspec.plan import (Observed, ReplicaState, Topology, choose_transport, config_hash, make_plan,
-                          start_waves)
+from oobspec.plan import (
+    Observed,
+    ReplicaState,
+    Topology,
+    choose_transport,
+    config_hash,
+    make_plan,
+    start_waves,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -377,13 +388,8 @@ assert not loaded, loaded
 
 
 def test_spec_layer_never_imports_ray():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", NO_RAY], cwd=root, env=env, capture_output=True, text=True, timeout=25)
+    proc = subprocess.run([sys.executable, "-c", NO_RAY], cwd=root, env=env, capture_output=True, text=True, timeout=25, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RAY MODULES: []" in proc.stdout

@@ -408,10 +408,10 @@ def test_auth_token_never_in_render_output(tmp_path):
     env = {**os.environ, "OOB_TEST_TOKEN": secret, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "oobspec.cli", "render", str(spec), "--set", "mode=fast"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert secret not in proc.stdout + proc.stderr
     assert "token_env: OOB_TEST_TOKEN" in proc.stdout and "MODE: fast" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "oobspec.cli", "lint", "-o", "json", str(spec), "--set", "mode=x"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert secret not in proc.stdout + proc.stderr

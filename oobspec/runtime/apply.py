@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..errors import ApplyError, ClusterError
 from ..models import Spec, memory_bytes
-from ..plan import Plan, Topology, choose_transport, config_hash, make_plan
+from ..plan import Topology, choose_transport, config_hash, make_plan
 from . import cluster
 
 log = logging.getLogger("oobspec")
@@ -173,15 +173,12 @@ class Applier:
 
     # --- execution ---
 
-    def plan(self) -> Plan:
+    def run(self, timeout: float = 120.0) -> dict[str, dict[str, list[str]]]:
         import ray
         observed = cluster.observe(self.namespace)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        return make_plan(self.spec, observed, single_node=len(nodes) == 1)
-
-    def run(self, timeout: float = 120.0) -> dict[str, dict[str, list[str]]]:
-        plan = self.plan()
-        for row in cluster.observe(self.namespace).replicas:
+        plan = make_plan(self.spec, observed, single_node=len(nodes) == 1)
+        for row in observed.replicas:
             if row.alive:
                 self.info[(row.actor, row.replica)] = {"endpoints": row.endpoints, "node_id": row.node_id,
                                                        "gpu_uuid": row.gpu_uuid}
