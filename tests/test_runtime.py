@@ -317,3 +317,28 @@ def test_failed_start_names_the_actor_and_leaves_nothing(local_ray, write_spec):
     assert "bad-0" in str(err.value) and "nope" in str(err.value)
     assert replica_names("oob-broken") == []
     assert not port_open(port)
+
+
+def test_grpc_auth(local_ray, write_spec, monkeypatch):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    monkeypatch.setenv("KV_TOKEN", "grpc-secret")
+    path = write_spec("""
+        version: 1
+        name: grpcauth
+        actors:
+          kv:
+            class: examples.services:KeyValue
+            servers:
+              - {name: rpc, protocol: grpc, port: 0, service: demo.KeyValue, methods: [size], auth: {token_env: KV_TOKEN}}
+    """)
+    with oobspec.deploy(oobspec.load(path)) as d, grpc.insecure_channel(d.endpoints["kv"]["rpc"][0]) as ch:
+        size = ch.unary_unary("/demo.KeyValue/size")
+        with pytest.raises(grpc.RpcError) as err:
+            size(b"", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError):
+            size(b"", metadata=[("authorization", "Bearer wrong")], timeout=5)
+        assert json.loads(size(b"", metadata=[("authorization", "Bearer grpc-secret")], timeout=5)) == 0
+        # health probes carry no token
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
