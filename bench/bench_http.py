@@ -14,9 +14,11 @@ a warm-up, then a fixed duration:
 Everything runs on the bench's own local Ray. a and b are up together and measured in
 alternating order, round after round; Serve is measured after they are gone (its controller
 and proxy poll in the background, which would tax a and b). Each figure is the median over
-rounds. Goals: oobspec >= 0.9x hand-written, >= 20x Serve.
+rounds; the oobspec/hand-written ratio is also given per round (pairs measured back to back)
+and as CPU time of the server process per request (from /proc), which is less sensitive to
+other load on the machine than req/s. Goals: oobspec >= 0.9x hand-written, >= 20x Serve.
 
-    .venv/bin/python bench/bench_http.py [--rounds 3] [--duration 5] [--warmup 2]
+    .venv/bin/python bench/bench_http.py [--rounds 5] [--duration 4] [--warmup 1]
                                          [--connections 32] [--load auto|wrk|aiohttp] [--no-serve]
 """
 from __future__ import annotations
@@ -136,12 +138,30 @@ def load(url: str, connections: int, seconds: float, tool: str) -> dict:
     return {"rps": rps, "requests": reqs, "errors": errors}
 
 
-def measure(url: str, args) -> float:
+def cpu_seconds(pids) -> float:
+    """user + system CPU time of these processes (all their threads), from /proc."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure(url: str, pids, args) -> tuple[float, float]:
+    """(requests/s, server CPU microseconds per request) for one timed run after a warm-up."""
     load(url, args.connections, args.warmup, args.tool)  # warm-up, discarded
+    before = cpu_seconds(pids)
     result = load(url, args.connections, args.duration, args.tool)
+    used = cpu_seconds(pids) - before
     if result["errors"]:
         print(f"    ! {result['errors']} errors at {url}", flush=True)
-    return result["rps"]
+    return result["rps"], used / max(1, result["requests"]) * 1e6
+
+
+def actor_pid(handle) -> int:
+    import ray
+    return ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()))
 
 
 def get_json(url: str, timeout: float = 30.0):
@@ -167,9 +187,9 @@ def free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per timed run")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each timed run")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--load", choices=["auto", "wrk", "aiohttp"], default="auto")
     ap.add_argument("--no-serve", action="store_true", help="skip Ray Serve (a and b only)")
@@ -183,8 +203,19 @@ def main() -> None:
 
     import oobspec
 
+    print(f"load: {args.tool} in its own process, {args.connections} keep-alive connections, {args.warmup:g} s "
+          f"warm-up + {args.duration:g} s timed per run, {args.rounds} rounds, {os.cpu_count()} CPUs", flush=True)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rps: dict[str, list[float]] = {"oobspec": [], "hand-written": [], "Ray Serve": []}
+    cpu: dict[str, list[float]] = {k: [] for k in rps}
+    pids: dict[str, list[int]] = {}
+
+    def run(name: str, url: str, r: int) -> None:
+        x, c = measure(url, pids[name], args)
+        rps[name].append(x)
+        cpu[name].append(c)
+        print(f"  round {r + 1}  {name:<13} {x:8.0f} req/s  {c:7.1f} us CPU/request", flush=True)
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             spec_path = Path(tmp) / "bench-http.yaml"
@@ -192,17 +223,16 @@ def main() -> None:
             spec = oobspec.load(spec_path)
             with oobspec.deploy(spec) as dep:
                 urls = {"oobspec": dep.endpoints["hits"]["http"][0] + "/"}
+                pids["oobspec"] = [actor_pid(dep.handle("hits", 0))]
                 hand = ray.remote(HandServer).remote()
                 urls["hand-written"] = f"http://127.0.0.1:{ray.get(hand.serve.remote())}/"
+                pids["hand-written"] = [actor_pid(hand)]
                 for name, url in urls.items():
                     assert get_json(url) == {"count": 1}, name
-                print(f"load: {args.tool}, {args.connections} connections, {args.warmup:g} s warm-up + "
-                      f"{args.duration:g} s per measurement, {args.rounds} rounds, {os.cpu_count()} CPUs", flush=True)
+                    load(url, args.connections, 2.0, args.tool)  # first warm-up
                 for r in range(args.rounds):
-                    order = ["oobspec", "hand-written"] if r % 2 == 0 else ["hand-written", "oobspec"]
-                    for name in order:
-                        rps[name].append(measure(urls[name], args))
-                        print(f"  round {r + 1}  {name:<13} {rps[name][-1]:9.0f} req/s", flush=True)
+                    for name in (["oobspec", "hand-written"] if r % 2 == 0 else ["hand-written", "oobspec"]):
+                        run(name, urls[name], r)
                 ray.get(hand.close.remote())
                 ray.kill(hand)
         if not args.no_serve:
@@ -221,9 +251,13 @@ def main() -> None:
                 serve.run(ServeHits.bind(), route_prefix="/", logging_config=quiet)
                 url = f"http://127.0.0.1:{port}/"
                 assert get_json(url) == {"count": 1}
+                # CPU of the request path: the HTTP proxy and the replica (not the controller)
+                pids["Ray Serve"] = [actor_pid(ray.get_actor(a["name"], namespace=a["namespace"]))
+                                     for a in ray.util.list_named_actors(all_namespaces=True)
+                                     if a["namespace"] == "serve" and "CONTROLLER" not in a["name"]]
+                load(url, args.connections, 2.0, args.tool)
                 for r in range(args.rounds):
-                    rps["Ray Serve"].append(measure(url, args))
-                    print(f"  round {r + 1}  {'Ray Serve':<13} {rps['Ray Serve'][-1]:9.0f} req/s", flush=True)
+                    run("Ray Serve", url, r)
             finally:
                 serve.shutdown()
     finally:
@@ -233,10 +267,15 @@ def main() -> None:
     print(f"\nmedian of {args.rounds} rounds (min-max):")
     for k, v in rps.items():
         if v:
-            print(f"  {k:<13} {med[k]:9.0f} req/s  ({min(v):.0f}-{max(v):.0f})")
-    print(f"  oobspec / hand-written  {med['oobspec'] / med['hand-written']:6.2f}x  (goal >= 0.9)")
+            print(f"  {k:<13} {med[k]:8.0f} req/s ({min(v):.0f}-{max(v):.0f})   "
+                  f"{statistics.median(cpu[k]):7.1f} us server CPU/request ({min(cpu[k]):.0f}-{max(cpu[k]):.0f})")
+    paired = [a / b for a, b in zip(rps["oobspec"], rps["hand-written"])]
+    cpu_ratio = statistics.median(cpu["oobspec"]) / statistics.median(cpu["hand-written"])
+    print(f"  oobspec / hand-written  {med['oobspec'] / med['hand-written']:6.2f}x req/s  (goal >= 0.9; "
+          f"per-round pairs {min(paired):.2f}-{max(paired):.2f}, median {statistics.median(paired):.2f}; "
+          f"CPU/request {cpu_ratio:.2f}x)")
     if "Ray Serve" in med:
-        print(f"  oobspec / Ray Serve     {med['oobspec'] / med['Ray Serve']:6.1f}x  (goal >= 20)")
+        print(f"  oobspec / Ray Serve     {med['oobspec'] / med['Ray Serve']:6.1f}x req/s  (goal >= 20)")
 
 
 if __name__ == "__main__":
