@@ -29,8 +29,11 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_encoder = json.JSONEncoder(default=_json_default, separators=(",", ":"))  # built once, not per response
+
+
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+    return _encoder.encode(value).encode()
 
 
 def token_from_env(auth: dict | None) -> str | None:
@@ -104,17 +107,18 @@ def _http_app(instance, server: dict):
         return web.Response(status=status, body=dumps({"error": message, "status": status}),
                             content_type="application/json")
 
-    @web.middleware
-    async def json_errors(request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:  # router 404/405, body too large 413, ...
-            if exc.status < 400:
-                raise
-            response = error(exc.status, exc.reason)
-            if exc.status == 405 and "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
+    async def fallback(request: web.Request) -> web.Response:
+        # Registered last, so the happy path pays nothing (no middleware): only requests
+        # that match no route get here, and learn whether the path exists for other methods.
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not catch_all:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            response = error(405, "Method Not Allowed")
+            response.headers["Allow"] = ",".join(sorted(allowed))
             return response
+        return error(404, "Not Found")
 
     token = token_from_env(server.get("auth"))
     expected = f"Bearer {token}".encode() if token else None
@@ -122,6 +126,7 @@ def _http_app(instance, server: dict):
     def make_handler(call: str):
         method = getattr(instance, call)
         sig = Signature.of(method)
+        converters = tuple(sig.converters.items())
 
         async def handle(request: web.Request) -> web.StreamResponse:
             if expected is not None:
@@ -129,16 +134,20 @@ def _http_app(instance, server: dict):
                 if not hmac.compare_digest(got, expected):
                     return error(401, "missing or wrong bearer token")
             kwargs: dict[str, Any] = dict(request.match_info)
-            if request.query:
+            if request.query_string:
                 kwargs.update(request.query)
-            try:
-                for name, convert in sig.converters.items():
-                    if isinstance(kwargs.get(name), str):
-                        kwargs[name] = convert(kwargs[name])
-            except ValueError as exc:
-                return error(400, str(exc))
+            if converters:
+                try:
+                    for name, convert in converters:
+                        if isinstance(kwargs.get(name), str):
+                            kwargs[name] = convert(kwargs[name])
+                except ValueError as exc:
+                    return error(400, str(exc))
             if request.can_read_body:
-                raw = await request.read()
+                try:
+                    raw = await request.read()
+                except web.HTTPException as exc:  # 413: body larger than max_body
+                    return error(exc.status, exc.reason)
                 if raw.strip():
                     try:
                         body = json.loads(raw)
@@ -167,9 +176,10 @@ def _http_app(instance, server: dict):
 
         return handle
 
-    app = web.Application(client_max_size=server.get("max_body", 1024**2), middlewares=[json_errors])
+    app = web.Application(client_max_size=server.get("max_body", 1024**2))
     for route in server.get("routes", []):
         app.router.add_route(route["method"], route["path"], make_handler(route["call"]))
+    catch_all = app.router.add_route("*", "/{_oob_path:.*}", fallback).resource
     return app
 
 
