@@ -177,6 +177,7 @@ class OobMixin:
 
 
 def _prepare(cfg: dict) -> Context:
+    os.environ.update(cfg.get("env", {}))
     os.environ.update(cfg.get("secrets", {}))
     for path in reversed(cfg.get("sys_path", [])):
         if path not in sys.path:

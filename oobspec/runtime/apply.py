@@ -80,23 +80,29 @@ class Applier:
             # agent logs env_vars, and a secret must never reach a log.
             "secrets": {s.auth.token_env: os.environ[s.auth.token_env] for s in actor.servers
                         if s.auth and s.auth.token_env in os.environ and s.auth.token_env not in actor.env},
+            "env": self.replica_env(name, index, endpoints),
         }
 
-    def runtime_env(self, name: str, index: int, cfg: dict) -> dict:
+    def runtime_env(self, name: str) -> dict:
+        """The same for every replica of an actor (and for every actor without `env`), so Ray
+        sets it up once and can reuse its workers; per-replica variables travel in the config."""
         actor = self.spec.actors[name]
         env = dict(self.spec.ray.runtime_env or {})
         env_vars = dict(env.get("env_vars") or {})
         env_vars.update(actor.env)
-        for key, urls in cfg["endpoints"].items():
-            env_vars[f"OOB_{_env_key(key)}_URL"] = urls[0] if urls else ""
-            env_vars[f"OOB_{_env_key(key)}_URLS"] = ",".join(urls)
-        env_vars["OOB_REPLICA"] = str(index)
-        env_vars["OOB_REPLICAS"] = str(actor.replicas)
-        env_vars["OOB_DEPLOYMENT"] = self.spec.name
         paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env["env_vars"] = env_vars
         return env
+
+    def replica_env(self, name: str, index: int, endpoints: dict) -> dict[str, str]:
+        """OOB_* variables, set in the replica's environment before the user's __init__ runs."""
+        out = {"OOB_REPLICA": str(index), "OOB_REPLICAS": str(self.spec.actors[name].replicas),
+               "OOB_DEPLOYMENT": self.spec.name}
+        for key, urls in endpoints.items():
+            out[f"OOB_{_env_key(key)}_URL"] = urls[0] if urls else ""
+            out[f"OOB_{_env_key(key)}_URLS"] = ",".join(urls)
+        return out
 
     def actor_class(self, name: str):
         import ray
@@ -116,7 +122,7 @@ class Applier:
         actor = self.spec.actors[name]
         res = actor.resources
         opts = {"name": f"{name}-{index}", "namespace": self.namespace, "max_restarts": actor.restarts,
-                "runtime_env": self.runtime_env(name, index, cfg), "max_concurrency": 1000}
+                "runtime_env": self.runtime_env(name), "max_concurrency": 1000}
         # Named actors that are not detached die with their last handle; the embedded mode
         # tears them down itself, and its Ray goes with the foreground process anyway.
         opts["lifetime"] = "detached"
