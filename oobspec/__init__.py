@@ -1,10 +1,22 @@
-"""oobspec: declare the out-of-band side of Ray actors (servers, wrapped processes, buffer links)."""
-from .api import lint, lint_file, load
+"""oobspec: declare the out-of-band side of Ray actors (servers, wrapped processes, buffer links).
+
+The spec layer (pydantic, jinja2, yaml) loads on first use, so the actors, which import
+oobspec for `context()`, start without it.
+"""
 from .errors import Diagnostic, OobError, SpecError
-from .models import Spec
 
 __version__ = "0.1.0"
 __all__ = ["Diagnostic", "OobError", "Spec", "SpecError", "context", "deploy", "lint", "lint_file", "load"]
+
+
+def __getattr__(name: str):
+    if name in ("load", "lint", "lint_file"):
+        from . import api
+        return getattr(api, name)
+    if name == "Spec":
+        from .models import Spec
+        return Spec
+    raise AttributeError(f"module 'oobspec' has no attribute '{name}'")
 
 
 def deploy(spec, **kwargs):

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from .errors import Diagnostic, SpecError
+from .imports import import_object, import_path, suggest
 from .loader import Document
 from .models import (Actor, Auth, Buffer, GrpcServer, HttpServer, Link, RayConfig, Resources, Route,
                      Spec, TcpServer)
@@ -31,11 +32,6 @@ _PATTERN_WORDS = {
     r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$": 'of the form "module:Class"',
     r"^/": "a path starting with '/'",
 }
-
-
-def suggest(word: str, choices) -> str | None:
-    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"did you mean '{match[0]}'?" if match else None
 
 
 def _fields(model) -> list[str]:
@@ -384,37 +380,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 trail.pop()
                 state[node] = 2
     return None
-
-
-@contextmanager
-def import_path(base_dir: Path | None) -> Iterator[None]:
-    """Import as the actors will: from the spec's folder, the current folder, then installed packages."""
-    extra = [str(p) for p in (base_dir, Path.cwd()) if p is not None]
-    saved = list(sys.path)
-    sys.path[:0] = [p for p in extra if p not in sys.path[:len(extra)]]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-def import_object(ref: str) -> Any:
-    """'module:Name' → the object. Any failure while importing becomes ImportError."""
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(str(exc)) from None
-    except (Exception, SystemExit) as exc:  # the user's module raised (or called exit) while importing
-        raise ImportError(f"importing {module_name} raised {type(exc).__name__}: {exc}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            hint = suggest(part, names)
-            raise ImportError(f"module '{module_name}' has no '{part}'" + (f"; {hint}" if hint else ""))
-        obj = getattr(obj, part)
-    return obj
 
 
 def check(spec: Spec, doc: Document, base_dir: Path | None = None, imports: bool = True) -> list[Diagnostic]:

@@ -60,7 +60,7 @@ class OobMixin:
         ctx = self._oob_context
         from .links import Links
         ctx._links = Links(ctx, cfg, self)
-        from ..checks import import_object
+        from ..imports import import_object
         for server in cfg["servers"]:
             if cfg.get("command") is not None or server["protocol"] == "tcp":
                 continue  # the command (or the user's own code) serves it; we only health-check

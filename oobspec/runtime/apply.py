@@ -106,7 +106,7 @@ class Applier:
 
     def actor_class(self, name: str):
         import ray
-        from ..checks import import_object, import_path
+        from ..imports import import_object, import_path
         from .actor import make_actor_class, make_command_class
         actor = self.spec.actors[name]
         if actor.command is not None:

@@ -19,6 +19,8 @@ def shm_name(cfg: dict, buffer: str, replica: int | None = None) -> str:
 
 def allocate_buffers(cfg: dict) -> dict[str, Any]:
     """Every declared buffer; cpu link targets live in named shared memory."""
+    if not cfg.get("buffers"):
+        return {}  # no numpy (or cupy) import for actors without buffers
     from ..transports import allocate
     owners = cfg.setdefault("_buffer_owners", {})
     arrays = {}

@@ -1,0 +1,47 @@
+"""Importing user code by "module:Name", as lint and the actors both do. Kept light: the
+actors import this, so it must not pull in pydantic, jinja2 or yaml."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def suggest(word: str, choices) -> str | None:
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None
+
+
+@contextmanager
+def import_path(base_dir: Path | None) -> Iterator[None]:
+    """Import as the actors will: from the spec's folder, the current folder, then installed packages."""
+    extra = [str(p) for p in (base_dir, Path.cwd()) if p is not None]
+    saved = list(sys.path)
+    sys.path[:0] = [p for p in extra if p not in sys.path[:len(extra)]]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def import_object(ref: str) -> Any:
+    """'module:Name' → the object. Any failure while importing becomes ImportError."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(str(exc)) from None
+    except (Exception, SystemExit) as exc:  # the user's module raised (or called exit) while importing
+        raise ImportError(f"importing {module_name} raised {type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            hint = suggest(part, names)
+            raise ImportError(f"module '{module_name}' has no '{part}'" + (f"; {hint}" if hint else ""))
+        obj = getattr(obj, part)
+    return obj
