@@ -125,7 +125,7 @@ def run_oobspec(spec, phases: dict | None, no_runtime_env: bool = False) -> floa
         _instrument(apply_mod, phases)
     if no_runtime_env:  # what-if, in this process only: replicas get no runtime_env at all
         _PATCHED.append((apply_mod.Applier, "runtime_env", apply_mod.Applier.runtime_env))
-        apply_mod.Applier.runtime_env = lambda self, name, index, cfg: {}
+        apply_mod.Applier.runtime_env = lambda self, *args, **kwargs: {}
     try:
         t0 = time.perf_counter()
         with oobspec.deploy(spec) as dep:

@@ -39,6 +39,7 @@ class Applier:
         self.info: dict[tuple[str, int], dict] = {}
         self.handles: dict[tuple[str, int], object] = {}
         self.placement = None
+        self.needs_spec_dir: dict[str, bool] = {}
 
     # --- configuration handed to each replica ---
 
@@ -90,9 +91,12 @@ class Applier:
         env = dict(self.spec.ray.runtime_env or {})
         env_vars = dict(env.get("env_vars") or {})
         env_vars.update(actor.env)
-        paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        env["env_vars"] = env_vars
+        if self.needs_spec_dir.get(name):
+            paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        if env_vars:
+            env["env_vars"] = env_vars
+        # No runtime_env at all when none is needed: Ray then starts the actor in a plain worker.
         return env
 
     def replica_env(self, name: str, index: int, endpoints: dict) -> dict[str, str]:
@@ -116,6 +120,11 @@ class Applier:
                 user_cls = import_object(actor.class_)
             except ImportError as exc:
                 raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
+        # Ray's workers import from this process's folder and installed packages; only a class
+        # that lives beside the spec (elsewhere) needs the spec's folder on their PYTHONPATH.
+        source = getattr(sys.modules.get(user_cls.__module__), "__file__", None) or ""
+        inside = lambda folder: source.startswith(str(folder).rstrip(os.sep) + os.sep)  # noqa: E731
+        self.needs_spec_dir[name] = inside(self.base_dir) and not inside(os.getcwd())
         return ray.remote(make_actor_class(user_cls))
 
     def options(self, name: str, index: int, cfg: dict) -> dict:
