@@ -40,7 +40,11 @@ def local_ray():
     from oobspec.runtime.apply import start_embedded
     if ray.is_initialized():
         ray.shutdown()
-    start_embedded("oob-tests", log_to_driver=False)
+    try:
+        start_embedded("oob-tests", log_to_driver=False)
+    except Exception:  # a loaded 2-core machine can miss Ray's start-up deadline once
+        ray.shutdown()
+        start_embedded("oob-tests", log_to_driver=False)
     yield
     ray.shutdown()
 
