@@ -6,14 +6,12 @@ Every rule has a stable code. All problems are collected; none stops the others.
 """
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
 import re
 import sys
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 

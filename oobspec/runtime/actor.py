@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from typing import Any
 
@@ -56,7 +55,6 @@ class OobMixin:
     async def _oob_start(self, cfg: dict) -> None:
         self._oob_cfg = cfg
         self._oob_servers: list[Running] = []
-        self._oob_started = time.time()
         ctx = self._oob_context
         from .links import Links
         ctx._links = Links(ctx, cfg, self)

@@ -189,11 +189,6 @@ class Running:
     def __init__(self, name: str, protocol: str, host: str, port: int, stop):
         self.name, self.protocol, self.host, self.port, self._stop = name, protocol, host, port, stop
 
-    @property
-    def url(self) -> str:
-        host = self.host if self.host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
-        return f"http://{host}:{self.port}" if self.protocol == "http" else f"{host}:{self.port}"
-
     async def stop(self) -> None:
         if self._stop is not None:
             await self._stop()
