@@ -13,9 +13,9 @@ Same local Ray for both, started once (its start-up is not timed). Each side is 
 the rounds; each figure is the median. Goal: oobspec <= 1.2x hand-written.
 
 With --diagnose, more hand-written variants show what oobspec's differences cost:
-  c. hand-written + runtime_env   b, created with oobspec's per-replica runtime_env (env_vars
-                                  OOB_REPLICA/OOB_REPLICAS/OOB_DEPLOYMENT/PYTHONPATH: one
-                                  distinct runtime_env per replica)
+  c. hand-written + runtime_env   b, created with the per-replica runtime_env oobspec gave every
+                                  replica before 2817905 (env_vars OOB_REPLICA/OOB_REPLICAS/
+                                  OOB_DEPLOYMENT/PYTHONPATH: one distinct runtime_env per replica)
   d. hand-written + shared env    the same env_vars minus OOB_REPLICA: one runtime_env shared
                                   by all N actors
   e. hand-written + oob imports   b, whose start method first imports oobspec.runtime.actor
