@@ -29,6 +29,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_JSON_TYPES = frozenset((dict, list, int, float, bool))
 _encoder = json.JSONEncoder(default=_json_default, separators=(",", ":"))  # built once, not per response
 
 
@@ -166,6 +167,8 @@ def _http_app(instance, server: dict):
             except Exception as exc:
                 log.exception("%s raised", call)
                 return error(500, f"{type(exc).__name__}: {exc}")
+            if result is None or type(result) in _JSON_TYPES:  # the common case first: no ABC checks
+                return web.Response(body=dumps(result), content_type="application/json")
             if isinstance(result, web.StreamResponse):
                 return result
             if isinstance(result, str):
