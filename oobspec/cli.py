@@ -75,7 +75,7 @@ def render(spec, value_files, sets):
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
 def plan(spec, value_files, sets, address, fmt):
     """Show what apply would change (offline when no cluster is running)."""
-    from .runtime.cluster import plan_for
+    from .runtime.commands import plan_for
     loaded = _load(spec, value_files, sets)
     result = plan_for(loaded, address)
     click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else report.plan_text(result))
@@ -89,7 +89,7 @@ def plan(spec, value_files, sets, address, fmt):
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every server to be healthy.")
 def apply(spec, value_files, sets, address, timeout):
     """Make the Ray cluster match the spec. Without an address: start a local Ray, run in the foreground."""
-    from .runtime.apply import apply_cli
+    from .runtime.foreground import apply_cli
     apply_cli(_load(spec, value_files, sets), address=address, timeout=timeout)
 
 
@@ -99,7 +99,7 @@ def apply(spec, value_files, sets, address, timeout):
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
 def status(name, address, fmt):
     """Show a deployment's replicas, endpoints and links."""
-    from .runtime.cluster import status as get_status
+    from .runtime.commands import status as get_status
     result = get_status(name, address)
     click.echo(json.dumps(result, indent=2) if fmt == "json" else report.status_text(result))
 
@@ -110,7 +110,7 @@ def status(name, address, fmt):
 @address_option
 def sync(name, link, address):
     """Push a link's source buffer into every target now."""
-    from .runtime.cluster import sync as do_sync
+    from .runtime.commands import sync as do_sync
     result = do_sync(name, link, address)
     click.echo(f"{link}: version {result['version']}, {report.size(result['bytes'])} to "
                f"{result['targets']} target{'s' if result['targets'] != 1 else ''} in {result['seconds'] * 1000:.1f} ms "
@@ -122,7 +122,7 @@ def sync(name, link, address):
 @address_option
 def delete(target, address):
     """Delete a deployment: its actors, servers, processes and shared memory."""
-    from .runtime.cluster import delete as do_delete
+    from .runtime.commands import delete as do_delete
     name = target
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
         name = _load(target, (), ()).name
@@ -137,9 +137,19 @@ def delete(target, address):
 @address_option
 def logs(name, actor, follow, address):
     """Print an actor's output (its wrapped process's too). ACTOR: <actor> or <actor>-<i>."""
-    from .runtime.cluster import logs as stream_logs
+    from .runtime.commands import logs as stream_logs
     for chunk in stream_logs(name, actor, follow, address):
         click.echo(chunk, nl=False)
+
+
+@cli.command(name="list")
+@address_option
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
+def list_(address, fmt):
+    """List the deployments on the cluster (without an address: the clusters on this machine)."""
+    from .runtime.commands import deployments
+    found = deployments(address)
+    click.echo(json.dumps(found, indent=2) if fmt == "json" else report.deployments_text(found))
 
 
 @cli.command()

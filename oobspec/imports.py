@@ -45,3 +45,33 @@ def import_object(ref: str) -> Any:
             raise ImportError(f"module '{module_name}' has no '{part}'" + (f"; {hint}" if hint else ""))
         obj = getattr(obj, part)
     return obj
+
+
+def local_modules() -> list[str]:
+    """Top-level modules of the user's own code: imported from a folder (the spec's, the current
+    one, a script's, PYTHONPATH), not from the standard library or an installed distribution.
+    Other processes (a worker, the `oob` CLI, a script elsewhere) may not be able to import them."""
+    import sysconfig
+    from importlib.metadata import packages_distributions
+    installed = set(packages_distributions()) | set(sys.stdlib_module_names) | {"oobspec", "__main__"}
+    system = tuple(str(Path(p).resolve()) + "/" for p in {sysconfig.get_paths()["stdlib"], sys.prefix, sys.base_prefix})
+    found = set()
+    for name, module in list(sys.modules.items()):
+        top = name.partition(".")[0]
+        path = getattr(module, "__file__", None)
+        if not path or top in found or top in installed or top not in sys.modules:
+            continue
+        path = str(Path(path).resolve())
+        if "-packages/" not in path and not path.startswith(system):
+            found.add(top)
+    return sorted(found)
+
+
+def ship_by_value() -> list[str]:
+    """Make Ray pickle the user's own modules by value, so the actor class (and with it the
+    handle's method signatures) loads in any process without importing the user's module."""
+    from ray import cloudpickle
+    names = local_modules()
+    for name in names:
+        cloudpickle.register_pickle_by_value(sys.modules[name])
+    return names

@@ -138,7 +138,8 @@ def choose_transport(device: str, source: Topology | None, target: Topology | No
 
 
 def _server_url(protocol: str, host: str, port: int | str) -> str:
-    return f"http://{host}:{port}" if protocol == "http" else f"{host}:{port}"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
+    return f"http://{address}" if protocol == "http" else address
 
 
 def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool | None = None,

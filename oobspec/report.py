@@ -84,10 +84,11 @@ def endpoints_text(endpoints: dict[str, dict[str, list[str]]]) -> str:
 
 
 def status_text(status: dict) -> str:
-    out = [f"deployment {status['name']} (namespace {status['namespace']})", ""]
-    rows = [[r["name"], r["state"], r.get("pid") or "-", (r.get("node_id") or "-")[:12],
+    health = "healthy" if status.get("healthy") else "NOT healthy"
+    out = [f"deployment {status['name']} (namespace {status['namespace']}): {health}", ""]
+    rows = [[r["name"], r["state"], r.get("restarts", 0), r.get("pid") or "-", (r.get("node_id") or "-")[:12],
              " ".join(r.get("endpoints", {}).values()) or "-"] for r in status["replicas"]]
-    out.append(table(["ACTOR", "STATE", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")
+    out.append(table(["ACTOR", "STATE", "RESTARTS", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")
     if status.get("links"):
         out.append("")
         rows = []
@@ -98,3 +99,10 @@ def status_text(status: dict) -> str:
                          f"{last['gbps']:.2f}" if last else "-"])
         out.append(table(["LINK", "FROM", "TO", "TRANSPORT", "VERSION", "BYTES", "GB/S"], rows))
     return "\n".join(out)
+
+
+def deployments_text(found: list[dict]) -> str:
+    if not found:
+        return "(no deployments)"
+    return table(["NAME", "NAMESPACE", "ALIVE", "ADDRESS"],
+                 [[d["name"], d["namespace"], f"{d['alive']}/{d['replicas']}", d["address"]] for d in found])

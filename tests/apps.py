@@ -126,3 +126,34 @@ class Broken:
     def __init__(self):
         print("about to fail: checking the config", flush=True)
         raise RuntimeError("config file /etc/missing.conf not found")
+
+
+class Chatty:
+    """Prints the way user code does: plain print, no flush."""
+
+    def __init__(self, greeting: str = "hi"):
+        self.greeting = greeting
+        print(f"chatty starting (pid {os.getpid()})")
+
+    def say(self, text: str, times: int = 1) -> str:
+        for _ in range(times):
+            print(f"{self.greeting}: {text}")
+        return text * times
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def get(self) -> str:
+        return self.greeting
+
+
+class Slow:
+    """An __init__ that takes its time (loading a model, say)."""
+
+    def __init__(self, seconds: float = 120):
+        import time
+        print(f"warming up (pid {os.getpid()})", flush=True)
+        time.sleep(seconds)
+
+    def get(self) -> str:
+        return "ok"

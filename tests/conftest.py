@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +30,8 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 @pytest.fixture
 def write_spec(tmp_path):
-    """Write a spec (dedented) into tmp_path; classes in tests/apps.py import from there."""
+    """Write a spec (dedented) into tmp_path. In-process tests import tests/apps.py as pytest
+    does; the actors get the class from the driver (by value), never from PYTHONPATH."""
     def write(text: str, name: str = "spec.yaml") -> Path:
         path = tmp_path / name
         path.write_text(textwrap.dedent(text))
@@ -49,8 +55,55 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _import_path():
-    # Spec classes live in tests/apps.py and examples/: importable as the actors see them.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    yield
+OOB = str(Path(sys.executable).parent / "oob")  # the console script, as users run it
+
+
+def user_env(**extra) -> dict:
+    """The environment a user's shell has: no PYTHONPATH pointing at our tests, no RAY_ADDRESS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env.update(extra)
+    return env
+
+
+def oob(*args, cwd="/", timeout=180, env=None, **kw) -> subprocess.CompletedProcess:
+    """`oob ARGS` from another folder (default `/`), as a user runs it."""
+    return subprocess.run([OOB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env or user_env(), **kw)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A user's folder: their module (a copy of tests/apps.py) beside the specs they write."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    shutil.copy(ROOT / "tests" / "apps.py", folder / "apps.py")
+    return folder
+
+
+def write_in(folder: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A `ray start --head` cluster of our own (token auth on, as Ray 2.60 starts it); its address."""
+    port = free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in user_env().items() if k != "RAY_AUTH_MODE"}
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                             "--num-cpus=4", "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    deadline = time.time() + 90
+    while not port_open(port) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # the raylet registers just after the GCS opens its port
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only the cluster this fixture started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -29,7 +29,7 @@ def oob(tmp_path):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(TMPDIR=str(tmpdir), PYTHONPATH=str(ROOT))
+    env.update(TMPDIR=str(tmpdir))
 
     def run(*args, cwd=ROOT, extra_env=None, check_traceback=True):
         proc = subprocess.run([sys.executable, "-m", "oobspec.cli", *map(str, args)], cwd=cwd,

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import requests
 
-from conftest import ROOT, free_port, port_open
+from conftest import OOB, free_port, port_open, user_env
+from conftest import oob as run_oob
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
 
@@ -33,9 +33,7 @@ def cluster():
 
 
 def oob(*args, check=True, timeout=180):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    result = subprocess.run([sys.executable, "-m", "oobspec.cli", *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, env=env, cwd=ROOT)
+    result = run_oob(*args, timeout=timeout)  # from `/`, no PYTHONPATH
     # The tail of a failed actor's log may hold the user's own traceback; ours never shows.
     assert "Traceback" not in result.stderr.split("--- last lines of the actor's log ---")[0], result.stderr
     if check:
@@ -69,9 +67,9 @@ actors:
     return text + ("  extra:\n    class: apps:Wired\n" if with_extra else "")
 
 
-def test_converge(cluster, tmp_path):
+def test_converge(cluster, project):
     port = free_port()
-    path = tmp_path / "conv.yaml"
+    path = project / "conv.yaml"
     path.write_text(spec_text(port))
     addr = cluster.address
 
@@ -120,8 +118,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_spread_placement_uses_both_nodes(cluster, tmp_path):
-    path = tmp_path / "spread.yaml"
+def test_spread_placement_uses_both_nodes(cluster, project):
+    path = project / "spread.yaml"
     path.write_text(textwrap.dedent("""
         version: 1
         name: spread
@@ -140,9 +138,9 @@ def test_spread_placement_uses_both_nodes(cluster, tmp_path):
         oob("delete", "spread", "--address", cluster.address)
 
 
-def test_cpu_link_across_and_within_nodes(cluster, tmp_path):
+def test_cpu_link_across_and_within_nodes(cluster, project):
     """auto: shm to the target on the source's node, object_store to the one on the other node."""
-    path = tmp_path / "link.yaml"
+    path = project / "link.yaml"
     path.write_text(textwrap.dedent("""
         version: 1
         name: xlink
@@ -184,8 +182,8 @@ def test_cpu_link_across_and_within_nodes(cluster, tmp_path):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("oob-xlink-")]
 
 
-def test_logs_and_failed_apply(cluster, tmp_path):
-    path = tmp_path / "logs.yaml"
+def test_logs_and_failed_apply(cluster, project):
+    path = project / "logs.yaml"
     path.write_text(textwrap.dedent("""
         version: 1
         name: logs
@@ -199,9 +197,8 @@ def test_logs_and_failed_apply(cluster, tmp_path):
     oob("apply", path, "--address", addr)
     try:
         assert "hello from the process" in oob("logs", "logs", "talker", "--address", addr).stdout
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-        follow = subprocess.Popen([sys.executable, "-m", "oobspec.cli", "logs", "logs", "talker-0", "-f",
-                                   "--address", addr], stdout=subprocess.PIPE, text=True, env=env)
+        follow = subprocess.Popen([OOB, "logs", "logs", "talker-0", "-f", "--address", addr],
+                                  stdout=subprocess.PIPE, text=True, env=user_env(), cwd="/")
         try:
             assert "hello from the process" in follow.stdout.readline() + follow.stdout.readline()
         finally:
@@ -212,7 +209,7 @@ def test_logs_and_failed_apply(cluster, tmp_path):
     finally:
         oob("delete", "logs", "--address", addr)
 
-    bad = tmp_path / "bad.yaml"
+    bad = project / "bad.yaml"
     bad.write_text(textwrap.dedent("""
         version: 1
         name: bad

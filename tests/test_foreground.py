@@ -1,26 +1,25 @@
 """`oob apply` without an address: embedded Ray in the foreground, torn down on Ctrl-C / SIGTERM."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from conftest import ROOT, port_open
+from conftest import OOB, oob, port_open, user_env, write_in
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
 
-def _start(spec, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "oobspec.cli", "apply", str(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
+def _start(spec, *args):
+    """A foreground `oob apply` from `/`, its own process group (so the test can always clean up)."""
+    return subprocess.Popen([OOB, "apply", str(spec), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=user_env(), cwd="/", start_new_session=True)
 
 
 def _wait_for_endpoint(proc):
@@ -39,8 +38,8 @@ def _wait_for_endpoint(proc):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_foreground_apply_tears_down(write_spec, tmp_path, sig):
-    spec = write_spec("""
+def test_foreground_apply_tears_down(project, sig):
+    spec = write_in(project, """
         version: 1
         name: fg
         actors:
@@ -54,12 +53,13 @@ def test_foreground_apply_tears_down(write_spec, tmp_path, sig):
             buffers: {scratch: {shape: [16], dtype: int32}}
         links: [{name: scratch, from: echo.scratch, to: [sink.scratch]}]
     """)
-    proc = _start(spec, tmp_path)
+    proc = _start(spec)
     try:
         url = _wait_for_endpoint(proc)
         assert requests.get(f"{url}/hello/fg", timeout=5).text == "hello fg"
         pid = requests.get(f"{url}/pid", timeout=5).json()
-        assert [n for n in os.listdir("/dev/shm") if n.startswith("oob-fg-")]
+        segments = [n for n in os.listdir("/dev/shm") if n.startswith("oob-fg-")]
+        assert segments
         time.sleep(0.5)
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=60)
@@ -72,46 +72,77 @@ def test_foreground_apply_tears_down(write_spec, tmp_path, sig):
     port = int(url.rsplit(":", 1)[1])
     assert not port_open(port)
     assert not os.path.exists(f"/proc/{pid}")
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("oob-fg-")]
+    assert not [n for n in segments if os.path.exists(f"/dev/shm/{n}")]
 
 
-def test_ray_start_head_then_apply_with_address(write_spec):
-    """`ray start --head` (token auth on by default in Ray 2.60) then `oob apply --address 127.0.0.1:P`."""
-    from conftest import free_port
-    gcs_port, http_port = free_port(), free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
-        env.pop(key, None)
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={gcs_port}", "--include-dashboard=false",
-                             "--num-cpus=2", "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    spec = write_spec(f"""
+def _pids_in_session(proc) -> set[int]:
+    """Every process the foreground apply started (its embedded Ray included): its process group."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == proc.pid:
+                    out.add(int(entry))
+            except ProcessLookupError:
+                pass
+    return out
+
+
+def test_ctrl_c_during_startup_stops_within_5s_and_removes_everything(project):
+    spec = write_in(project, """
         version: 1
-        name: headed
+        name: slowfg
         actors:
-          echo:
-            class: apps:Echo
-            restarts: -1
-            servers: [{{name: http, port: {http_port}, routes: [{{path: "/hello/{{name}}", call: hello}}]}}]
+          slow: {class: apps:Slow, kwargs: {seconds: 120}}
     """)
+    proc = _start(spec)
     try:
-        deadline = time.time() + 60
-        while not port_open(gcs_port) and time.time() < deadline:
-            time.sleep(0.5)
-        oob = [sys.executable, "-m", "oobspec.cli"]
-        address = f"127.0.0.1:{gcs_port}"
-        applied = subprocess.run(oob + ["apply", str(spec), "--address", address], capture_output=True, text=True,
-                                 timeout=120, env=env)
-        assert applied.returncode == 0, applied.stderr
-        assert requests.get(f"http://127.0.0.1:{http_port}/hello/head", timeout=5).text == "hello head"
-        deleted = subprocess.run(oob + ["delete", "headed"], capture_output=True, text=True, timeout=120,
-                                 env=dict(env, RAY_ADDRESS=address))
-        assert deleted.returncode == 0, deleted.stderr
-        assert not port_open(http_port)
+        deadline = time.time() + 120
+        seen = ""
+        while "warming up" not in seen and time.time() < deadline:  # the actor is inside __init__
+            seen += proc.stdout.readline()
+        match = re.search(r"warming up \(pid (\d+)\)", seen)
+        assert match, seen
+        actor_pid = int(match.group(1))
+        before = _pids_in_session(proc)
+        assert actor_pid in before or os.path.exists(f"/proc/{actor_pid}")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - start
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only the cluster this test started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert took < 5, f"took {took:.1f}s"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    time.sleep(1)
+    assert not os.path.exists(f"/proc/{actor_pid}") or open(f"/proc/{actor_pid}/stat").read().split(")")[-1].split()[0] == "Z"
+    assert not [p for p in before if os.path.exists(f"/proc/{p}")
+                and open(f"/proc/{p}/stat").read().split(")")[-1].split()[0] != "Z"]
+
+
+def test_foreground_status_and_logs_from_another_terminal(project):
+    """A second terminal finds the foreground apply's private Ray by the deployment's name."""
+    spec = write_in(project, """
+        version: 1
+        name: fgchat
+        actors:
+          chat: {class: apps:Chatty, restarts: -1, servers: [{name: http, port: 0, routes: [{path: /, call: get}]}]}
+    """)
+    proc = _start(spec)
+    try:
+        url = _wait_for_endpoint(proc)
+        assert requests.get(url, timeout=5).text == "hi"
+        status = oob("status", "fgchat", "-o", "json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["healthy"] is True
+        logs = oob("logs", "fgchat")
+        assert logs.returncode == 0 and "chatty starting" in logs.stdout, logs.stdout + logs.stderr
+        assert "fgchat" in oob("list").stdout
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0

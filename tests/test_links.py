@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import ray
 
 import oobspec
-from conftest import ROOT
+from conftest import oob
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
@@ -32,7 +30,8 @@ links:
 
 
 def segments(name):
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"oob-{name}-"))
+    from oobspec.runtime.links import segment_prefix
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(segment_prefix(name)))
 
 
 @pytest.mark.parametrize("transport", ["shm", "object_store", "auto"])
@@ -41,7 +40,7 @@ def test_push_reaches_every_target_replica(local_ray, write_spec, transport):
     spec = oobspec.load(write_spec(SPEC.format(name=name, transport=transport)))
     with oobspec.deploy(spec) as d:
         if transport != "object_store":
-            assert segments(name) == [f"oob-{name}-dst-0-data", f"oob-{name}-dst-1-data"]
+            assert segments(name) == [f"oob-{name}-_dst_0_data", f"oob-{name}-_dst_1_data"]
         for version, seed in enumerate([1, 2], start=1):
             pushed = ray.get(d.handle("src").fill_and_push.remote(seed))
             assert pushed["version"] == version and pushed["targets"] == 2
@@ -58,20 +57,18 @@ def test_oob_sync_cli_and_leaks_after_killed_actors(local_ray, write_spec):
     name = "sync"
     spec = oobspec.load(write_spec(SPEC.format(name=name, transport="auto")))
     address = ray.get_runtime_context().gcs_address
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     with oobspec.deploy(spec) as d:
         ray.get(d.handle("src").fill_and_push.remote(7))
-        out = subprocess.run([sys.executable, "-m", "oobspec.cli", "sync", name, "data", "--address", address],
-                             capture_output=True, text=True, timeout=120, env=env)
+        out = oob("sync", name, "data", "--address", address)
         assert out.returncode == 0, out.stderr
         assert "data: version 2" in out.stdout and "2 targets" in out.stdout and "shm" in out.stdout
         assert all(ray.get(d.handle("dst", i).checksum.remote())["version"] == 2 for i in range(2))
-        bad = subprocess.run([sys.executable, "-m", "oobspec.cli", "sync", name, "nope", "--address", address],
-                             capture_output=True, text=True, timeout=120, env=env)
+        bad = oob("sync", name, "nope", "--address", address)
         assert bad.returncode == 1 and "has no link 'nope' (links: data)" in bad.stderr
-        # A crashed source and a crashed target: delete still leaves nothing in /dev/shm.
+        # A crashed source and a crashed target: delete still removes their segments.
+        created = segments(name)
+        assert created == [f"oob-{name}-_dst_0_data", f"oob-{name}-_dst_1_data"]
         for actor in ("src", "dst"):
             os.kill(ray.get(d.handle(actor).pid.remote()), signal.SIGKILL)
         time.sleep(1)
-        assert segments(name)  # the dead target's segment is still there...
-    assert segments(name) == []  # ...until delete removes it
+    assert not [n for n in created if os.path.exists(f"/dev/shm/{n}")]

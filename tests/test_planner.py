@@ -389,7 +389,7 @@ assert not loaded, loaded
 
 def test_spec_layer_never_imports_ray():
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", NO_RAY], cwd=root, env=env, capture_output=True, text=True, timeout=25, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RAY MODULES: []" in proc.stdout

@@ -18,18 +18,20 @@ from conftest import ROOT, free_port, port_open
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
 
-def test_seed_example(local_ray):
-    """SPEC section 7: five increments through the handle, then GET / answers 5."""
-    spec = oobspec.load(ROOT / "specs" / "counter.yaml", sets=[])
-    with oobspec.deploy(spec) as d:
-        assert d.endpoints["counter"]["http"] == ["http://127.0.0.1:8080"]
+def test_seed_example(local_ray, tmp_path):
+    """SPEC section 7: five increments through the handle, then GET / answers 5 (on a free port)."""
+    port = free_port()
+    spec = tmp_path / "counter.yaml"
+    spec.write_text((ROOT / "specs" / "counter.yaml").read_text().replace("port: 8080", f"port: {port}"))
+    with oobspec.deploy(oobspec.load(spec)) as d:
+        assert d.endpoints["counter"]["http"] == [f"http://127.0.0.1:{port}"]
         handle = d.handle("counter", 0)
         for _ in range(5):
             ray.get(handle.increment.remote())
-        reply = requests.get("http://localhost:8080/", timeout=5)
+        reply = requests.get(f"http://localhost:{port}/", timeout=5)
         assert reply.status_code == 200
         assert reply.json() == 5
-    assert not port_open(8080)
+    assert not port_open(port)
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +293,7 @@ def test_command_actor_supervises_a_real_process(local_ray, write_spec):
 
 
 def _logs(name):
-    from oobspec.runtime.cluster import logs
+    from oobspec.runtime.commands import logs
     return logs(name, "files", False, None)
 
 
@@ -305,18 +307,36 @@ def test_failed_start_names_the_actor_and_leaves_nothing(local_ray, write_spec):
         actors:
           ok:
             class: apps:Echo
-            servers: [{{name: http, port: {port}}}]
+            restarts: 1
+            servers: [{{name: http, port: {port}, routes: [{{path: /, call: pid}}]}}]
           bad:
-            class: apps:Echo
-            kwargs: {{nope: 1}}
+            class: apps:Broken
             connect: {{ok: ok.http}}
     """)
     with pytest.raises(ApplyError) as err:
         with oobspec.deploy(oobspec.load(path)):
             pass
-    assert "bad-0" in str(err.value) and "nope" in str(err.value)
+    assert "bad-0" in str(err.value) and "config file /etc/missing.conf not found" in str(err.value)
+    assert "about to fail" in err.value.log_tail
     assert replica_names("oob-broken") == []
     assert not port_open(port)
+
+
+def test_deploy_refuses_lint_errors_before_starting_anything(local_ray, write_spec):
+    """The lint check comes first: a kwarg that __init__ does not take starts nothing."""
+    from oobspec.errors import SpecError
+    from oobspec.runtime.cluster import replica_names
+    path = write_spec("""
+        version: 1
+        name: unfit
+        actors:
+          bad: {class: apps:Echo, kwargs: {nope: 1}}
+    """)
+    with pytest.raises(SpecError) as err:
+        with oobspec.deploy(oobspec.load(path)):
+            pass
+    assert [d.code for d in err.value.diagnostics if d.is_error] == ["OOB504"]
+    assert replica_names("oob-unfit") == []
 
 
 def test_grpc_auth(local_ray, write_spec, monkeypatch):

@@ -18,11 +18,11 @@ import traceback
 from typing import Any
 
 from .context import Context, set_current
-from .servers import Running, free_port, start_grpc, start_http, wait_connectable
+from .servers import Running, free_port, host_port, start_grpc, start_http, wait_connectable
 
 log = logging.getLogger("oobspec")
 READY_TIMEOUT = 60.0
-_RAY_MARKERS = (":job_id:", ":actor_name:", ":task_name:")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # oobspec's own files
 
 
 def _kv_key(cfg: dict, server: str) -> bytes:
@@ -108,7 +108,7 @@ class OobMixin:
             if host in ("0.0.0.0", "::"):
                 import ray
                 host = ray.util.get_node_ip_address()
-            out[server["name"]] = f"http://{host}:{port}" if server["protocol"] == "http" else f"{host}:{port}"
+            out[server["name"]] = f"http://{host_port(host, port)}" if server["protocol"] == "http" else host_port(host, port)
         return out
 
     async def _oob_info(self) -> dict:
@@ -147,16 +147,10 @@ class OobMixin:
 
     async def _oob_read_logs(self, offsets: list[int]) -> list[tuple[int, str]]:
         """New output of this replica since `offsets` (one per log file): [(new offset, text)]."""
-        out = []
-        for path, offset in zip(await self._oob_log_files(), offsets):
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(4 * 1024 * 1024)
-            text = data.decode("utf-8", "replace")
-            # Ray's own markers (":job_id:…", ":actor_name:…", ":task_name:…") are not output.
-            text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(_RAY_MARKERS))
-            out.append((offset + len(data), text))
-        return out
+        from .state import read_from
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return [read_from(path, offset) for path, offset in zip(await self._oob_log_files(), offsets)]
 
     async def _oob_link_receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
         return await self._oob_context._links.receiver(link, transport, setup)
@@ -175,6 +169,11 @@ class OobMixin:
 
 
 def _prepare(cfg: dict) -> Context:
+    for stream in (sys.stdout, sys.stderr):  # what the user prints reaches `oob logs` at once
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
     os.environ.update(cfg.get("env", {}))
     os.environ.update(cfg.get("secrets", {}))
     for path in reversed(cfg.get("sys_path", [])):
@@ -201,7 +200,7 @@ async def _guarded_start(self, cfg: dict, user_start) -> None:
     except Exception as exc:
         self._oob_failed = exc
         # The user's frames only: ours say nothing about what to fix.
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/oobspec/" not in f.filename]
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_PACKAGE)]
         print("".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(exc)),
               file=sys.stderr, flush=True)
 

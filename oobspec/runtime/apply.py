@@ -5,9 +5,7 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,7 +13,7 @@ from typing import Callable
 from ..errors import ApplyError, ClusterError
 from ..models import Spec, memory_bytes
 from ..plan import Topology, choose_transport, config_hash, make_plan
-from . import cluster
+from . import cluster, state
 
 log = logging.getLogger("oobspec")
 Progress = Callable[[str], None]
@@ -39,7 +37,6 @@ class Applier:
         self.info: dict[tuple[str, int], dict] = {}
         self.handles: dict[tuple[str, int], object] = {}
         self.placement = None
-        self.needs_spec_dir: dict[str, bool] = {}
 
     # --- configuration handed to each replica ---
 
@@ -91,9 +88,6 @@ class Applier:
         env = dict(self.spec.ray.runtime_env or {})
         env_vars = dict(env.get("env_vars") or {})
         env_vars.update(actor.env)
-        if self.needs_spec_dir.get(name):
-            paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         if env_vars:
             env["env_vars"] = env_vars
         # No runtime_env at all when none is needed: Ray then starts the actor in a plain worker.
@@ -110,7 +104,7 @@ class Applier:
 
     def actor_class(self, name: str):
         import ray
-        from ..imports import import_object, import_path
+        from ..imports import import_object, import_path, ship_by_value
         from .actor import make_actor_class, make_command_class
         actor = self.spec.actors[name]
         if actor.command is not None:
@@ -120,11 +114,9 @@ class Applier:
                 user_cls = import_object(actor.class_)
             except ImportError as exc:
                 raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
-        # Ray's workers import from this process's folder and installed packages; only a class
-        # that lives beside the spec (elsewhere) needs the spec's folder on their PYTHONPATH.
-        source = getattr(sys.modules.get(user_cls.__module__), "__file__", None) or ""
-        inside = lambda folder: source.startswith(str(folder).rstrip(os.sep) + os.sep)  # noqa: E731
-        self.needs_spec_dir[name] = inside(self.base_dir) and not inside(os.getcwd())
+            # The user's module travels inside the pickled class: workers need no PYTHONPATH (and
+            # no runtime_env), and a handle taken in any process has the real method signatures.
+            ship_by_value()
         return ray.remote(make_actor_class(user_cls))
 
     def options(self, name: str, index: int, cfg: dict) -> dict:
@@ -210,6 +202,8 @@ class Applier:
         for name in self.spec.actors:
             self._collect_endpoints(name)
         created: list[str] = []
+        ready: list[str] = []
+        deadline = time.monotonic() + timeout
         try:
             for wave in plan.waves:
                 refs = {}
@@ -225,42 +219,71 @@ class Applier:
                                                                                      **self.spec.actors[name].kwargs)
                         created.append(f"{name}-{i}")
                         refs[(name, i)] = handle._oob_ready.remote(timeout)
-                self._wait_ready(refs, timeout)
+                ready += self._wait_ready(refs, deadline, timeout)
                 for name in wave:
                     self._collect_endpoints(name)
             self.setup_links()
         except BaseException:
             if created:
                 self.progress(f"cleaning up {len(created)} replica(s) started by this apply")
-                cluster.kill(created, self.namespace)
+                cluster.kill(created, self.namespace, timeout=2.0)
             raise
         cluster.put_meta(self.namespace, "spec", self.spec.model_dump(mode="json", by_alias=True))
         return self.endpoints
 
-    def _wait_ready(self, refs: dict, timeout: float) -> None:
+    def _wait_ready(self, refs: dict, deadline: float, timeout: float) -> list[str]:
+        """Wait for the replicas' `_oob_ready`, in short steps so Ctrl-C is seen at once."""
         import ray
-        if not refs:
-            return
         pending = {ref: key for key, ref in refs.items()}
-        deadline = time.monotonic() + timeout + 30  # + time to schedule and start the worker
+        done = []
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(0.25, max(0.0, deadline - time.monotonic())))
             if not ready:
-                names = ", ".join(f"{a}-{i}" for a, i in pending.values())
-                raise ApplyError(f"{names} not ready after {timeout:.0f}s (not enough resources in the cluster?)",
-                                 self._log_tail(next(iter(pending.values()))))
-            ref = ready[0]
-            key = pending.pop(ref)
+                if time.monotonic() >= deadline:
+                    raise self._not_ready(sorted(pending.values()), timeout)
+                continue
+            key = pending.pop(ready[0])
             try:
-                info = ray.get(ref)
+                info = ray.get(ready[0])
             except Exception as exc:
                 raise ApplyError(f"actor {key[0]}-{key[1]} failed to start: {_cause(exc)}", self._log_tail(key)) from None
             self.info[key] = info
+            done.append(f"{key[0]}-{key[1]}")
             self.progress(f"ready {key[0]}-{key[1]} (pid {info['pid']})"
                           + "".join(f"  {s}: {u}" for s, u in info["endpoints"].items()))
+        return done
+
+    def _not_ready(self, keys: list[tuple[str, int]], timeout: float) -> ApplyError:
+        """Name every replica still pending and what it was doing, from Ray's own records."""
+        records = state.actor_records(self.namespace)
+        doing = []
+        for actor, i in keys:
+            record = records.get(f"{actor}-{i}")
+            if record is None or (record.state == "PENDING_CREATION" and not record.pid):
+                what = f"waiting for resources ({self.resources_text(actor)})"
+            elif record.state == "PENDING_CREATION":
+                what = f"still in __init__ (pid {record.pid})"
+            elif record.state == "ALIVE":
+                what = "servers not accepting connections yet"
+            else:
+                what = record.words
+            doing.append(f"{actor}-{i} {what}")
+        return ApplyError(f"not ready after {timeout:g}s: " + "; ".join(doing), self._log_tail(keys[0]))
+
+    def resources_text(self, name: str) -> str:
+        res = self.spec.actors[name].resources
+        parts = [f"{res.cpus:g} CPU" if res.cpus else "", f"{res.gpus:g} GPU" if res.gpus else "",
+                 f"{res.memory} memory" if res.memory else ""] + [f"{v:g} {k}" for k, v in res.custom.items()]
+        return ", ".join(p for p in parts if p) or "a worker slot"
 
     def _log_tail(self, key: tuple[str, int], lines: int = 20) -> str:
+        """The replica's last output, from its worker's log files (it may be stuck in __init__
+        or dead), else asked of the replica itself."""
         import ray
+        record = state.actor_records(self.namespace).get(f"{key[0]}-{key[1]}")
+        text = state.tail(record, lines) if record else ""
+        if text:
+            return text
         try:
             h = cluster.handle(f"{key[0]}-{key[1]}", self.namespace)
             chunks = ray.get(h._oob_read_logs.remote([0, 0]), timeout=5)
@@ -346,53 +369,18 @@ def start_embedded(namespace: str, log_to_driver: bool = True) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
-    from rich.console import Console
-    console = Console(stderr=True, highlight=False)
-    out = Console(highlight=False, soft_wrap=True)
-    progress = lambda msg: console.print(f"[dim]·[/dim] {msg}")  # noqa: E731
-    explicit = address or os.environ.get("RAY_ADDRESS") or spec.ray.address
-    if explicit:
-        cluster.connect(explicit, spec.namespace)
-        try:
-            endpoints = _apply_with_errors(spec, progress, timeout, detached=True)
-        finally:
-            import ray
-            ray.shutdown()
-        out.print(_endpoints(endpoints))
-        return
-    stop = threading.Event()
-    progress("starting a local Ray (embedded; Ctrl-C stops everything)")
-    gcs = start_embedded(spec.namespace)
-    registry = cluster.register_embedded(spec.name, gcs)
-
-    def on_signal(signum, _frame):
-        stop.set()
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        endpoints = _apply_with_errors(spec, progress, timeout, detached=False)
-        out.print(_endpoints(endpoints))
-        console.print(f"running in the foreground on a local Ray ({gcs}); Ctrl-C to stop")
-        sys.stdout.flush()
-        while not stop.wait(0.5):
-            pass
-        console.print("stopping: closing servers, stopping processes")
-    finally:
-        import ray
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN)
-        try:
-            cluster.delete_all(spec.name)
-        except Exception:
-            log.debug("teardown", exc_info=True)
-        ray.shutdown()
-        registry.unlink(missing_ok=True)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    console.print("stopped")
+def preflight(spec: Spec) -> list:
+    """Every lint check, before anything touches the cluster: errors refuse the apply with the
+    same lines `oob lint` prints; the warnings are returned."""
+    from ..api import lint
+    from ..errors import SpecError
+    found = lint(spec)
+    if any(d.is_error for d in found):
+        raise SpecError(found)  # the warnings too: the same lines as `oob lint`
+    return found
 
 
-def _apply_with_errors(spec: Spec, progress: Progress, timeout: float, detached: bool) -> dict:
+def apply_with_errors(spec: Spec, progress: Progress, timeout: float, detached: bool) -> dict:
     try:
         return Applier(spec, progress, detached).run(timeout)
     except ApplyError as exc:
@@ -401,9 +389,4 @@ def _apply_with_errors(spec: Spec, progress: Progress, timeout: float, detached:
         raise
 
 
-def _endpoints(endpoints: dict) -> str:
-    from ..report import endpoints_text
-    return endpoints_text(endpoints)
-
-
-__all__ = ["Applier", "ClusterError", "apply_cli", "start_embedded"]
+__all__ = ["Applier", "ClusterError", "apply_with_errors", "preflight", "start_embedded"]

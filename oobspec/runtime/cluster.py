@@ -1,4 +1,4 @@
-"""The only place (with apply) that talks to Ray: connect, observe, status, delete, logs, sync."""
+"""Talking to Ray: find and connect to the cluster (failing fast), observe, meta, kill, delete."""
 from __future__ import annotations
 
 import json
@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ClusterError, OobError
-from ..models import Spec
-from ..plan import Observed, Plan, ReplicaState, make_plan
+from ..errors import ClusterError
+from ..plan import Observed, ReplicaState
 
 KV_NAMESPACE = "oobspec"
 INFO_TIMEOUT = 15.0
+PROBE_TIMEOUT = 5.0
 
 
 def registry_dir() -> Path:
@@ -69,6 +69,17 @@ def find_address(name: str, address: str | None, spec_address: str | None = None
     return _embedded_address(name) or local_cluster()
 
 
+def addresses(address: str | None) -> list[str]:
+    """The clusters `oob list` looks at: the one named, else every foreground apply's Ray on
+    this machine and the local cluster."""
+    explicit = address or os.environ.get("RAY_ADDRESS")
+    if explicit:
+        return [explicit]
+    found = [_embedded_address(p.stem) for p in sorted(registry_dir().glob("*.json"))]
+    found.append(local_cluster())
+    return list(dict.fromkeys(a for a in found if a))
+
+
 def _use_token_if_any(address: str) -> None:
     # Ray 2.60 turns token auth on for `ray start --head` (and for a local ray.init); a client
     # given an explicit address is refused unless it is in token mode with the token.
@@ -87,10 +98,46 @@ def token_mode() -> None:
         pass
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"cannot connect to Ray at {address}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Fail in seconds, with one line, where Ray would retry for minutes: nothing listening,
+    a host that does not answer, or a port that is not a Ray GCS (no gRPC there)."""
+    import grpc
+    host, port = _host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.timeout:
+        raise ClusterError(f"cannot connect to Ray at {address}: no answer within {timeout:.0f}s") from None
+    except OSError as exc:
+        raise ClusterError(f"cannot connect to Ray at {address}: {exc.strerror or exc}") from None
+    from .servers import host_port
+    channel = grpc.insecure_channel(host_port(host, port))
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ClusterError(f"cannot connect to Ray at {address}: something answers there, but not Ray "
+                           "(no gRPC)") from None
+    finally:
+        channel.close()
+
+
 def connect(address: str, namespace: str) -> None:
     import ray
     if ray.is_initialized():
         return
+    if address == "auto":
+        address = local_cluster() or ""
+        if not address:
+            raise ClusterError("no Ray cluster is running on this machine (address 'auto'): start one with "
+                               "`ray start --head`, or pass --address")
+    probe(address)
     _use_token_if_any(address)
     try:
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False,
@@ -183,14 +230,26 @@ def get_meta(namespace: str, key: str) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def deployment_names() -> list[str]:
+    """Deployments on the connected cluster: applied specs, and namespaces with oob actors."""
+    import ray
+    from ray.experimental import internal_kv
+    names = {key.decode().split("/", 1)[0][4:] for key in internal_kv._internal_kv_list("oob-", namespace=KV_NAMESPACE)
+             if key.decode().endswith("/spec")}
+    names |= {a["namespace"][4:] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["namespace"].startswith("oob-")}
+    return sorted(names)
+
+
 def forget(namespace: str) -> None:
     from ray.experimental import internal_kv
     for key in internal_kv._internal_kv_list(f"{namespace}/".encode(), namespace=KV_NAMESPACE):
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
-def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
-    """Stop replicas gracefully (servers, processes, shared memory), kill them, wait until gone."""
+def kill(names: list[str], namespace: str, timeout: float = 15.0, graceful: bool = True) -> None:
+    """Stop replicas (servers, processes, shared memory; `graceful` gives them `timeout`
+    seconds for it), kill them and wait until Ray no longer lists them."""
     import ray
     handles = {}
     for name in names:
@@ -198,12 +257,15 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
             handles[name] = handle(name, namespace)
         except ValueError:
             pass
-    stops = [h._oob_stop.remote() for h in handles.values()]
+    # A replica still in __init__ cannot take the stop call before __init__ ends: kill it now.
+    from .state import actor_records
+    alive = {n for n, r in actor_records(namespace).items() if r.state == "ALIVE"} if graceful else set()
+    stops = [h._oob_stop.remote() for n, h in handles.items() if n in alive]
     if stops:
         ray.wait(stops, num_returns=len(stops), timeout=timeout)
     for h in handles.values():
         ray.kill(h, no_restart=True)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + max(timeout, 3.0)
     pending = set(handles)
     while pending and time.monotonic() < deadline:
         pending &= set(replica_names(namespace))
@@ -213,7 +275,8 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
 
 def cleanup_shm(deployment: str) -> None:
     from ..transports import get_transport
-    get_transport("shm").cleanup(f"oob-{deployment}-")
+    from .links import segment_prefix
+    get_transport("shm").cleanup(segment_prefix(deployment))
 
 
 def remove_placement(pg_name: str) -> None:
@@ -234,98 +297,3 @@ def delete_all(name: str) -> int:
     forget(namespace)
     cleanup_shm(name)
     return len(names)
-
-
-# --- commands ----------------------------------------------------------------------------
-
-
-def plan_for(spec: Spec, address: str | None) -> Plan:
-    single = spec.ray.placement == "STRICT_PACK" or None
-    with session(spec.name, address, spec.ray.address, required=False) as found:
-        if found is None:
-            return make_plan(spec, single_node=True if single or not (address or spec.ray.address) else None)
-        import ray
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        return make_plan(spec, observe(spec.namespace), single_node=single or len(nodes) == 1)
-
-
-def status(name: str, address: str | None) -> dict:
-    namespace = f"oob-{name}"
-    with session(name, address):
-        names = replica_names(namespace)
-        meta = get_meta(namespace, "spec")
-        if not names and meta is None:
-            raise ClusterError(f"no deployment '{name}' in this cluster")
-        details = infos(namespace, names)
-        replicas = []
-        links = []
-        for rname, info in details.items():
-            actor, index = split_name(rname)
-            row = {"name": rname, "actor": actor, "replica": index, "state": "alive" if info else "not answering"}
-            if info:
-                process = info.get("process")
-                if process and not process["alive"]:
-                    row["state"] = f"process exited ({process['last_exit']})"
-                if info.get("error"):
-                    row["state"] = f"failed: {info['error']}"
-                row.update(pid=info["pid"], node_id=info["node_id"], endpoints=info["endpoints"],
-                           process=process, versions=info.get("versions", {}))
-                for lname, stats in info.get("links", {}).items():
-                    link = next((x for x in (meta or {}).get("links", []) if x["name"] == lname), {})
-                    links.append({"name": lname, "from": link.get("from", f"{actor}.?"), "to": link.get("to", []),
-                                  "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
-            replicas.append(row)
-        return {"name": name, "namespace": namespace, "replicas": replicas, "links": links}
-
-
-def sync(name: str, link: str, address: str | None) -> dict:
-    import ray
-    namespace = f"oob-{name}"
-    with session(name, address):
-        meta = get_meta(namespace, "spec")
-        if meta is None:
-            raise ClusterError(f"no deployment '{name}' in this cluster")
-        entry = next((x for x in meta.get("links", []) if x["name"] == link), None)
-        if entry is None:
-            known = ", ".join(x["name"] for x in meta.get("links", [])) or "none"
-            raise OobError(f"deployment '{name}' has no link '{link}' (links: {known})")
-        source = entry["from"].split(".", 1)[0]
-        try:
-            return ray.get(handle(f"{source}-0", namespace)._oob_push.remote(link))
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) else exc
-            raise OobError(f"push of '{link}' failed: {cause}") from None
-
-
-def delete(name: str, address: str | None) -> int:
-    with session(name, address):
-        removed = delete_all(name)
-        if not removed:
-            raise ClusterError(f"no deployment '{name}' in this cluster")
-        return removed
-
-
-def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Iterator[str]:
-    import ray
-    namespace = f"oob-{name}"
-    with session(name, address):
-        names = replica_names(namespace)
-        if actor:
-            names = [n for n in names if n == actor or split_name(n)[0] == actor]
-            if not names:
-                raise ClusterError(f"deployment '{name}' has no actor '{actor}'")
-        offsets: dict[str, list[int]] = {n: [0, 0] for n in names}
-        prefix = len(names) > 1
-        while True:
-            for n in names:
-                try:
-                    chunks = ray.get(handle(n, namespace)._oob_read_logs.remote(offsets[n]), timeout=INFO_TIMEOUT)
-                except Exception:
-                    continue
-                for i, (offset, text) in enumerate(chunks):
-                    offsets[n][i] = offset
-                    if text:
-                        yield "".join(f"[{n}] {line}\n" for line in text.splitlines()) if prefix else text
-            if not follow:
-                return
-            time.sleep(0.5)

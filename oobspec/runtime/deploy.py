@@ -6,7 +6,8 @@ from typing import Iterator
 
 from ..models import Spec
 from . import cluster
-from .apply import Applier, start_embedded
+from . import commands
+from .apply import Applier, preflight, start_embedded
 
 
 class Deployment:
@@ -21,10 +22,10 @@ class Deployment:
         return cluster.handle(f"{actor}-{replica}", self.namespace)
 
     def status(self) -> dict:
-        return cluster.status(self.name, None)
+        return commands.status(self.name, None)
 
     def sync(self, link: str) -> dict:
-        return cluster.sync(self.name, link, None)
+        return commands.sync(self.name, link, None)
 
 
 @contextmanager
@@ -35,6 +36,7 @@ def deploy(spec: Spec, *, address: str | None = None, timeout: float = 120.0, pr
     ray.address); otherwise starts an embedded local Ray and shuts it down on exit.
     """
     import ray
+    preflight(spec)
     started = False
     if not ray.is_initialized():
         target = address or spec.ray.address

@@ -12,9 +12,15 @@ from typing import Any
 from ..errors import OobError
 
 
+def segment_prefix(deployment: str) -> str:
+    """Every shm segment of a deployment starts with this, and no other deployment's does:
+    '_' cannot occur in deployment names, so "web" never matches "web-2"'s segments."""
+    return f"oob-{deployment}-_"
+
+
 def shm_name(cfg: dict, buffer: str, replica: int | None = None) -> str:
     replica = cfg["replica"] if replica is None else replica
-    return f"oob-{cfg['deployment']}-{cfg['actor']}-{replica}-{buffer}"
+    return f"{segment_prefix(cfg['deployment'])}{cfg['actor']}_{replica}_{buffer}"
 
 
 def allocate_buffers(cfg: dict) -> dict[str, Any]:

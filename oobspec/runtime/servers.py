@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import socket
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -59,10 +61,7 @@ class Signature:
 
     @classmethod
     def of(cls, method) -> "Signature":
-        try:
-            sig = inspect.signature(method, eval_str=True)
-        except Exception:
-            sig = inspect.signature(method)
+        sig = inspect.signature(method)
         required, allowed, converters, var_kw = set(), set(), {}, False
         for p in sig.parameters.values():
             if p.kind is p.VAR_KEYWORD:
@@ -71,10 +70,9 @@ class Signature:
                 allowed.add(p.name)
                 if p.default is p.empty:
                     required.add(p.name)
-                if p.annotation in (int, float):
-                    converters[p.name] = p.annotation
-                elif p.annotation is bool:
-                    converters[p.name] = _to_bool
+                convert = _converter(_annotation(method, p.annotation))
+                if convert is not None:
+                    converters[p.name] = convert
         return cls(frozenset(required), None if var_kw else frozenset(allowed), converters,
                    inspect.iscoroutinefunction(method))
 
@@ -87,6 +85,29 @@ class Signature:
             if extra:
                 return f"unexpected argument{'s' if len(extra) > 1 else ''}: {', '.join(sorted(extra))}"
         return None
+
+
+def _annotation(method, annotation: Any) -> Any:
+    """One parameter's annotation, resolved on its own: a name that does not resolve (an import
+    under TYPE_CHECKING) costs only that parameter its converter, not every parameter."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, getattr(method, "__globals__", {}))  # noqa: S307 (the user's own annotation)
+    except Exception:
+        return None
+
+
+def _converter(annotation: Any) -> Callable[[str], Any] | None:
+    """int, float and bool (also `X | None` / Optional[X]) are converted from text."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args and len(args) == 1 and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0]
+    if annotation in (int, float):
+        return annotation
+    if annotation is bool:
+        return _to_bool
+    return None
 
 
 def _to_bool(text: str) -> bool:
@@ -278,7 +299,7 @@ async def start_grpc(instance, server: dict, import_object) -> Running:
         grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server["service"], handlers),))
     if server.get("proto"):
         import_object(server["proto"])(instance, grpc_server)
-    port = grpc_server.add_insecure_port(f"{server['host']}:{server['port']}")
+    port = grpc_server.add_insecure_port(host_port(server["host"], server["port"]))
     if port == 0:
         raise OSError(f"cannot bind {server['host']}:{server['port']}")
     await grpc_server.start()
@@ -317,6 +338,14 @@ async def wait_connectable(host: str, port: int, timeout: float, alive: Callable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host if host not in ("0.0.0.0",) else "", 0))
+    """A port free on `host` (IPv4 or IPv6, a wildcard or a name) at this moment."""
+    family, _type, _proto, _name, address = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(address)
         return s.getsockname()[1]
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as a URL or a gRPC target writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,181 @@
+"""The CLI's commands on a running deployment: plan, status, list, sync, delete, logs.
+
+Each connects (failing fast), reads what Ray and the replicas say, and returns data for the
+CLI to print; none of them prints.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from ..errors import ClusterError, OobError
+from ..models import Spec
+from ..plan import Plan, make_plan
+from . import cluster, state
+from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session, split_name
+
+
+def plan_for(spec: Spec, address: str | None) -> Plan:
+    single = spec.ray.placement == "STRICT_PACK" or None
+    with session(spec.name, address, spec.ray.address, required=False) as found:
+        if found is None:
+            return make_plan(spec, single_node=True if single or not (address or spec.ray.address) else None)
+        import ray
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        return make_plan(spec, cluster.observe(spec.namespace), single_node=single or len(nodes) == 1)
+
+
+def declared(meta: dict | None) -> list[str]:
+    """Every replica the applied spec declares, in spec order."""
+    return [f"{actor}-{i}" for actor, body in (meta or {}).get("actors", {}).items()
+            for i in range(body.get("replicas", 1))]
+
+
+def _replica_row(name: str, record: state.ActorRecord | None, info: dict | None) -> dict:
+    actor, index = split_name(name)
+    row = {"name": name, "actor": actor, "replica": index, "restarts": record.restarts if record else 0,
+           "healthy": False, "pid": record.pid if record and record.pid else None, "node_id": None, "endpoints": {}}
+    if record is None:
+        row["state"] = "missing"
+    elif record.state != "ALIVE":
+        row["state"] = record.words
+    elif info is None:
+        row["state"] = "not answering"
+    else:
+        process = info.get("process")
+        row.update(state="alive", healthy=True, pid=info["pid"], node_id=info["node_id"],
+                   endpoints=info["endpoints"], process=process, versions=info.get("versions", {}))
+        if info.get("error"):
+            row.update(state=f"failed: {info['error']}", healthy=False)
+        elif process and not process["alive"]:
+            row.update(state=f"process exited ({process['last_exit']})", healthy=False)
+    return row
+
+
+def status(name: str, address: str | None) -> dict:
+    namespace = f"oob-{name}"
+    with session(name, address):
+        meta = get_meta(namespace, "spec")
+        records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
+        live = [n for n, r in records.items() if r.state != "DEAD"]
+        if meta is None and not live:
+            raise ClusterError(f"no deployment '{name}' in this cluster")
+        names = declared(meta) + sorted(set(live) - set(declared(meta)))
+        details = infos(namespace, [n for n in names if n in records and records[n].state == "ALIVE"])
+        replicas = [_replica_row(n, records.get(n), details.get(n)) for n in names]
+        links = []
+        for row in replicas:
+            info = details.get(row["name"]) or {}
+            for lname, stats in info.get("links", {}).items():
+                link = next((x for x in (meta or {}).get("links", []) if x["name"] == lname), {})
+                links.append({"name": lname, "from": link.get("from", f"{row['actor']}.?"), "to": link.get("to", []),
+                              "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
+        return {"name": name, "namespace": namespace, "healthy": all(r["healthy"] for r in replicas),
+                "replicas": replicas, "links": links}
+
+
+def deployments(address: str | None) -> list[dict]:
+    """Every oobspec deployment on the cluster (or, with no address, on this machine's clusters)."""
+    out: dict[str, dict] = {}
+    for found in cluster.addresses(address):
+        with session("", found) as _:
+            for name in cluster.deployment_names():
+                if name in out:
+                    continue
+                namespace = f"oob-{name}"
+                want = declared(get_meta(namespace, "spec"))
+                records = state.actor_records(namespace)
+                alive = [n for n in want if n in records and records[n].state == "ALIVE"]
+                out[name] = {"name": name, "namespace": namespace, "address": found,
+                             "replicas": len(want), "alive": len(alive)}
+    return sorted(out.values(), key=lambda d: d["name"])
+
+
+def sync(name: str, link: str, address: str | None) -> dict:
+    import ray
+    namespace = f"oob-{name}"
+    with session(name, address):
+        meta = get_meta(namespace, "spec")
+        if meta is None:
+            raise ClusterError(f"no deployment '{name}' in this cluster")
+        entry = next((x for x in meta.get("links", []) if x["name"] == link), None)
+        if entry is None:
+            known = ", ".join(x["name"] for x in meta.get("links", [])) or "none"
+            raise OobError(f"deployment '{name}' has no link '{link}' (links: {known})")
+        source = entry["from"].split(".", 1)[0]
+        try:
+            return ray.get(handle(f"{source}-0", namespace)._oob_push.remote(link))
+        except ValueError:
+            raise ClusterError(f"the source of '{link}', {source}-0, is not running") from None
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise OobError(f"push of '{link}' failed: {str(cause).strip().splitlines()[-1]}") from None
+
+
+def delete(name: str, address: str | None) -> int:
+    with session(name, address):
+        removed = cluster.delete_all(name)
+        if not removed:
+            raise ClusterError(f"no deployment '{name}' in this cluster")
+        return removed
+
+
+class _Source:
+    """Where one replica's output is read from: its worker's log files when they are on this
+    machine (dead or busy replicas included), else the replica itself."""
+
+    def __init__(self, name: str, namespace: str, record: state.ActorRecord | None):
+        self.name, self.namespace = name, namespace
+        self.worker, self.files, self.offsets = None, [], [0, 0]
+        self.refresh(record)
+
+    def refresh(self, record: state.ActorRecord | None) -> None:
+        """A restarted replica writes to a new worker's files: follow it there."""
+        if record is not None and record.worker_id and record.worker_id != self.worker:
+            self.worker, self.files, self.offsets = record.worker_id, state.log_files(record), [0, 0]
+
+    def read(self) -> list[str]:
+        import ray
+        if self.files:
+            chunks = []
+            for i, path in enumerate(self.files):
+                try:
+                    self.offsets[i], text = state.read_from(path, self.offsets[i])
+                except OSError:
+                    continue
+                chunks.append(text)
+            return chunks
+        try:
+            got = ray.get(handle(self.name, self.namespace)._oob_read_logs.remote(self.offsets), timeout=INFO_TIMEOUT)
+        except Exception:
+            return []
+        for i, (offset, _text) in enumerate(got):
+            self.offsets[i] = offset
+        return [text for _o, text in got]
+
+
+def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Iterator[str]:
+    namespace = f"oob-{name}"
+    with session(name, address):
+        records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
+        meta = get_meta(namespace, "spec")
+        names = declared(meta) + sorted(set(records) - set(declared(meta)))
+        if not names:
+            raise ClusterError(f"no deployment '{name}' in this cluster")
+        if actor:
+            names = [n for n in names if n == actor or split_name(n)[0] == actor]
+            if not names:
+                raise ClusterError(f"deployment '{name}' has no actor '{actor}'")
+        sources = [_Source(n, namespace, records.get(n)) for n in names]
+        prefix = len(sources) > 1
+        while True:
+            for source in sources:
+                for text in source.read():
+                    if text:
+                        yield "".join(f"[{source.name}] {line}\n" for line in text.splitlines()) if prefix else text
+            if not follow:
+                return
+            time.sleep(0.5)
+            records = state.actor_records(namespace)
+            for source in sources:
+                source.refresh(records.get(source.name))

@@ -1,0 +1,128 @@
+"""What Ray's control store knows about a deployment's actors, dead ones included, and where
+their output is, read without calling the actor (it may be busy in `__init__`, or gone)."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+# Ray's actor states, as `oob status` words them.
+_STATES = {"DEPENDENCIES_UNREADY": "waiting for its dependencies", "PENDING_CREATION": "starting",
+           "ALIVE": "alive", "RESTARTING": "restarting", "DEAD": "dead"}
+_KILL_REASONS = {"WORKER_DIED": "its worker process died", "OWNER_DIED": "its owner died",
+                 "NODE_DIED": "its node died", "RAY_KILL": "killed (ray.kill)", "OUT_OF_SCOPE": "out of scope",
+                 "REF_DELETED": "out of scope"}
+
+
+@dataclass(frozen=True)
+class ActorRecord:
+    name: str
+    state: str  # one of _STATES' keys
+    pid: int
+    worker_id: str  # hex; empty before a worker is leased
+    node_id: str  # hex
+    restarts: int
+    start_time: int
+    death: str | None  # one line, for a dead actor
+
+    @property
+    def words(self) -> str:
+        if self.state == "DEAD":
+            return f"dead: {self.death or 'unknown cause'}"
+        if self.state == "PENDING_CREATION" and not self.pid:
+            return "waiting for resources"
+        return _STATES.get(self.state, self.state.lower())
+
+
+def death_reason(cause) -> str:
+    """A Ray ActorDeathCause as one short line."""
+    kind = cause.WhichOneof("context")
+    if kind == "actor_died_error_context":
+        ctx = cause.actor_died_error_context
+        from ray.core.generated.common_pb2 import ActorDiedErrorContext
+        reason = ActorDiedErrorContext.Reason.Name(ctx.reason)
+        text = _KILL_REASONS.get(reason) or _first_line(ctx.error_message)
+        return f"{text} before it started" if ctx.never_started and reason != "RAY_KILL" else text
+    if kind == "creation_task_failure_context":
+        return "__init__ raised: " + _last_line(cause.creation_task_failure_context.formatted_exception_string)
+    if kind == "runtime_env_failed_context":
+        return "runtime_env failed: " + _first_line(cause.runtime_env_failed_context.error_message)
+    if kind == "actor_unschedulable_context":
+        return "cannot be scheduled: " + _first_line(cause.actor_unschedulable_context.error_message)
+    if kind == "oom_context":
+        return "out of memory"
+    return "unknown cause"
+
+
+def _first_line(text: str) -> str:
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return line.split(". ")[0].rstrip(".") if line else "unknown cause"
+
+
+def _last_line(text: str) -> str:
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def actor_records(namespace: str) -> dict[str, ActorRecord]:
+    """Newest record of every named actor in the namespace (a live one wins over a dead one
+    of the same name: a replaced replica leaves its predecessor's record behind)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    accessor = state._connect_and_get_accessor()
+    out: dict[str, ActorRecord] = {}
+    for raw in accessor.get_actor_table(None, None):
+        data = gcs_pb2.ActorTableData.FromString(raw)
+        if data.ray_namespace != namespace or not data.name:
+            continue
+        state_name = gcs_pb2.ActorTableData.ActorState.Name(data.state)
+        record = ActorRecord(data.name, state_name, data.pid, data.address.worker_id.hex(),
+                             data.address.node_id.hex() or data.node_id.hex(), data.num_restarts,
+                             data.start_time or data.timestamp,
+                             death_reason(data.death_cause) if state_name == "DEAD" else None)
+        old = out.get(data.name)
+        if old is None or (old.state == "DEAD") > (record.state == "DEAD") or \
+                ((old.state == "DEAD") == (record.state == "DEAD") and record.start_time >= old.start_time):
+            out[data.name] = record
+    return out
+
+
+def log_files(record: ActorRecord) -> list[str]:
+    """The worker's stdout and stderr files, when they are on this machine (else [])."""
+    if not record.worker_id:
+        return []
+    try:
+        import ray
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:
+        return []
+    found = []
+    for ext in ("out", "err"):
+        found += sorted(glob.glob(os.path.join(session, "logs", f"worker-{record.worker_id}-*.{ext}")))[:1]
+    return found
+
+
+_RAY_MARKERS = (":job_id:", ":actor_name:", ":task_name:")
+
+
+def clean(text: str) -> str:
+    """Output without Ray's own marker lines (":job_id:…", ":actor_name:…", ":task_name:…")."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith(_RAY_MARKERS))
+
+
+def read_from(path: str, offset: int, limit: int = 4 * 1024 * 1024) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(limit)
+    return offset + len(data), clean(data.decode("utf-8", "replace"))
+
+
+def tail(record: ActorRecord, lines: int = 20) -> str:
+    text = ""
+    for path in log_files(record):
+        try:
+            size = os.path.getsize(path)
+            text += read_from(path, max(0, size - 64 * 1024))[1]
+        except OSError:
+            continue
+    return "\n".join(text.splitlines()[-lines:])
