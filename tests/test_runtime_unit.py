@@ -1,0 +1,1053 @@
+"""Fast tests of the runtime's parts that need no Ray cluster.
+
+Everything here is real: the aiohttp and grpc.aio servers listen on 127.0.0.1 and are
+called over sockets, the supervised programs are real child processes, the links copy
+through real POSIX shared memory. Nothing starts or joins Ray.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import os
+import signal
+import socket
+import sys
+import types
+import typing
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+import numpy as np
+import pydantic
+import pytest
+from aiohttp import web
+from apps import Echo  # tests/apps.py
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import oobspec
+from oobspec.errors import ClusterError, OobError
+from oobspec.imports import import_object
+from oobspec.models import GrpcServer, HttpServer
+from oobspec.plan import Action, LinkRow, Plan, ServerRow
+from oobspec.report import endpoints_text, plan_text, size, status_text
+from oobspec.runtime import actor as actor_module
+from oobspec.runtime import cluster, state
+from oobspec.runtime.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
+from oobspec.runtime.apply import Applier, _cause, _env_key
+from oobspec.runtime.context import Context, current, set_current
+from oobspec.runtime.links import Links, shm_name
+from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, host_port, start_grpc, start_http,
+                                     token_from_env, wait_connectable)
+from oobspec.runtime.state import ActorRecord
+from oobspec.transports import TransportError, Topology, allocate, choose, get_transport, object_store, shm
+from oobspec.transports.auto import is_gpu
+from oobspec.transports.base import LocalBuffer, import_cupy
+
+pytestmark = pytest.mark.timeout(60)
+
+PY = [sys.executable, "-S", "-c"]  # -S: no site import, the children start faster
+TOKEN_ENV = "OOBSPEC_UNIT_TOKEN"
+
+
+class Point(pydantic.BaseModel):
+    x: int
+    y: int = 0
+
+
+class Svc(Echo):
+    """tests/apps.py's Echo (str, dict, bytes, raising and sync methods) plus the other shapes a
+    user's method has: float and bool conversions, **kwargs, non-JSON results, its own Response."""
+
+    def __init__(self, greeting: str = "hi"):
+        super().__init__(greeting)
+        self.env_at_init = {k: v for k, v in os.environ.items() if k.startswith("OOB_")}
+
+    def scale(self, x: float, twice: bool = False) -> float:
+        return x * (2 if twice else 1)
+
+    async def echo(self, **kwargs) -> dict:
+        return kwargs
+
+    async def numbers(self):
+        return {"array": np.arange(3), "pair": (1, 2), "point": Point(x=1)}
+
+    async def made(self) -> web.Response:
+        return web.Response(status=201, text="made")
+
+
+ROUTES = [("GET", "/hello/{name}", "hello"), ("POST", "/add", "add"), ("GET", "/scale", "scale"),
+          ("GET", "/blob", "blob"), ("GET", "/boom", "boom"), ("GET", "/count", "sync_count"),
+          ("POST", "/echo/{first}", "echo"), ("GET", "/numbers", "numbers"), ("POST", "/made", "made")]
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def server_entry(model) -> dict:
+    """A `servers` entry of the replica config, built as Applier.replica_config builds it."""
+    return dict(model.model_dump(mode="json", exclude={"when"}), port=model.port)
+
+
+def http_entry(**fields) -> dict:
+    routes = [{"method": m, "path": p, "call": c} for m, p, c in ROUTES]
+    return server_entry(HttpServer(name="http", routes=routes, **fields))
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    headers: dict
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def call_http(requests: list[tuple], instance=None, **fields) -> list[Reply]:
+    """Start the real HTTP app for `instance`, send each (method, path, kwargs), return the replies."""
+    async def go():
+        running = await start_http(instance or Svc(), http_entry(**fields))
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{running.port}") as session:
+                out = []
+                for method, path, kwargs in requests:
+                    async with session.request(method, path, **kwargs) as r:
+                        out.append(Reply(r.status, r.content_type, await r.read(), dict(r.headers)))
+                return out
+        finally:
+            await running.stop()
+    return asyncio.run(go())
+
+
+@asynccontextmanager
+async def grpc_channel(instance, model: GrpcServer, importer=import_object):
+    running = await start_grpc(instance, server_entry(model), importer)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield channel
+    finally:
+        await running.stop()
+
+
+async def grpc_code(call, payload: bytes, **kwargs) -> tuple:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(payload, timeout=5, **kwargs)
+    return err.value.code(), err.value.details()
+
+
+async def serving_health(channel, service: str = "") -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return reply.status
+
+
+def until(condition):
+    """Poll (no wall-time assertion: the test timeout is the only limit) until condition() holds."""
+    async def wait():
+        while not condition():
+            await asyncio.sleep(0.01)
+    return wait()
+
+
+@pytest.fixture
+def sandbox():
+    """A replica's start-up writes os.environ, sys.path and the current context: undo all three."""
+    env, path = dict(os.environ), list(sys.path)
+    yield
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update(env)
+    sys.path[:] = path
+    set_current(None)
+
+
+@pytest.fixture
+def deployment():
+    """A unique deployment name; every shm segment it left behind is removed (and reported)."""
+    name = f"u{uuid.uuid4().hex[:12]}"
+    yield name
+    leaked = shm.cleanup(f"oob-{name}-")
+    assert not leaked, f"shared memory left behind: {leaked}"
+
+
+@pytest.fixture
+def load_spec(tmp_path):
+    def write(doc: dict) -> oobspec.Spec:
+        path = tmp_path / "spec.yaml"
+        path.write_text(json.dumps(doc))  # JSON is YAML
+        return oobspec.load(path)
+    return write
+
+
+def in_shm(name: str) -> bool:
+    return os.path.exists(os.path.join(shm.SHM_DIR, name))
+
+
+# --- servers.py: signatures, encoding, tokens -------------------------------------------------
+
+
+def test_signature_of_reads_required_allowed_converters_and_asyncness():
+    add, scale, echo = Signature.of(Svc().add), Signature.of(Svc().scale), Signature.of(Svc().echo)
+    assert (add.required, add.allowed, add.converters, add.is_async) == ({"a"}, {"a", "b"}, {"a": int, "b": int}, True)
+    assert (scale.required, scale.allowed, scale.is_async) == ({"x"}, {"x", "twice"}, False)
+    assert scale.converters == {"x": float, "twice": _to_bool}  # string annotations are resolved
+    assert (echo.required, echo.allowed, echo.converters) == (frozenset(), None, {})  # **kwargs: anything goes
+
+    def keyword_only(*, k: int, unknown: NoSuchType = None):  # noqa: F821 - an annotation that does not resolve
+        pass
+    fallback = Signature.of(keyword_only)
+    assert (fallback.required, fallback.allowed) == ({"k"}, {"k", "unknown"})
+    assert fallback.converters == {"k": int}  # one unresolved annotation costs only its own parameter
+
+
+def test_optional_numbers_and_booleans_are_converted_too():
+    def price(qty: int | None = None, rate: typing.Optional[float] = None, cheap: bool | None = None):
+        pass
+    assert Signature.of(price).converters == {"qty": int, "rate": float, "cheap": _to_bool}
+
+
+def test_signature_problem_names_missing_then_unexpected_arguments():
+    add = Signature.of(Svc().add)
+    assert add.problem({"a": 1}) is None
+    assert add.problem({"b": 1}) == "missing argument: a"
+    assert add.problem({"a": 1, "c": 2}) == "unexpected argument: c"
+    assert add.problem({"a": 1, "d": 2, "c": 3}) == "unexpected arguments: c, d"
+    assert Signature.of(lambda y, x: None).problem({"z": 1}) == "missing arguments: x, y"
+    assert Signature.of(Svc().echo).problem({"anything": 1}) is None
+
+
+@pytest.mark.parametrize("text,value", [("1", True), ("TRUE", True), ("yes", True), ("On", True),
+                                        ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_to_bool(text, value):
+    assert _to_bool(text) is value
+
+
+def test_to_bool_refuses_anything_else():
+    with pytest.raises(ValueError, match="'maybe' is not a boolean"):
+        _to_bool("maybe")
+
+
+def test_dumps_is_compact_json_of_numpy_sets_tuples_and_models():
+    assert dumps({"a": 1, "b": [True, None]}) == b'{"a":1,"b":[true,null]}'
+    value = {"arr": np.arange(3, dtype=np.int64), "f": np.float32(1.5), "i": np.int64(7), "s": {4},
+             "fs": frozenset({5}), "t": (1, "x"), "m": Point(x=2), "p": Path("/tmp/x")}
+    assert json.loads(dumps(value)) == {"arr": [0, 1, 2], "f": 1.5, "i": 7, "s": [4], "fs": [5], "t": [1, "x"],
+                                        "m": {"x": 2, "y": 0}, "p": "/tmp/x"}
+
+
+def test_token_from_env(monkeypatch):
+    assert token_from_env(None) is None
+    assert token_from_env({}) is None
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    assert token_from_env({"token_env": TOKEN_ENV}) == "s3cret"
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(RuntimeError, match=f"environment variable {TOKEN_ENV}, which is not set") as err:
+        token_from_env({"token_env": TOKEN_ENV})
+    monkeypatch.setenv(TOKEN_ENV, "")  # empty counts as unset
+    with pytest.raises(RuntimeError):
+        token_from_env({"token_env": TOKEN_ENV})
+    assert "s3cret" not in str(err.value)
+
+
+# --- servers.py: the HTTP app ---------------------------------------------------------------
+
+
+def test_http_arguments_conversions_and_result_types():
+    svc = Svc("yo")
+    hello, added, both, scaled, blob, echo, numbers, made, count = call_http([
+        ("GET", "/hello/ada", {}),
+        ("POST", "/add", {"json": {"a": 2, "b": 3}}),
+        ("POST", "/add?a=4", {"json": {"b": 3}}),  # query (converted by annotation) and body together
+        ("GET", "/scale?x=2.5&twice=yes", {}),
+        ("GET", "/blob", {}),
+        ("POST", "/echo/p1?q=2", {"json": {"n": [1, 2]}}),
+        ("GET", "/numbers", {}),
+        ("POST", "/made", {}),
+        ("GET", "/count", {}),  # a sync method
+    ], svc)
+    assert (hello.status, hello.content_type, hello.body) == (200, "text/plain", b"yo ada")
+    assert (added.status, added.content_type, added.json()) == (200, "application/json", {"sum": 5})
+    assert both.json() == {"sum": 7}
+    assert scaled.json() == 5.0
+    assert (blob.content_type, blob.body) == ("application/octet-stream", b"\x00\x01\x02")
+    assert echo.json() == {"first": "p1", "q": "2", "n": [1, 2]}  # no annotations: strings stay strings
+    assert numbers.json() == {"array": [0, 1, 2], "pair": [1, 2], "point": {"x": 1, "y": 0}}
+    assert (made.status, made.body) == (201, b"made")  # a Response from the method is sent as is
+    assert count.json() == 1 == svc.calls
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,error", [
+    ("POST", "/add", {"data": "{not json"}, 400, "request body is not valid JSON"),
+    ("POST", "/add", {"json": [1, 2]}, 400, "request body must be a JSON object of keyword arguments"),
+    ("POST", "/add", {"json": {"b": 1}}, 400, "missing argument: a"),
+    ("POST", "/add", {"json": {"a": 1, "c": 2}}, 400, "unexpected argument: c"),
+    ("POST", "/add?a=x", {}, 400, "invalid literal for int() with base 10: 'x'"),
+    ("GET", "/scale?x=1&twice=maybe", {}, 400, "'maybe' is not a boolean"),
+    ("GET", "/nowhere", {}, 404, "Not Found"),
+    ("GET", "/", {}, 404, "Not Found"),
+    ("GET", "/boom", {}, 500, "ValueError: kaboom"),
+])
+def test_http_errors_are_json(method, path, kwargs, status, error):
+    [reply] = call_http([(method, path, kwargs)])
+    assert (reply.status, reply.content_type) == (status, "application/json")
+    assert reply.json() == {"error": error, "status": status}
+
+
+def test_http_405_names_the_allowed_methods():
+    wrong_verb, wrong_on_param_path = call_http([("DELETE", "/add", {}), ("PUT", "/hello/x", {})])
+    assert (wrong_verb.status, wrong_verb.headers["Allow"]) == (405, "POST")
+    assert (wrong_on_param_path.status, wrong_on_param_path.headers["Allow"]) == (405, "GET")
+    assert wrong_verb.json() == {"error": "Method Not Allowed", "status": 405}
+
+
+def test_http_413_over_max_body_and_fine_under_it():
+    big, small = call_http([("POST", "/echo/x", {"json": {"data": "x" * 500}}),
+                            ("POST", "/echo/x", {"json": {"data": "x" * 10}})], max_body=100)
+    assert (big.status, big.json()["status"]) == (413, 413)
+    assert "Too Large" in big.json()["error"]
+    assert small.json() == {"first": "x", "data": "x" * 10}
+
+
+def test_http_500_leaves_the_server_serving():
+    svc = Svc()
+    replies = call_http([("GET", path, {}) for path in ("/boom", "/hello/a", "/boom", "/hello/b")], svc)
+    assert [r.status for r in replies] == [500, 200, 500, 200]
+    assert replies[3].body == b"hi b" and svc.calls == 2
+
+
+def test_http_bearer_token(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    none, wrong, prefix, right = call_http([
+        ("GET", "/hello/x", {}),
+        ("GET", "/hello/x", {"headers": {"Authorization": "Bearer wrong"}}),
+        ("GET", "/hello/x", {"headers": {"Authorization": "s3cret"}}),
+        ("GET", "/hello/x", {"headers": {"Authorization": "Bearer s3cret"}}),
+    ], auth={"token_env": TOKEN_ENV})
+    assert [none.status, wrong.status, prefix.status] == [401, 401, 401]
+    assert none.json() == {"error": "missing or wrong bearer token", "status": 401}
+    assert (right.status, right.body) == (200, b"hi x")
+
+
+def test_http_with_auth_refuses_to_start_without_the_token(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=TOKEN_ENV):
+        call_http([], auth={"token_env": TOKEN_ENV})
+
+
+# --- servers.py: gRPC -------------------------------------------------------------------------
+
+
+def test_grpc_json_mode_errors_and_health():
+    async def go():
+        model = GrpcServer(name="rpc", protocol="grpc", service="demo.Svc",
+                           methods=["add", "boom", "sync_count", "echo"])
+        async with grpc_channel(Svc(), model) as ch:
+            add = ch.unary_unary("/demo.Svc/add")
+            assert json.loads(await add(b'{"a": 2, "b": 5}', timeout=5)) == {"sum": 7}
+            assert json.loads(await ch.unary_unary("/demo.Svc/sync_count")(b"", timeout=5)) == 0  # empty: no arguments
+            assert json.loads(await ch.unary_unary("/demo.Svc/echo")(b'{"k": [1]}', timeout=5)) == {"k": [1]}
+            errors = [await grpc_code(add, b"{nope"), await grpc_code(add, b"[1]"), await grpc_code(add, b"{}"),
+                      await grpc_code(ch.unary_unary("/demo.Svc/boom"), b"")]
+            assert errors == [
+                (grpc.StatusCode.INVALID_ARGUMENT, "request is not valid JSON"),
+                (grpc.StatusCode.INVALID_ARGUMENT, "request must be a JSON object of keyword arguments"),
+                (grpc.StatusCode.INVALID_ARGUMENT, "missing argument: a"),
+                (grpc.StatusCode.INTERNAL, "ValueError: kaboom"),
+            ]
+            assert json.loads(await add(b'{"a": 1}', timeout=5)) == {"sum": 1}  # still serving
+            assert await serving_health(ch) == health_pb2.HealthCheckResponse.SERVING
+            assert await serving_health(ch, "demo.Svc") == health_pb2.HealthCheckResponse.SERVING
+    asyncio.run(go())
+
+
+def test_grpc_bearer_token_spares_the_health_service(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+
+    async def go():
+        model = GrpcServer(name="rpc", protocol="grpc", service="demo.Svc", methods=["add"],
+                           auth={"token_env": TOKEN_ENV})
+        async with grpc_channel(Svc(), model) as ch:
+            add = ch.unary_unary("/demo.Svc/add")
+            denied = [await grpc_code(add, b'{"a": 1}'),
+                      await grpc_code(add, b'{"a": 1}', metadata=(("authorization", "Bearer wrong"),))]
+            assert denied == [(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")] * 2
+            ok = await add(b'{"a": 1}', timeout=5, metadata=(("authorization", "Bearer s3cret"),))
+            assert json.loads(ok) == {"sum": 1}
+            assert await serving_health(ch) == health_pb2.HealthCheckResponse.SERVING
+    asyncio.run(go())
+
+
+def test_grpc_proto_mode_registers_the_instance_as_servicer():
+    registered = []
+
+    def add_PingServicer_to_server(servicer, server):
+        async def ping(request: bytes, context) -> bytes:
+            return (await servicer.hello(request.decode())).encode()
+        registered.append(servicer)
+        handler = grpc.method_handlers_generic_handler("demo.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(ping)})
+        server.add_generic_rpc_handlers((handler,))
+
+    refs = {"unit_pb2_grpc:add_PingServicer_to_server": add_PingServicer_to_server}
+    svc = Svc()
+
+    async def go():
+        model = GrpcServer(name="rpc", protocol="grpc", proto="unit_pb2_grpc:add_PingServicer_to_server")
+        async with grpc_channel(svc, model, refs.__getitem__) as ch:
+            assert await ch.unary_unary("/demo.Ping/Ping")(b"ada", timeout=5) == b"hi ada"
+            assert await serving_health(ch) == health_pb2.HealthCheckResponse.SERVING
+    asyncio.run(go())
+    assert registered == [svc]
+
+
+# --- servers.py: health checks and ports ------------------------------------------------------
+
+
+def test_wait_connectable_returns_once_something_listens():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert asyncio.run(wait_connectable("127.0.0.1", port, 5)) is None
+        assert asyncio.run(wait_connectable("0.0.0.0", port, 5)) is None  # a wildcard host is accepted
+
+
+def test_wait_connectable_times_out_or_gives_up_on_a_dead_process():
+    port = free_port()
+    with pytest.raises(TimeoutError, match=f"nothing accepts connections on 127.0.0.1:{port}"):
+        asyncio.run(wait_connectable("127.0.0.1", port, 0.1))
+    with pytest.raises(RuntimeError, match=f"the process serving port {port} exited"):
+        asyncio.run(wait_connectable("127.0.0.1", port, 30, alive=lambda: False))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "localhost"])
+def test_free_port_is_bindable(host):
+    port = free_port(host)
+    assert 0 < port < 65536
+    with socket.create_server((host, port)):
+        pass
+
+
+def test_host_port_brackets_ipv6():
+    assert [host_port(h, 80) for h in ("127.0.0.1", "::1", "example.org")] == \
+        ["127.0.0.1:80", "[::1]:80", "example.org:80"]
+
+
+# --- actor.py: Supervised -----------------------------------------------------------------------
+
+
+def supervise(code: str, restarts: int, until_done=None, grace: float = 5.0) -> Supervised:
+    """Run `code` under Supervised until it gives up (or until_done(sup) holds, then stop it)."""
+    sup = Supervised(PY + [code], restarts, {})
+
+    async def go():
+        await sup.start()
+        if until_done is None:
+            await sup._task
+        else:
+            await until(lambda: until_done(sup))
+            await sup.stop(grace)
+    asyncio.run(go())
+    return sup
+
+
+def test_supervised_restarts_up_to_the_limit_then_stops():
+    sup = supervise("print('hi'); import sys; sys.exit(3)", restarts=2)
+    assert (sup.starts, sup.last_exit, sup.alive) == (3, 3, False)
+    assert list(sup.tail) == ["hi"] * 3
+    assert sup.describe() == {"argv": sup.argv, "pid": sup.proc.pid, "alive": False, "starts": 3, "last_exit": 3}
+
+
+def test_supervised_without_restarts_runs_once():
+    sup = supervise("print('once')", restarts=0)
+    assert (sup.starts, sup.last_exit, list(sup.tail)) == (1, 0, ["once"])
+
+
+def test_supervised_backoff_doubles_up_to_30s_and_restarts_forever(monkeypatch):
+    delays = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay, *args, **kwargs):
+        delays.append(delay)
+        await real_sleep(0)
+    # Only the supervisor's module sees the recording sleep: the test's own polling sleeps for real.
+    monkeypatch.setattr(actor_module, "asyncio", types.SimpleNamespace(**dict(vars(asyncio), sleep=record)))
+    sup = supervise("pass", restarts=-1, until_done=lambda s: s.starts >= 9)
+    assert sup.starts >= 9
+    assert delays[:8] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_supervised_stop_terminates_a_running_child():
+    sup = supervise("print('up', flush=True); import time; time.sleep(60)", restarts=-1,
+                    until_done=lambda s: "up" in s.tail)
+    assert (sup.alive, sup.proc.returncode, sup.starts) == (False, -signal.SIGTERM, 1)
+
+
+def test_supervised_stop_kills_a_child_that_ignores_sigterm():
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('armed', flush=True); "
+            "time.sleep(60)")
+    sup = supervise(code, restarts=-1, until_done=lambda s: "armed" in s.tail, grace=0.2)
+    assert (sup.alive, sup.proc.returncode, sup.starts) == (False, -signal.SIGKILL, 1)
+
+
+def test_supervised_missing_program_raises():
+    sup = Supervised(["/nonexistent/oobspec-unit-program"], 0, {})
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(sup.start())
+    assert sup.describe() == {"argv": ["/nonexistent/oobspec-unit-program"], "pid": None, "alive": False,
+                              "starts": 1, "last_exit": None}
+
+
+# --- actor.py: the actor classes ----------------------------------------------------------------
+
+OOB_METHODS = ("_oob_start", "_oob_ready", "_oob_stop", "_oob_info", "_oob_endpoints", "_oob_port",
+               "_oob_read_logs", "_oob_link_receiver", "_oob_link_sender", "_oob_receive", "_oob_push")
+
+
+def test_make_actor_class_is_the_users_class_with_oob_methods():
+    class Local(Svc):
+        """A class whose qualified name is not its name."""
+    cls = make_actor_class(Local)
+    assert issubclass(cls, Local) and issubclass(cls, OobMixin) and cls is not Local
+    assert (cls.__name__, cls.__qualname__, cls.__module__, cls.__doc__) == \
+        ("Local", Local.__qualname__, __name__, "A class whose qualified name is not its name.")
+    assert cls.__qualname__.endswith("<locals>.Local")
+    for name in ("hello", "add", "scale", "sync_count", "echo"):
+        assert getattr(cls, name) is getattr(Svc, name)
+    assert all(callable(getattr(cls, name)) for name in OOB_METHODS)
+    assert inspect.iscoroutinefunction(cls.__init__)
+    assert not [n for n in vars(Svc) if n.startswith("_oob")]  # the user's class itself is untouched
+
+
+def test_make_command_class():
+    cls = make_command_class()
+    assert cls.__name__ == "CommandActor" and issubclass(cls, CommandActor) and issubclass(cls, OobMixin)
+    assert all(callable(getattr(cls, name)) for name in OOB_METHODS + ("pid",))
+    assert inspect.iscoroutinefunction(cls.__init__)
+
+
+SERVE = ("import socket, sys; s = socket.create_server(('127.0.0.1', int(sys.argv[1]))); "
+         "[s.accept()[0].close() for _ in iter(int, 1)]")
+
+
+@pytest.fixture
+def applier(load_spec):
+    name = f"u{uuid.uuid4().hex[:12]}"
+    route = {"method": "GET", "path": "/hello/{name}", "call": "hello"}
+    store = {"class": "unit:Store", "replicas": 2, "restarts": 3,
+             "resources": {"cpus": 0.5, "gpus": 1, "memory": "512MiB", "custom": {"accel": 1}},
+             "servers": [{"name": "http", "port": free_port(), "auth": {"token_env": TOKEN_ENV}, "routes": [route]},
+                         {"name": "rpc", "protocol": "grpc", "port": free_port(), "service": "demo.Store",
+                          "methods": ["add"]}]}
+    web = {"class": "unit:Web", "connect": {"kv-store": "store.http", "rpc": "store.rpc"}}
+    db = {"command": [sys.executable, "-S", "-c", SERVE, "{port}"], "restarts": -1,
+          "servers": [{"name": "main", "protocol": "tcp", "port": free_port()}]}
+    return Applier(load_spec({"version": 1, "name": name, "actors": {"store": store, "web": web, "db": db}}))
+
+
+def new_replica(cls: type, cfg: dict, *args, **kwargs):
+    """What Ray does for an actor with an async __init__: build, then await __init__ on the actor's loop."""
+    obj = cls.__new__(cls)
+    return obj, obj.__init__(cfg, *args, **kwargs)
+
+
+def test_class_replica_starts_its_servers_and_stops_them(applier, sandbox, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    cfg = applier.replica_config("store", 0, "digest")
+    port = cfg["servers"][0]["port"]
+    monkeypatch.delenv(TOKEN_ENV)  # the replica gets it from its config's secrets, as from a fresh worker
+
+    async def go():
+        replica, init = new_replica(make_actor_class(Svc), cfg, greeting="yo")
+        await init
+        assert replica._oob_failed is None
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer s3cret"}) as session, \
+                session.get(f"{url}/hello/ada") as r:
+            assert (r.status, await r.text()) == (200, "yo ada")
+        rpc_port = replica._oob_port("rpc")
+        assert replica._oob_port("http") == port and rpc_port
+        assert replica._oob_endpoints() == {"http": url, "rpc": f"127.0.0.1:{rpc_port}"}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rpc_port}") as ch:
+            assert json.loads(await ch.unary_unary("/demo.Store/add")(b'{"a": 1}', timeout=5)) == {"sum": 1}
+        await replica._oob_stop()
+        assert replica._oob_servers == []
+        with pytest.raises(TimeoutError):
+            await wait_connectable("127.0.0.1", port, 0.1)
+        return replica
+    replica = asyncio.run(go())
+    assert replica.greeting == "yo"
+    assert replica.env_at_init == {k: v for k, v in cfg["env"].items() if k.startswith("OOB_")}  # set before __init__
+    ctx = oobspec.context()
+    assert (ctx.deployment, ctx.actor, ctx.replica, ctx.replicas) == (applier.spec.name, "store", 0, 2)
+
+
+def test_class_replica_that_fails_keeps_only_the_users_frames(applier, sandbox, capsys):
+    class Broken:
+        async def __init__(self):
+            await asyncio.sleep(0)
+            raise RuntimeError("config file /etc/missing.conf not found")
+
+    async def go():
+        replica, init = new_replica(make_actor_class(Broken), applier.replica_config("web", 0, "digest"))
+        await init  # a failed start does not raise: apply reads the error and the log
+        assert isinstance(replica._oob_failed, RuntimeError)
+        with pytest.raises(RuntimeError, match="missing.conf"):
+            await replica._oob_ready(1)
+    asyncio.run(go())
+    err = capsys.readouterr().err
+    assert "RuntimeError: config file /etc/missing.conf not found" in err
+    assert "test_runtime_unit.py" in err and "/oobspec/" not in err
+
+
+def test_command_replica_supervises_the_program_on_its_port(applier, sandbox):
+    cfg = applier.replica_config("db", 0, "digest")
+    port = cfg["servers"][0]["port"]
+
+    async def go():
+        replica, init = new_replica(make_command_class(), cfg)
+        await init
+        assert replica._oob_failed is None
+        process = replica._oob_process
+        assert process.argv[-1] == str(port) and process.restarts == -1
+        await wait_connectable("127.0.0.1", replica._oob_port("main"), 20, alive=lambda: process.alive)
+        assert replica.pid() == process.proc.pid
+        assert replica._oob_endpoints() == {"main": f"127.0.0.1:{port}"}
+        await replica._oob_stop()
+        assert (process.alive, process.starts) == (False, 1)
+    asyncio.run(go())
+
+
+def test_command_replica_that_cannot_start_reports_why(applier, sandbox):
+    cfg = dict(applier.replica_config("db", 0, "digest"), command=["/nonexistent/oobspec-unit-db"], servers=[])
+
+    async def go():
+        replica, init = new_replica(make_command_class(), cfg)
+        await init
+        with pytest.raises(RuntimeError, match="cannot start /nonexistent/oobspec-unit-db"):
+            await replica._oob_ready(1)
+    asyncio.run(go())
+
+
+def test_read_logs_returns_new_output_without_ray_markers(tmp_path):
+    paths = [tmp_path / "out.log", tmp_path / "err.log"]
+    out, err, more = b":job_id:01\nhello from the actor\n", b":actor_name:svc-0\n:task_name:x\nan error\n", b"more\n"
+    saved = [os.dup(1), os.dup(2)]
+    try:  # what a Ray worker does: stdout and stderr are files
+        for fd, path in zip((1, 2), paths):
+            f = os.open(path, os.O_WRONLY | os.O_CREAT)
+            os.dup2(f, fd)
+            os.close(f)
+        os.write(1, out)
+        os.write(2, err)
+        mixin = OobMixin()
+        files = asyncio.run(mixin._oob_log_files())
+        first = asyncio.run(mixin._oob_read_logs([0, 0]))
+        os.write(1, more)
+        second = asyncio.run(mixin._oob_read_logs([offset for offset, _ in first]))
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+    assert files == [os.path.realpath(p) for p in paths]
+    assert first == [(len(out), "hello from the actor\n"), (len(err), "an error\n")]
+    assert second == [(len(out) + len(more), "more\n"), (len(err), "")]
+
+
+# --- context.py -----------------------------------------------------------------------------------
+
+
+def test_context_outside_an_actor_and_without_links(sandbox):
+    set_current(None)
+    with pytest.raises(OobError, match="only available inside an actor"):
+        oobspec.context()
+    ctx = Context("d", "a", 1, 2)
+    set_current(ctx)
+    assert current() is ctx and oobspec.context() is ctx
+    with pytest.raises(OobError, match="this actor has no links"):
+        asyncio.run(ctx.push("weights"))
+
+
+# --- links.py ------------------------------------------------------------------------------------
+
+
+def source_links(buffer, links: dict) -> Links:
+    ctx = Context("d", "src", 0, 1, buffers={"data": buffer})
+    return Links(ctx, {"deployment": "d", "actor": "src", "replica": 0, "links": links}, owner=None)
+
+
+def test_links_connect_keeps_unchanged_senders_and_closes_the_rest(deployment):
+    owners = [allocate((4,), "float32", "cpu", shared_name=f"oob-{deployment}-{i}") for i in range(3)]
+    rx = [shm.Receiver(o) for o in owners]
+    links = source_links(np.arange(4, dtype=np.float32),
+                         {"sync": {"role": "source", "source_buffer": "data", "from": "src.data", "to": ["dst.data"]}})
+
+    def connect(*targets):
+        asyncio.run(links.connect("sync", [{"key": k, "handle": h, "transport": "shm", "descriptor": rx[i].descriptor()}
+                                           for k, i, h in targets]))
+        return {t["key"]: t for t in links.senders["sync"]}
+
+    first = connect(("dst-0", 0, "h1"), ("dst-1", 1, "h1"))
+    again = connect(("dst-0", 0, "h2"), ("dst-1", 1, "h2"))
+    assert all(again[k]["sender"] is first[k]["sender"] for k in first)  # same descriptor: same mapping
+    assert [t["handle"] for t in again.values()] == ["h2", "h2"]  # a restarted target's new handle is taken
+    old_1 = first["dst-1"]["sender"]
+    moved = connect(("dst-0", 0, "h2"), ("dst-1", 2, "h2"))  # dst-1 now has another segment
+    assert moved["dst-0"]["sender"] is first["dst-0"]["sender"]
+    assert moved["dst-1"]["sender"] is not old_1 and old_1._shm is None
+    dropped = connect(("dst-0", 0, "h2"))
+    assert list(dropped) == ["dst-0"] and moved["dst-1"]["sender"]._shm is None
+    dropped["dst-0"]["sender"].send()
+    assert rx[0].array.tolist() == [0, 1, 2, 3] and rx[1].array.tolist() == [0, 0, 0, 0]
+    links.close()
+    assert links.senders == {} and first["dst-0"]["sender"]._shm is None
+    names = [r.descriptor()["name"] for r in rx]
+    for r in rx:
+        r.close()
+    assert not [n for n in names if in_shm(n)]
+
+
+def linked_spec(name: str) -> dict:
+    buffers = {"data": {"shape": [8, 16], "dtype": "float64"}}
+    return {"version": 1, "name": name,
+            "actors": {"src": {"class": "unit:Source", "buffers": buffers},
+                       "dst": {"class": "unit:Sink", "replicas": 2, "buffers": buffers}},
+            "links": [{"name": "sync", "from": "src.data", "to": "dst.data", "transport": "shm"}]}
+
+
+class LocalHandle:
+    """In place of a Ray handle: `_oob_receive.remote(...)` runs the method on the replica, in this loop."""
+
+    def __init__(self, replica):
+        self._oob_receive = types.SimpleNamespace(remote=replica._oob_receive)
+
+
+async def start_replica(applier: Applier, actor: str, index: int):
+    replica, init = new_replica(make_actor_class(Svc), applier.replica_config(actor, index, "digest"))
+    await init
+    assert replica._oob_failed is None
+    return replica
+
+
+def test_push_copies_the_source_into_every_target_replica(load_spec, deployment, sandbox):
+    applier = Applier(load_spec(linked_spec(deployment)))
+
+    async def go():
+        sinks = [await start_replica(applier, "dst", i) for i in range(2)]
+        source = await start_replica(applier, "src", 0)
+        ctx = oobspec.context()  # the replica started last: the source
+        links = [r._oob_context._links for r in sinks + [source]]
+        assert [x.links["sync"]["role"] for x in links] == ["target", "target", "source"]
+        with pytest.raises(OobError, match="not connected yet"):
+            await ctx.push("sync")
+        descriptors = [await s._oob_link_receiver("sync", "shm") for s in sinks]
+        assert descriptors[0] == await sinks[0]._oob_link_receiver("sync", "shm")  # one receiver per link
+        assert descriptors[0]["name"] != descriptors[1]["name"]
+        assert all(in_shm(d["name"]) for d in descriptors)
+        await source._oob_link_sender("sync", [{"key": f"dst-{i}", "handle": LocalHandle(s), "transport": "shm",
+                                                "descriptor": d} for i, (s, d) in enumerate(zip(sinks, descriptors))])
+        data, results = ctx.buffers["data"], []
+        for seed, push in ((1, ctx.push), (2, source._oob_push)):  # from the user's code, and as `oob sync` does
+            data[...] = np.random.default_rng(seed).random(data.shape)
+            results.append(await push("sync"))
+            for sink in sinks:
+                assert np.array_equal(sink._oob_context.buffers["data"], data)
+                assert sink._oob_context.versions["data"] == seed
+        assert [(r["version"], r["bytes"], r["targets"], r["transport"]) for r in results] == \
+            [(1, 2 * 8 * 16 * 8, 2, "shm"), (2, 2 * 8 * 16 * 8, 2, "shm")]
+        assert [x.stats() for x in links] == [{}, {}, {"sync": {"last_push": results[1], "transports": ["shm"]}}]
+        with pytest.raises(OobError, match="pushes from replica 0 of src, not from dst-1"):
+            await sinks[1]._oob_push("sync")
+        with pytest.raises(OobError, match=r"actor src has no link 'nope' \(links: sync\)"):
+            await source._oob_push("nope")
+        with pytest.raises(OobError, match="link 'sync' is not set up on dst-0"):
+            await sinks[0]._oob_receive("sync", {"transport": "object_store", "payload": None}, 3)
+        for replica in sinks + [source]:
+            await replica._oob_stop()
+        assert [x.cfg["_buffer_owners"] for x in links] == [{}, {}, {}]
+        assert not [d["name"] for d in descriptors if in_shm(d["name"])]
+    asyncio.run(go())
+
+
+def test_cleanup_of_one_deployment_spares_a_similarly_named_one(deployment):
+    owners = [allocate((2,), "uint8", "cpu", shared_name=shm_name(cfg, "data"))
+              for cfg in ({"deployment": deployment, "actor": "web", "replica": 0},
+                          {"deployment": f"{deployment}-2", "actor": "web", "replica": 0})]
+    try:
+        cluster.cleanup_shm(deployment)
+        assert [in_shm(o.name) for o in owners] == [False, True]
+    finally:
+        shm.cleanup(f"oob-{deployment}-")
+
+
+# --- transports -------------------------------------------------------------------------------------
+
+
+def test_shm_copy_is_exact_between_two_mappings(deployment):
+    target = allocate((3, 5), "float64", "cpu", shared_name=f"oob-{deployment}-t")
+    receiver = shm.Receiver(target)
+    source = np.random.default_rng(7).standard_normal((3, 5))
+    source[0, 0], source[0, 1] = np.nan, -0.0
+    sender = shm.Sender(source, receiver.descriptor())
+    assert sender.send() is None
+    receiver.receive(None)
+    assert receiver.array.tobytes() == source.tobytes()  # bit for bit, NaN and -0.0 included
+    source += 1  # the target only changes on the next send
+    assert receiver.array.tobytes() != source.tobytes()
+    sender.send()
+    assert receiver.array.tobytes() == source.tobytes()
+    sender.close()
+    sender.close()  # twice is fine
+    assert in_shm(target.name)  # the sender never unlinks: the segment is the target's
+    receiver.close()
+    assert not in_shm(target.name)
+
+
+def test_shm_refuses_mismatches_and_bad_names(deployment):
+    target = allocate((4,), "int32", "cpu", shared_name=f"oob-{deployment}-t")
+    descriptor = shm.Receiver(target).descriptor()
+    with pytest.raises(TransportError, match=r"source buffer is float32\[4\] but the target buffer is int32\[4\]"):
+        shm.Sender(np.zeros(4, np.float32), descriptor)
+    with pytest.raises(TransportError, match="source must be a numpy array, got SimpleNamespace"):
+        shm.Sender(types.SimpleNamespace(shape=(4,), dtype=np.dtype("int32")), descriptor)  # e.g. a cupy array
+    with pytest.raises(TransportError, match="already exists"):
+        allocate((4,), "int32", "cpu", shared_name=target.name)
+    with pytest.raises(TransportError, match="must start with 'oob-'"):
+        allocate((4,), "int32", "cpu", shared_name=f"x-{deployment}")
+    with pytest.raises(TransportError, match="needs a SharedBuffer"):
+        shm.Receiver(allocate((4,), "int32", "cpu"))
+    target.close()
+    with pytest.raises(TransportError, match="does not exist"):
+        shm.Sender(np.zeros(4, np.int32), descriptor)
+
+
+def test_allocate_without_a_name_is_a_private_zeroed_array():
+    buf = allocate((2, 3), "uint8", "cpu")
+    assert isinstance(buf, LocalBuffer) and buf.array.tolist() == [[0, 0, 0], [0, 0, 0]]
+    buf.close()
+    assert buf.array is None
+    with pytest.raises(TransportError, match="cpu buffers only"):
+        allocate((2,), "float32", "gpu", shared_name="oob-x")
+
+
+def test_gpu_buffers_without_cupy_say_what_to_install():
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed")
+    for attempt in (import_cupy, lambda: allocate((2,), "float32", "gpu")):
+        with pytest.raises(TransportError, match="GPU transports need cupy"):
+            attempt()
+
+
+def test_object_store_ends_without_ray():
+    target = np.zeros((2, 3), np.float32)
+    receiver = object_store.Receiver(LocalBuffer(target))
+    assert receiver.array is target
+    assert receiver.descriptor() == {"shape": (2, 3), "dtype": "<f4"}
+    with pytest.raises(TransportError, match="object_store"):
+        object_store.Sender(np.zeros((3, 2), np.float32), receiver.descriptor())
+    sender = object_store.Sender(np.ones((2, 3), np.float32), receiver.descriptor())
+    sender.close()
+    receiver.close()
+    assert receiver.array is None
+
+
+def test_auto_transport_and_devices():
+    here, there = Topology("node-a", "GPU-0"), Topology("node-b", "GPU-1")
+    assert [choose(d, here, t) for d in ("cpu", "cuda") for t in (here, there)] == \
+        ["shm", "object_store", "cuda_ipc", "nccl"]
+    assert (is_gpu("cpu"), is_gpu("gpu"), is_gpu("cuda")) == (False, True, True)
+    with pytest.raises(TransportError, match="unknown device 'tpu'"):
+        is_gpu("tpu")
+    with pytest.raises(TransportError, match="unknown transport 'rdma'"):
+        get_transport("rdma")
+
+
+# --- apply.py: what each replica is given ----------------------------------------------------------
+
+
+def test_replica_config_wiring_ports_and_secrets(applier, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    name = applier.spec.name
+    http_port, rpc_port = (s.port for s in applier.spec.actors["store"].servers)
+    urls = [f"http://127.0.0.1:{http_port + i}" for i in range(2)]
+    for i, url in enumerate(urls):
+        applier.info[("store", i)] = {"endpoints": {"http": url, "rpc": f"127.0.0.1:{6000 + i}"}}
+    applier._collect_endpoints("store")
+
+    store = [applier.replica_config("store", i, "digest") for i in range(2)]
+    assert [[s["port"] for s in cfg["servers"]] for cfg in store] == \
+        [[http_port, rpc_port], [http_port + 1, rpc_port + 1]]
+    assert store[1]["servers"][0]["auth"] == {"token_env": TOKEN_ENV}
+    assert {k: store[1][k] for k in ("deployment", "namespace", "actor", "replica", "replicas", "config_hash",
+                                     "restarts", "command")} == \
+        {"deployment": name, "namespace": f"oob-{name}", "actor": "store", "replica": 1, "replicas": 2,
+         "config_hash": "digest", "restarts": 3, "command": None}
+    assert store[1]["secrets"] == {TOKEN_ENV: "s3cret"}
+    assert "s3cret" not in json.dumps({k: v for k, v in store[1].items() if k != "secrets"})
+    assert {k: v for k, v in store[1]["env"].items() if k.startswith("OOB_")} == \
+        {"OOB_REPLICA": "1", "OOB_REPLICAS": "2", "OOB_DEPLOYMENT": name}
+
+    web = applier.replica_config("web", 0, "digest")
+    assert web["endpoints"] == {"kv-store": urls, "rpc": ["127.0.0.1:6000", "127.0.0.1:6001"]}
+    assert {k: v for k, v in web["env"].items() if k.startswith("OOB_")} == {
+        "OOB_REPLICA": "0", "OOB_REPLICAS": "1", "OOB_DEPLOYMENT": name,
+        "OOB_KV_STORE_URL": urls[0], "OOB_KV_STORE_URLS": ",".join(urls),
+        "OOB_RPC_URL": "127.0.0.1:6000", "OOB_RPC_URLS": "127.0.0.1:6000,127.0.0.1:6001"}
+    assert (web["secrets"], web["servers"], web["buffers"], web["links"]) == ({}, [], {}, {})
+
+    monkeypatch.delenv(TOKEN_ENV)
+    assert applier.replica_config("store", 0, "digest")["secrets"] == {}
+    db = applier.replica_config("db", 0, "digest")
+    assert db["command"][-1] == "{port}" and db["restarts"] == -1
+
+
+def test_replica_config_of_a_peer_not_yet_running_has_empty_urls(applier):
+    web = applier.replica_config("web", 0, "digest")
+    assert web["endpoints"] == {"kv-store": [], "rpc": []}
+    assert (web["env"]["OOB_KV_STORE_URL"], web["env"]["OOB_KV_STORE_URLS"]) == ("", "")
+
+
+def test_options_carry_names_restarts_and_resources(applier):
+    name = applier.spec.name
+    store = applier.options("store", 1, {})
+    assert {k: store[k] for k in ("name", "namespace", "max_restarts", "num_cpus", "num_gpus", "memory", "resources")} \
+        == {"name": "store-1", "namespace": f"oob-{name}", "max_restarts": 3, "num_cpus": 0.5, "num_gpus": 1,
+            "memory": 512 * 1024**2, "resources": {"accel": 1.0}}
+    assert "scheduling_strategy" not in store
+    web = applier.options("web", 0, {})
+    assert (web["name"], web["max_restarts"]) == ("web-0", 0)
+    assert not {"num_cpus", "num_gpus", "memory", "resources"} & set(web)  # Ray's defaults
+    assert applier.options("db", 0, {})["max_restarts"] == -1
+
+
+def test_resources_text_names_what_a_replica_waits_for(applier):
+    assert [applier.resources_text(a) for a in ("store", "web")] == ["0.5 CPU, 1 GPU, 512MiB memory, 1 accel",
+                                                                     "a worker slot"]
+
+
+def test_bundles_one_per_replica(applier):
+    assert applier.bundles() == [{"CPU": 0.5, "GPU": 1, "memory": 512 * 1024**2, "accel": 1.0}] * 2 \
+        + [{"CPU": 0.01}, {"CPU": 0.01}]
+    assert applier.bundle_index == {("store", 0): 0, ("store", 1): 1, ("web", 0): 2, ("db", 0): 3}
+
+
+def test_env_key_and_cause():
+    assert _env_key("kv-store") == "KV_STORE"
+
+    class RayTaskError(Exception):
+        cause = ValueError("bad port")
+    assert _cause(RayTaskError("traceback ...")) == "ValueError: bad port"
+    assert _cause(RuntimeError("Traceback:\n  frame\n\nOSError: no space\n")) == "OSError: no space"
+    assert _cause(KeyError()) == "KeyError"
+
+
+# --- cluster.py: what needs no Ray ------------------------------------------------------------
+
+
+def test_split_name_and_host_port():
+    assert [cluster.split_name(n) for n in ("web-0", "kv-store-12", "solo")] == \
+        [("web", 0), ("kv-store", 12), ("solo", 0)]
+    assert cluster._host_port("ray://10.0.0.1:10001/") == ("10.0.0.1", 10001)
+    assert cluster._host_port("[::1]:6379") == ("::1", 6379)
+    with pytest.raises(ClusterError, match="cannot connect to Ray at nowhere: expected HOST:PORT"):
+        cluster._host_port("nowhere")
+
+
+def test_probe_fails_fast_with_one_line():
+    port = free_port()
+    with pytest.raises(ClusterError, match=f"cannot connect to Ray at 127.0.0.1:{port}: Connection refused"):
+        cluster.probe(f"127.0.0.1:{port}", timeout=5)
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, but speaks no gRPC
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ClusterError, match="something answers there, but not Ray"):
+            cluster.probe(address, timeout=0.5)
+
+
+def test_find_address_order_and_the_embedded_registry(monkeypatch):
+    name = f"u{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("RAY_ADDRESS", "from-env:1")
+    assert cluster.find_address(name, "flag:1", "spec:1") == "flag:1"
+    assert cluster.find_address(name, None, "spec:1") == "from-env:1"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster.find_address(name, None, "spec:1") == "spec:1"
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        path = cluster.register_embedded(name, address)
+        try:
+            assert cluster.find_address(name, None) == address  # a foreground apply's Ray, still up
+            assert address in cluster.addresses(None)
+            listener.close()
+            assert cluster._embedded_address(name) is None  # registered, but nothing answers
+        finally:
+            path.unlink()
+
+
+def test_actor_records_in_words():
+    record = lambda state, pid=7, death=None: ActorRecord("web-0", state, pid, "", "n1", 0, 1, death)
+    assert [record(s).words for s in ("ALIVE", "RESTARTING", "PENDING_CREATION", "SOMETHING_NEW")] == \
+        ["alive", "restarting", "starting", "something_new"]
+    assert record("PENDING_CREATION", pid=0).words == "waiting for resources"
+    assert (record("DEAD", death="out of memory").words, record("DEAD").words) == ("dead: out of memory",
+                                                                                  "dead: unknown cause")
+    assert state._first_line("\n  The actor died. Details follow.\nmore") == "The actor died"
+    assert (state._first_line(" \n"), state._last_line("a\nValueError: x\n\n"), state._last_line("")) == \
+        ("unknown cause", "ValueError: x", "unknown error")
+    assert (state.log_files(record("ALIVE")), state.tail(record("ALIVE"))) == ([], "")  # no worker yet: no files
+
+
+# --- report.py ---------------------------------------------------------------------------------------
+
+
+def test_size():
+    assert [size(n) for n in (0, 1023, 1536, 3 * 1024**3, 2 * 1024**5)] == \
+        ["0 B", "1023 B", "1.5 KiB", "3.0 GiB", "2048.0 TiB"]
+
+
+def test_plan_text():
+    plan = Plan("demo", "oob-demo", False,
+                [Action("create", "web", [0, 1], "new actor"), Action("keep", "db", [0], "unchanged")],
+                [["db"], ["web"]], [ServerRow("web", 0, "http", "http", "http://127.0.0.1:8080")],
+                [LinkRow("w", "db.buf", "web.buf", "cpu", "shm", "one node")],
+                {"actors": 3, "cpus": 1.5, "gpus": 0.0, "memory_bytes": 1536 * 1024**2})
+    lines = plan_text(plan).splitlines()
+    assert lines[0] == ("deployment demo (namespace oob-demo) — offline: no cluster running, "
+                        "showing what apply would create")
+    assert lines[2:7] == ["  + create   web [0,1]  (new actor)", "  = keep     db [0]  (unchanged)", "",
+                          "  2 to create, 0 to replace, 0 to delete", ""]
+    assert "start order: [db] -> [web]" in lines
+    assert "web    0        http    http      http://127.0.0.1:8080" in lines
+    assert "w     db.buf  web.buf  cpu     shm        one node" in lines
+    assert lines[-1] == "total: 3 actor replicas, 1.5 CPU, 0 GPU, 1.5 GiB memory"
+    quiet = Plan("demo", "oob-demo", True, [Action("keep", "db", [0], "unchanged")], [["db"]], [], [],
+                 {"actors": 1, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0})
+    assert plan_text(quiet).splitlines()[4:] == ["  no changes", "", "start order: [db]", "",
+                                                 "total: 1 actor replica, 0 CPU, 0 GPU, 0 B memory"]
+
+
+def test_status_and_endpoints_text():
+    status = {"name": "demo", "namespace": "oob-demo", "healthy": False, "replicas": [
+        {"name": "web-0", "state": "alive", "restarts": 2, "pid": 42, "node_id": "abcdef0123456789",
+         "endpoints": {"http": "http://127.0.0.1:8080", "rpc": "127.0.0.1:9"}},
+        {"name": "web-1", "state": "missing"}],
+        "links": [{"name": "w", "from": "db.buf", "to": ["web.buf"], "transport": "shm",
+                   "last_push": {"version": 3, "bytes": 4096, "gbps": 1.234}},
+                  {"name": "v", "from": "a.b", "to": ["c.d", "e.f"]}]}
+    assert status_text(status).splitlines() == [
+        "deployment demo (namespace oob-demo): NOT healthy", "",
+        "ACTOR  STATE    RESTARTS  PID  NODE          ENDPOINTS",
+        "web-0  alive    2         42   abcdef012345  http://127.0.0.1:8080 127.0.0.1:9",
+        "web-1  missing  0         -    -             -", "",
+        "LINK  FROM    TO        TRANSPORT  VERSION  BYTES    GB/S",
+        "w     db.buf  web.buf   shm        3        4.0 KiB  1.23",
+        "v     a.b     c.d, e.f  -          -        -        -"]
+    empty = {"name": "x", "namespace": "oob-x", "healthy": True, "replicas": []}
+    assert status_text(empty) == "deployment x (namespace oob-x): healthy\n\n(no actors)"
+    endpoints = {"web": {"http": ["http://127.0.0.1:8080", "http://127.0.0.1:8081"]}, "db": {"main": []}}
+    assert endpoints_text(endpoints) == (
+        "ACTOR  SERVER  REPLICA  ENDPOINT\n"
+        "web    http    0        http://127.0.0.1:8080\n"
+        "web    http    1        http://127.0.0.1:8081")
+    assert endpoints_text({"db": {"main": []}}) == "(no servers)"
