@@ -998,6 +998,88 @@ def test_actor_records_in_words():
     assert (state.log_files(record("ALIVE")), state.tail(record("ALIVE"))) == ([], "")  # no worker yet: no files
 
 
+def test_death_causes_in_one_line():
+    from ray.core.generated.common_pb2 import ActorDeathCause, ActorDiedErrorContext
+    died = lambda reason, **kw: ActorDeathCause(actor_died_error_context=ActorDiedErrorContext(  # noqa: E731
+        reason=ActorDiedErrorContext.Reason.Value(reason), error_message="The actor is dead. Long text.", **kw))
+    assert state.death_reason(died("WORKER_DIED")) == "its worker process died"
+    assert state.death_reason(died("RAY_KILL", never_started=True)) == "killed (ray.kill)"
+    assert state.death_reason(died("NODE_DIED", never_started=True)) == "its node died before it started"
+    assert state.death_reason(died("UNSPECIFIED")) == "The actor is dead"
+    failed = ActorDeathCause()
+    failed.creation_task_failure_context.formatted_exception_string = "Traceback...\nValueError: bad config\n"
+    assert state.death_reason(failed) == "__init__ raised: ValueError: bad config"
+    assert state.death_reason(ActorDeathCause()) == "unknown cause"
+
+
+def test_worker_log_reading_drops_ray_markers(tmp_path):
+    log = tmp_path / "worker.out"
+    log.write_text(":actor_name:Store\nstore starting\n:task_name:put\nput a=1\n")
+    offset, text = state.read_from(str(log), 0)
+    assert (offset, text) == (log.stat().st_size, "store starting\nput a=1\n")
+    with log.open("a") as f:
+        f.write("put b=2\n")
+    assert state.read_from(str(log), offset)[1] == "put b=2\n"
+
+
+def test_status_rows_declare_every_replica():
+    from oobspec.runtime.commands import _replica_row, declared
+    meta = {"actors": {"web": {"replicas": 2}, "db": {}}}
+    assert declared(meta) == ["web-0", "web-1", "db-0"] and declared(None) == []
+    record = lambda st, death=None: ActorRecord("web-0", st, 7, "w", "n", 2, 1, death)  # noqa: E731
+    info = {"pid": 7, "node_id": "n", "endpoints": {"http": "http://127.0.0.1:1"}, "process": None, "error": None}
+    rows = [_replica_row("web-0", record("ALIVE"), info), _replica_row("web-1", None, None),
+            _replica_row("db-0", record("DEAD", "its worker process died"), None),
+            _replica_row("web-0", record("ALIVE"), None),
+            _replica_row("web-0", record("ALIVE"), dict(info, error="RuntimeError: x")),
+            _replica_row("web-0", record("ALIVE"), dict(info, process={"alive": False, "last_exit": 3}))]
+    assert [(r["state"], r["healthy"]) for r in rows] == [
+        ("alive", True), ("missing", False), ("dead: its worker process died", False), ("not answering", False),
+        ("failed: RuntimeError: x", False), ("process exited (3)", False)]
+    assert (rows[0]["restarts"], rows[1]["restarts"], rows[0]["endpoints"]) == (2, 0, info["endpoints"])
+
+
+def test_ship_by_value_picks_the_users_own_modules_only(tmp_path, monkeypatch):
+    from oobspec.imports import local_modules
+    (tmp_path / "userpkg").mkdir()
+    (tmp_path / "userpkg" / "__init__.py").write_text("")
+    (tmp_path / "userpkg" / "mod.py").write_text("class C:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("userpkg.mod")
+    try:
+        found = local_modules()
+        assert "userpkg" in found
+        assert not {"oobspec", "numpy", "json", "pytest", "aiohttp"} & set(found)
+    finally:
+        for name in ("userpkg.mod", "userpkg"):
+            sys.modules.pop(name, None)
+
+
+def test_actor_class_unpickles_with_real_signatures_where_the_module_cannot_import(tmp_path, monkeypatch):
+    """The cause of "too many positional arguments" from other processes: Ray pickled the class
+    by reference, so a process without the module got a stand-in class with (*args, **kwargs)."""
+    import subprocess
+    from ray import cloudpickle
+    from oobspec.imports import ship_by_value
+    (tmp_path / "kvmod.py").write_text("class Store:\n    def put(self, key, value=1.0, *, scale=1.0):\n"
+                                       "        return value * scale\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user_cls = importlib.import_module("kvmod").Store
+    try:
+        assert "kvmod" in ship_by_value()
+        blob = tmp_path / "class.pkl"
+        blob.write_bytes(cloudpickle.dumps(make_actor_class(user_cls)))
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules.pop("kvmod"))
+    code = ("import inspect, pickle, sys; cls = pickle.load(open(sys.argv[1], 'rb'));"
+            "print(inspect.signature(cls.put), cls.put(None, 'k', 2.0, scale=3.0))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code, str(blob)], cwd="/", env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(self,", "key,", "value=1.0,", "*,", "scale=1.0)", "6.0"]
+
+
 # --- report.py ---------------------------------------------------------------------------------------
 
 
