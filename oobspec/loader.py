@@ -133,7 +133,7 @@ class _Builder:
         root: Any = None
         documents = 0
 
-        def attach(value, size, mark, anchor, height=0):
+        def attach(value, size, mark, anchor, height=0, merge_key=False):
             nonlocal root
             if anchor:
                 self.anchors[anchor] = (value, size, height)
@@ -158,11 +158,11 @@ class _Builder:
                     first = frame[7][key]
                     raise self.fail("OOB101", f"duplicate key '{key}' (first defined at line {first})", mark)
                 frame[7][key] = mark.line + 1
-                frame[4], frame[5] = key, mark
+                frame[4], frame[5] = _MERGE if merge_key else key, mark
                 return
             key, key_mark = frame[4], frame[5]
             frame[4] = _NO_KEY
-            if key == "<<":
+            if key is _MERGE:
                 self._merge(container, value, key_mark)
                 return
             sub = path + (key,)
@@ -195,8 +195,13 @@ class _Builder:
                 attach(value, size, mark, None, height)
             elif isinstance(event, yaml.ScalarEvent):
                 self._count(1, mark)
-                attach(self._scalar(event), 1, mark, event.anchor)
+                # Only a plain, untagged `<<` is the merge key; '<<' quoted is an ordinary key.
+                merge_key = event.value == "<<" and tag is None and not event.style and event.implicit[0]
+                attach(self._scalar(event), 1, mark, event.anchor, merge_key=merge_key)
             elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                kind = "map" if isinstance(event, yaml.MappingStartEvent) else "seq"
+                if tag not in (None, "!", f"tag:yaml.org,2002:{kind}"):
+                    raise self.fail("OOB100", f"tag '{tag}' does not fit a {'mapping' if kind == 'map' else 'list'}", mark)
                 if len(stack) >= MAX_DEPTH:
                     raise self.fail("OOB103", f"nesting deeper than {MAX_DEPTH} levels", mark)
                 self._count(1, mark)
@@ -215,6 +220,8 @@ class _Builder:
         if isinstance(container, list):
             return path + (len(container),)
         key = stack[-1][4]
+        if key is _MERGE:
+            return path + ("<<",)
         return path + (key,) if key is not _NO_KEY else path
 
     def _count(self, size: int, mark) -> None:
@@ -248,6 +255,7 @@ class _Builder:
 
 
 _NO_KEY = object()
+_MERGE = object()  # the pending key is the merge key `<<`
 
 
 def loads(text: str | bytes, file: str = "<spec>") -> Document:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -97,11 +98,16 @@ def load_values(files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple
     """Values files (later wins), then `values`, then `--set` (wins over all)."""
     result: dict = {}
     for f in files:
+        # A values file that is not there is a mistake in the command line, not in the spec.
+        if not Path(f).exists():
+            raise UsageError(f"--values {f}: no such file")
+        if Path(f).is_dir():
+            raise UsageError(f"--values {f}: is a directory, not a values file")
         data = load_file(f).data
         if data is None:
             continue
         if not isinstance(data, dict):
-            raise SpecError([Diagnostic("OOB110", "a values file must be a mapping", f)])
+            raise SpecError([Diagnostic("OOB110", "a values file must be a mapping", str(f))])
         result = merge(result, data)
     if values:
         result = merge(result, values)
@@ -199,10 +205,22 @@ def render(doc: Document, values: dict | None = None, environ: dict | None = Non
 
 
 class _Dumper(yaml.SafeDumper):
-    """Safe dumper that writes a float as the user wrote it (`python: 3.10` stays 3.10)."""
+    """Safe dumper that writes a float as the user wrote it (`python: 3.10` stays 3.10), and
+    quotes a string our YAML 1.2 loader would read as something else ("1e3", "0o17")."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == "tag:yaml.org,2002:str":
+            typed = resolve_plain(value)
+            if typed is not value:  # the YAML 1.1 resolvers took it for text; YAML 1.2 does not
+                return "tag:yaml.org,2002:" + {bool: "bool", int: "int", YamlFloat: "float"}.get(type(typed), "null")
+        return tag
 
 
 _Dumper.add_representer(YamlFloat, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:float", value.text))
+# PyYAML writes NEL, LS and PS raw inside single quotes, where a reader folds them into a space.
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style='"' if any(c in value for c in "\x85\u2028\u2029") else None))
 
 
 def to_yaml(data: Any) -> str:

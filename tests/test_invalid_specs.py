@@ -116,8 +116,8 @@ def test_port_clashes_name_both_servers():
 
 
 def test_sandbox_escape_runs_nothing(tmp_path, monkeypatch):
-    marker = Path("/tmp/oob-pwned")
-    marker.unlink(missing_ok=True)
+    monkeypatch.chdir(tmp_path)  # an escape would `touch oob-pwned` here
+    marker = tmp_path / "oob-pwned"
     assert _one("45-sandbox-globals.yaml", "OOB111")
     assert not marker.exists()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,16 +13,19 @@ from hypothesis import strategies as st
 
 import oobspec
 from oobspec.api import lint_file
+from oobspec.checks import check, validate
 from oobspec.errors import SpecError
 from oobspec.loader import (
     MAX_BYTES,
     MAX_DEPTH,
+    Document,
     YamlFloat,
     load_file,
     loads,
     resolve_plain,
     scalar_text,
 )
+from oobspec.render import render, to_yaml
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -236,6 +240,23 @@ c:
     assert "<<" not in data["a"]
 
 
+def test_only_a_plain_merge_key_merges():
+    text = "base: &b {x: 1}\nquoted:\n  '<<': *b\ntagged:\n  !!str <<: 1\nplain:\n  <<: *b\n  y: 2\nvalue: <<\n"
+    assert loads(text).data == {"base": {"x": 1}, "quoted": {"<<": {"x": 1}}, "tagged": {"<<": 1},
+                                "plain": {"x": 1, "y": 2}, "value": "<<"}
+
+
+@pytest.mark.parametrize("text", ["a: !!int [1]", "a: !!str {b: 1}", "a: !!map [1]", "a: !!seq {b: 1}",
+                                  "a: !!null []", "!!bool {}"])
+def test_core_tag_must_fit_a_collection(text):
+    d = refused(text, "OOB100")
+    assert "does not fit a" in d.message
+
+
+def test_fitting_collection_tags_are_fine():
+    assert loads("a: !!map {b: 1}\nc: !!seq [1]\nd: ! [2]\n").data == {"a": {"b": 1}, "c": [1], "d": [2]}
+
+
 def test_merge_of_a_scalar_is_refused():
     refused("a: &x 1\nb:\n  <<: *x\n", "OOB100")
 
@@ -265,52 +286,102 @@ def test_empty_document():
     assert loads("# only a comment\n").data is None
 
 
-# --- fuzzing: only SpecError, never anything else ----------------------------------------------
+# --- fuzzing: only SpecError, never anything else; what parses, parses to the right data ------
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FUZZ_N=3000 for a deeper run (give it --timeout 600 too; the module caps a test at 30 s).
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_N", 150)), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+_PYYAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20), st.sampled_from(["on", "no", "3.10", "{{ x }}", "{{ env.HOME }}", "*a", "&a", "!!str",
-                                           "<<", "{% for %}", "{{ ''.__class__ }}", "{{ 1/0 }}"]),
+                                           "<<", "{% for %}", "{{ ''.__class__ }}", "{{ 1/0 }}", "1e3", "0o17",
+                                           "+.5", ".NaN", "1_000", "~", ""]),
 )
 trees = st.recursive(
     scalars,
     lambda children: st.one_of(st.lists(children, max_size=5),
                                st.dictionaries(st.one_of(st.text(max_size=10), st.sampled_from(
                                    ["version", "name", "actors", "class", "servers", "port", "when", "<<",
-                                    "links", "from", "to", "buffers", "connect", "replicas"])),
+                                    "links", "from", "to", "buffers", "connect", "replicas", "1", "on", "1e3"])),
                                    children, max_size=5)),
     max_leaves=30,
 )
+# Random text rarely holds YAML structure; text over YAML's own punctuation often does.
+yaml_text = st.one_of(st.text(max_size=400), st.text(alphabet="ab1 :-?[]{},#&*!|>'\"\n", max_size=200))
 
 
-@FUZZ
-@given(st.text(max_size=400))
-def test_fuzz_text_only_spec_errors(text):
+def _kind(value) -> type:
+    return bool if isinstance(value, bool) else float if isinstance(value, float) else type(value)
+
+
+def same(a, b) -> bool:
+    """Equal data, with types told apart (True is not 1, 1.0 is not 1) and NaN equal to NaN."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return _kind(a) is _kind(b) and a == b
+
+
+def shape(value) -> str:
+    return {dict: "mapping", list: "list", type(None): "null"}.get(type(value), "scalar")
+
+
+def pyyaml_shape(text: str) -> tuple[str, int]:
+    """Root shape and size as PyYAML's parser (the same C parser, no constructors) sees the text."""
+    node = yaml.compose(text, Loader=_PYYAML)
+    if node is None or node.tag == "tag:yaml.org,2002:null":
+        return "null", 0
+    kind = {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "scalar")
+    return kind, len(node.value) if kind != "scalar" else 0
+
+
+def check_against_pyyaml(text: str):
+    """loads either refuses (SpecError, loader codes only) or reads what PyYAML's parser reads:
+    the same root shape (YAML 1.1 and 1.2 differ on scalar types only) and size."""
     try:
-        loads(text)
+        data = loads(text).data
     except SpecError as exc:
-        assert all(d.code.startswith("OOB1") for d in exc.diagnostics)
+        assert all(d.code.startswith("OOB10") for d in exc.diagnostics), exc
+        return
+    kind, size = pyyaml_shape(text)
+    assert shape(data) == kind, (data, text)
+    if kind == "list" or (kind == "mapping" and "<<" not in text):  # merge keys are folded in
+        assert len(data) == size, (data, text)
 
 
 @FUZZ
-@given(st.binary(max_size=400))
+@given(yaml_text)
+def test_fuzz_text_only_spec_errors(text):
+    check_against_pyyaml(text)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=400), yaml_text.map(lambda t: t.encode())))
 def test_fuzz_bytes_only_spec_errors(data):
     try:
-        loads(data)
-    except SpecError:
-        pass
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(SpecError) as info:
+            loads(data)
+        assert codes(info.value) == ["OOB100"] and "not UTF-8" in info.value.diagnostics[0].message
+        return
+    check_against_pyyaml(text)
 
 
 @FUZZ
 @given(trees)
-def test_fuzz_yaml_structures_round_trip_or_spec_error(tree):
-    text = yaml.safe_dump(tree, allow_unicode=True)
-    try:
-        loads(text)
-    except SpecError:
-        pass
+def test_fuzz_yaml_structures_round_trip(tree):
+    # Every scalar quoted and tagged: the loader must give back exactly the tree.
+    tagged = yaml.safe_dump(tree, allow_unicode=True, default_style='"')
+    assert same(loads(tagged).data, tree), tagged
+    # `oob render` output (plain scalars where YAML 1.2 reads them back as they were) too.
+    rendered = to_yaml(tree)
+    assert same(loads(rendered).data, tree), rendered
 
 
 names = st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True)
@@ -348,23 +419,45 @@ specs = st.fixed_dictionaries({"version": st.sampled_from([1, 2, "1"]), "name": 
                                   "extra": trees})
 
 
-@FUZZ
-@given(st.one_of(specs, trees), st.sampled_from([{}, {"flag": True, "n": 2, "port": 8080}]))
-def test_fuzz_lint_file_only_diagnostics(tree, values):
-    text = yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "spec.yaml"
-        path.write_text(text, encoding="utf-8")
-        diags = lint_file(path, values, imports=False)
-    for d in diags:
-        assert d.code.startswith("OOB") and d.line >= 1 and d.col >= 1
-        assert "\n" not in str(d)
+def lint_tree(tree, values: dict) -> list[str]:
+    """The codes lint finds in a tree that never went through YAML text."""
+    try:
+        doc = render(Document(tree), values)
+        return [d.code for d in check(validate(doc), doc, None, imports=False)]
+    except SpecError as exc:
+        return [d.code for d in exc.diagnostics]
 
 
-@FUZZ
-@given(st.text(max_size=300))
-def test_fuzz_lint_file_text(text):
+def lint_text(text: str, values: dict | None = None) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        lint_file(path, imports=False)
+        diags = lint_file(path, values, imports=False)
+    lines = max(1, len(text.splitlines()))
+    for d in diags:
+        assert d.code.startswith("OOB") and 1 <= d.line <= lines + 1 and d.col >= 1, d
+        assert "\n" not in str(d)
+    return diags
+
+
+@FUZZ
+@given(st.one_of(specs, trees), st.sampled_from([{}, {"flag": True, "n": 2, "port": 8080}]))
+def test_fuzz_lint_file_only_diagnostics(tree, values):
+    # Written out and read back, the spec lints as the tree itself does.
+    diags = lint_text(to_yaml(tree), values)
+    assert sorted(d.code for d in diags) == sorted(lint_tree(tree, values))
+
+
+@FUZZ
+@given(yaml_text)
+def test_fuzz_lint_file_text(text):
+    diags = lint_text(text)
+    try:
+        loads(text)
+    except SpecError as exc:  # refused by the loader: lint says what the loader says
+        assert [(d.code, d.line, d.col, d.message) for d in diags] == \
+            [(d.code, d.line, d.col, d.message) for d in exc.diagnostics]
+        return
+    codes_found = {d.code for d in diags}
+    if not codes_found & {"OOB110", "OOB111"}:  # rendered: then a spec that is not a mapping is OOB121
+        assert ("OOB121" in codes_found) == (pyyaml_shape(text)[0] != "mapping"), diags

@@ -11,7 +11,7 @@ import pytest
 
 import oobspec
 from oobspec.errors import SpecError, UsageError
-from oobspec.loader import loads
+from oobspec.loader import YamlFloat, loads
 from oobspec.render import load_values, merge, parse_set, render, to_yaml
 
 pytestmark = pytest.mark.timeout(30)
@@ -92,10 +92,13 @@ def test_list_result_and_default_filter():
     assert data == {"args": [1, 2], "port": 8080, "given": 5, "host": "127.0.0.1"}
 
 
-def test_non_data_results_are_refused():
-    for expr in ("range(3)", "lipsum", "cycler", "dict", "''.upper"):
-        (d,) = render_error(f'a: "{{{{ {expr} }}}}"')
-        assert d.code in ("OOB110", "OOB111"), d
+@pytest.mark.parametrize("expr, kind", [("range(3)", "range"), ("lipsum", "function"), ("cycler", "type"),
+                                        ("dict", "type"), ("''.upper", "builtin_function_or_method")])
+def test_non_data_results_are_refused(expr, kind):
+    (d,) = render_error(f'a: "{{{{ {expr} }}}}"')
+    assert (d.code, d.line, d.col) == ("OOB110", 1, 4)
+    assert d.message == (f"template result is a {kind}, not YAML data "
+                         "(a string, number, boolean, null, list or mapping)")
 
 
 def test_tuples_become_lists():
@@ -122,13 +125,14 @@ def test_undefined_is_an_error_at_the_scalar():
 
 def test_undefined_attribute_and_filter_errors():
     (d,) = render_error('a: "{{ v.nope }}"', {"v": {"x": 1}})
-    assert d.code == "OOB110"
+    assert (d.code, d.message) == ("OOB110", "template error: 'dict object' has no attribute 'nope'")
     (d,) = render_error('a: "{{ 1 / 0 }}"')
-    assert d.code == "OOB110" and "ZeroDivisionError" in d.message
+    assert (d.code, d.message) == ("OOB110", "template error: ZeroDivisionError: division by zero")
     (d,) = render_error('a: "{{ x | no_such_filter }}"', {"x": 1})
-    assert d.code == "OOB110"
+    assert (d.code, d.message) == ("OOB110", "template error: No filter named 'no_such_filter'.")
     (d,) = render_error('a: "{{ unclosed "')
-    assert d.code == "OOB110"
+    assert (d.code, d.line, d.col) == ("OOB110", 1, 4)
+    assert d.message.startswith("template error: unexpected end of template")
 
 
 def test_undefined_in_lint_file(tmp_path):
@@ -251,13 +255,15 @@ def test_set_is_yaml_typed():
 
 @pytest.mark.parametrize("item", ["novalue", "=1", " =2"])
 def test_bad_set_is_a_usage_error(item):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as info:
         parse_set([item])
+    assert str(info.value) == f"--set takes KEY=VALUE, got '{item}'"
 
 
 def test_set_over_a_value_is_a_usage_error():
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as info:
         parse_set(["a=1", "a.b=2"])
+    assert str(info.value) == "--set a.b: 'a' is already set to a value"
 
 
 def test_merge_does_not_mutate():
@@ -270,9 +276,23 @@ def test_values_file_must_be_a_mapping(tmp_path):
     bad = write(tmp_path, "- 1\n", "bad.yaml")
     with pytest.raises(SpecError) as info:
         load_values([bad])
-    assert info.value.diagnostics[0].code == "OOB110"
+    assert [(d.code, d.message, d.file) for d in info.value.diagnostics] == \
+        [("OOB110", "a values file must be a mapping", str(bad))]
     empty = write(tmp_path, "", "empty.yaml")
     assert load_values([empty]) == {}
+
+
+def test_missing_values_file_is_a_usage_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(UsageError) as info:
+        load_values([missing])
+    assert str(info.value) == f"--values {missing}: no such file"
+    with pytest.raises(UsageError) as info:
+        load_values([tmp_path])
+    assert str(info.value) == f"--values {tmp_path}: is a directory, not a values file"
+    spec = write(tmp_path, "version: 1\nname: t\nactors: {a: {class: 'm:C'}}\n")
+    with pytest.raises(UsageError, match="no such file"):
+        oobspec.lint_file(spec, value_files=[missing])
 
 
 def test_values_through_load(tmp_path):
@@ -299,45 +319,58 @@ def test_env_holds_the_environment(tmp_path, monkeypatch):
     assert data == {"a": "debug"}
     assert rendered('a: "{{ env.X }}"', environ={"X": "1"}) == {"a": 1}
     (d,) = render_error('a: "{{ env.NOT_SET_ANYWHERE }}"', environ={})
-    assert d.code == "OOB110"
+    assert (d.code, d.message) == ("OOB110", "template error: 'dict object' has no attribute 'NOT_SET_ANYWHERE'")
     assert rendered("a: \"{{ env.get('NOPE', 'dflt') }}\"", environ={}) == {"a": "dflt"}
 
 
 # --- sandbox --------------------------------------------------------------------------------------
 
+def unsafe(attr: str, owner: str) -> tuple[str, str]:
+    return "OOB111", f"template refused by the sandbox: access to attribute '{attr}' of '{owner}' object is unsafe."
+
+
+def too_large(what: str) -> tuple[str, str]:
+    return "OOB111", f"template refused by the sandbox: {what} is too large for a template"
+
+
+# Each escape with the exact refusal the sandbox gives: a plain jinja2.Environment fails every one
+# (it runs the escape, returns a non-data object, hangs or runs out of memory instead).
 ESCAPES = [
-    "''.__class__.__mro__",
-    "''.__class__.__mro__[1].__subclasses__()",
-    "cycler.__init__.__globals__",
-    "cycler.__init__.__globals__.os.system('touch {marker}')",
-    "joiner.__init__.__globals__.os.popen('touch {marker}').read()",
-    "namespace.__init__.__globals__",
-    "lipsum.__globals__['os'].system('touch {marker}')",
-    "range.__subclasses__()",
-    "self.__init__.__globals__",
-    "().__class__.__base__.__subclasses__()",
-    "env.__class__.__init__",
-    "'{0.__class__}'.format(1)",
-    "config.__class__",
-    "request.application.__globals__",
-    "[].__class__.__base__",
-    "x.append(1)",
-    "{}.update({'a': 1})",
-    "9 ** 99999999",
-    "(10 ** 4000) ** 4000",
-    "'x' * 10 ** 9",
-    "[0] * 10 ** 9",
-    "range(10 ** 9) | list",
+    ("''.__class__.__mro__", unsafe("__class__", "str")),
+    ("''.__class__.__mro__[1].__subclasses__()", unsafe("__class__", "str")),
+    ("cycler.__init__.__globals__", unsafe("__init__", "type")),
+    ("cycler.__init__.__globals__.os.system('touch {marker}')", unsafe("__init__", "type")),
+    ("joiner.__init__.__globals__.os.popen('touch {marker}').read()", unsafe("__init__", "type")),
+    ("namespace.__init__.__globals__", unsafe("__init__", "type")),
+    ("lipsum.__globals__['os'].system('touch {marker}')", unsafe("__globals__", "function")),
+    # the sandbox's `range` is its own bounded function, not the builtin type
+    ("range.__subclasses__()", ("OOB110", "template error: 'function object' has no attribute '__subclasses__'")),
+    ("self.__init__.__globals__", unsafe("__init__", "TemplateReference")),
+    ("().__class__.__base__.__subclasses__()", unsafe("__class__", "tuple")),
+    ("env.__class__", unsafe("__class__", "dict")),
+    ("env.get.__self__", unsafe("__self__", "builtin_function_or_method")),
+    ("'{0.__class__}'.format(1)", unsafe("__class__", "int")),
+    ("'{c.__init__.__globals__}'.format_map({'c': cycler})", unsafe("__init__", "type")),
+    ("config.__class__", unsafe("__class__", "StrictUndefined")),
+    ("[].__class__.__base__", unsafe("__class__", "list")),
+    ("x.__class__.__base__.__subclasses__()", unsafe("__class__", "list")),
+    ("x.append(1)", unsafe("append", "list")),
+    ("{}.update({'a': 1})", unsafe("update", "dict")),
+    ("9 ** 99999999", too_large("a power with 399,999,996 bits")),
+    ("(10 ** 4000) ** 4000", too_large("a power with 53,152,000 bits")),
+    ("'x' * 10 ** 9", too_large("a str of 1,000,000,000 items")),
+    ("[0] * 10 ** 9", too_large("a list of 1,000,000,000 items")),
+    ("range(10 ** 9) | list", ("OOB110", "template error: OverflowError: Range too big. "
+                                         "The sandbox blocks ranges larger than MAX_RANGE (100000).")),
 ]
 
 
-@pytest.mark.parametrize("expr", ESCAPES)
-def test_sandbox_escapes_are_refused(expr, tmp_path):
+@pytest.mark.parametrize("expr, refusal", ESCAPES, ids=[e for e, _ in ESCAPES])
+def test_sandbox_escapes_are_refused(expr, refusal, tmp_path):
     marker = tmp_path / "pwned"
     text = 'a: "{{ ' + expr.replace("{marker}", str(marker)).replace('"', '\\"') + ' }}"\n'
     diags = render_error(text, {"x": []})
-    assert [d.code for d in diags] in (["OOB111"], ["OOB110"]), diags
-    assert (diags[0].line, diags[0].col) == (1, 4)
+    assert [(d.code, d.message, d.line, d.col) for d in diags] == [(*refusal, 1, 4)]
     assert not marker.exists()
 
 
@@ -346,7 +379,7 @@ def test_sandbox_escape_in_statement_block(tmp_path):
     text = ("a: \"{% for c in ''.__class__.__mro__[1].__subclasses__() %}"
             f"{{{{ c.__init__.__globals__['os'].system('touch {marker}') }}}}{{% endfor %}}\"\n")
     (d,) = render_error(text)
-    assert d.code in ("OOB110", "OOB111")
+    assert (d.code, d.message) == unsafe("__class__", "str")
     assert not marker.exists()
 
 
@@ -387,6 +420,16 @@ def test_rendered_output_keeps_text_that_looks_like_other_types(tmp_path):
     assert again.actors["a"].env == spec.actors["a"].env == {"PY": "3.10", "A": "yes", "B": "0.50"}
 
 
+def test_rendered_output_keeps_yaml12_numbers_and_odd_line_breaks_as_text():
+    # The dumper's own resolvers are YAML 1.1: "1e3" and "0o17" are text there, numbers to our loader.
+    data = {"args": ["1e3", "0o17", "+.5", "1e-3", "3.10", "on", "plain"], "breaks": ["a\x85b", "c\u2028d"],
+            "floats": [YamlFloat(1000.0, "1e3"), YamlFloat(3.1, "3.10")], "n": 15}
+    text = to_yaml(data)
+    assert loads(text).data == data
+    assert "args: ['1e3', '0o17', '+.5', '1e-3', '3.10', 'on', plain]" in text  # still one flow list
+    assert "floats: [1e3, 3.10]" in text  # a float is written as the user wrote it, with no !!float
+
+
 SECRET_SPEC = """\
     version: 1
     name: secret
@@ -414,4 +457,5 @@ def test_auth_token_never_in_render_output(tmp_path):
     assert "token_env: OOB_TEST_TOKEN" in proc.stdout and "MODE: fast" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "oobspec.cli", "lint", "-o", "json", str(spec), "--set", "mode=x"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stdout + proc.stderr  # it did lint, cleanly
     assert secret not in proc.stdout + proc.stderr
