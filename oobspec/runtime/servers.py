@@ -66,7 +66,8 @@ class Signature:
         for p in sig.parameters.values():
             if p.kind is p.VAR_KEYWORD:
                 var_kw = True
-            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "_ray_trace_ctx":
+                # (Ray adds _ray_trace_ctx to the signature of every actor method it wraps.)
                 allowed.add(p.name)
                 if p.default is p.empty:
                     required.add(p.name)
