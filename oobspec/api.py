@@ -35,11 +35,14 @@ def load(path: str | os.PathLike, values: dict | None = None, *, value_files=(),
     return spec
 
 
-def lint(spec: Spec, imports: bool = True) -> list[Diagnostic]:
-    """Cross-reference, port, link and (with imports) code checks of a loaded spec."""
+def lint(spec: Spec, imports: bool = True, *, address: str | None = None) -> list[Diagnostic]:
+    """Cross-reference, port, link and (with imports) code checks of a loaded spec. `address`:
+    where it will run, when not the spec's own ray.address (a remote one adds its checks)."""
+    from .checks import remote_address
     source: Source | None = spec._source
     doc = source.document if source else Document(spec.model_dump(by_alias=True))
-    return check(spec, doc, source.base_dir if source else None, imports)
+    return check(spec, doc, source.base_dir if source else None, imports,
+                 remote=remote_address(address or spec.ray.address))
 
 
 def lint_file(path: str | os.PathLike, values: dict | None = None, *, value_files=(), sets=(),

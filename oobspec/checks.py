@@ -160,9 +160,15 @@ def validate(doc: Document) -> Spec:
 # --- semantic checks --------------------------------------------------------------------------
 
 
+def remote_address(address: str | None) -> bool:
+    """ray:// (Ray Client) and http(s):// (Ray Jobs) reach a cluster that is not this machine."""
+    return bool(address) and address.startswith(("ray://", "http://", "https://"))
+
+
 class _Checker:
-    def __init__(self, spec: Spec, doc: Document, base_dir: Path | None, imports: bool):
+    def __init__(self, spec: Spec, doc: Document, base_dir: Path | None, imports: bool, remote: bool | None = None):
         self.spec, self.doc, self.base_dir, self.imports = spec, doc, base_dir, imports
+        self.remote = remote_address(spec.ray.address) if remote is None else remote
         self.out: list[Diagnostic] = []
 
     def add(self, code, message, path=(), *, key=False, severity="error", hint=None):
@@ -210,6 +216,10 @@ class _Checker:
                 if server.host in ("0.0.0.0", "::") and server.auth is None:
                     self.add("OOB303", f"{who} listens on {server.host} (every interface) without auth",
                              spath + ("host",), severity="warning", hint="add auth: {token_env: NAME} or bind 127.0.0.1")
+                if self.remote and server.host in ("127.0.0.1", "localhost", "::1"):
+                    self.add("OOB309", f"{who} binds {server.host} on a remote cluster: reachable only from its own "
+                             "node", spath + ("host",) if "host" in server.model_fields_set else spath,
+                             severity="warning", hint="bind host: 0.0.0.0 (with auth) to reach it from outside")
                 if isinstance(server, HttpServer):
                     self.routes(aname, server, spath)
                 if isinstance(server, GrpcServer) and server.methods and not server.service:
@@ -380,5 +390,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def check(spec: Spec, doc: Document, base_dir: Path | None = None, imports: bool = True) -> list[Diagnostic]:
-    return _Checker(spec, doc, base_dir, imports).run()
+def check(spec: Spec, doc: Document, base_dir: Path | None = None, imports: bool = True,
+          remote: bool | None = None) -> list[Diagnostic]:
+    """Every cross-reference, port, link and code check. remote: the target cluster is not this
+    machine (None: decide from the spec's ray.address)."""
+    return _Checker(spec, doc, base_dir, imports, remote).run()

@@ -18,6 +18,15 @@ address_option = click.option("--address", default=None, metavar="ADDR",
                               help="Ray cluster address (default: RAY_ADDRESS, then the spec's ray.address).")
 
 
+def _via_jobs(address, argv: list[str], spec=None) -> None:
+    """With a Ray Jobs address (http://HEAD:8265), the command runs on the cluster as a job:
+    its output streams here and its exit code is ours."""
+    from .runtime.jobs import forward, jobs_address
+    url = jobs_address(address, spec)
+    if url:
+        sys.exit(forward(url, argv, spec))
+
+
 def _load(spec_path: str, value_files, sets):
     from .api import load
     return load(spec_path, value_files=value_files, sets=sets)
@@ -77,6 +86,7 @@ def plan(spec, value_files, sets, address, fmt):
     """Show what apply would change (offline when no cluster is running)."""
     from .runtime.commands import plan_for
     loaded = _load(spec, value_files, sets)
+    _via_jobs(address, ["plan", "{spec}", "-o", fmt], loaded)
     result = plan_for(loaded, address)
     click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else report.plan_text(result))
 
@@ -90,7 +100,9 @@ def plan(spec, value_files, sets, address, fmt):
 def apply(spec, value_files, sets, address, timeout):
     """Make the Ray cluster match the spec. Without an address: start a local Ray, run in the foreground."""
     from .runtime.foreground import apply_cli
-    apply_cli(_load(spec, value_files, sets), address=address, timeout=timeout)
+    loaded = _load(spec, value_files, sets)
+    _via_jobs(address, ["apply", "{spec}", "--timeout", str(timeout)], loaded)
+    apply_cli(loaded, address=address, timeout=timeout)
 
 
 @cli.command()
@@ -100,6 +112,7 @@ def apply(spec, value_files, sets, address, timeout):
 def status(name, address, fmt):
     """Show a deployment's replicas, endpoints and links."""
     from .runtime.commands import status as get_status
+    _via_jobs(address, ["status", name, "-o", fmt])
     result = get_status(name, address)
     click.echo(json.dumps(result, indent=2) if fmt == "json" else report.status_text(result))
 
@@ -111,6 +124,7 @@ def status(name, address, fmt):
 def sync(name, link, address):
     """Push a link's source buffer into every target now."""
     from .runtime.commands import sync as do_sync
+    _via_jobs(address, ["sync", name, link])
     result = do_sync(name, link, address)
     click.echo(f"{link}: version {result['version']}, {report.size(result['bytes'])} to "
                f"{result['targets']} target{'s' if result['targets'] != 1 else ''} in {result['seconds'] * 1000:.1f} ms "
@@ -126,6 +140,7 @@ def delete(target, address):
     name = target
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
         name = _load(target, (), ()).name
+    _via_jobs(address, ["delete", name])
     removed = do_delete(name, address)
     click.echo(f"deleted {name}: {removed} actor{'s' if removed != 1 else ''}")
 
@@ -138,6 +153,7 @@ def delete(target, address):
 def logs(name, actor, follow, address):
     """Print an actor's output (its wrapped process's too). ACTOR: <actor> or <actor>-<i>."""
     from .runtime.commands import logs as stream_logs
+    _via_jobs(address, ["logs", name] + ([actor] if actor else []) + (["-f"] if follow else []))
     for chunk in stream_logs(name, actor, follow, address):
         click.echo(chunk, nl=False)
 
@@ -148,6 +164,7 @@ def logs(name, actor, follow, address):
 def list_(address, fmt):
     """List the deployments on the cluster (without an address: the clusters on this machine)."""
     from .runtime.commands import deployments
+    _via_jobs(address, ["list", "-o", fmt])
     found = deployments(address)
     click.echo(json.dumps(found, indent=2) if fmt == "json" else report.deployments_text(found))
 

@@ -80,6 +80,7 @@ class Plan:
     servers: list[ServerRow]
     links: list[LinkRow]
     resources: dict[str, float]
+    upload: dict | None = None  # what travels to a cluster that is not this machine: folder, files, bytes
 
     @property
     def changes(self) -> list[Action]:

@@ -70,6 +70,11 @@ def plan_text(plan: Plan) -> str:
         out.append("")
         out.append(table(["LINK", "FROM", "TO", "DEVICE", "TRANSPORT", "WHY"],
                          [[x.name, x.source, x.target, x.device, x.transport, x.reason] for x in plan.links]))
+    if plan.upload:
+        up = plan.upload
+        out.append("")
+        out.append(f"upload: {up['folder']} ({up['files']} file{'s' if up['files'] != 1 else ''}, {size(up['bytes'])}) "
+                   "as the actors' working_dir, with oobspec as a py_module")
     r = plan.resources
     out.append("")
     out.append(f"total: {r['actors']} actor replica{'s' if r['actors'] != 1 else ''}, {r['cpus']:g} CPU, "

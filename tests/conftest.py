@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,24 +88,31 @@ def write_in(folder: Path, text: str, name: str = "spec.yaml") -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A `ray start --head` cluster of our own (token auth on, as Ray 2.60 starts it); its address."""
-    port = free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in user_env().items() if k != "RAY_AUTH_MODE"}
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                             "--num-cpus=4", "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    deadline = time.time() + 90
-    while not port_open(port) and time.time() < deadline:
+@contextmanager
+def started_head(*args: str, env: dict | None = None, ports: tuple[int, ...] = ()) -> Iterator[None]:
+    """A `ray start --head ARGS --block` of our own (token auth on, as Ray 2.60 starts it),
+    stopped by its process group at the end: never `ray stop`, never another cluster."""
+    env = {k: v for k, v in (env or user_env()).items() if k != "RAY_AUTH_MODE"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus=4", "--block",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not all(port_open(p) for p in ports) and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(2)  # the raylet registers just after the GCS opens its port
+    time.sleep(2)  # the raylet (and the job agent) register just after the ports open
     try:
-        yield f"127.0.0.1:{port}"
+        yield
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only the cluster this fixture started
+        os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A `ray start --head` cluster of our own; its GCS address."""
+    port = free_port()
+    with started_head(f"--port={port}", "--include-dashboard=false", ports=(port,)):
+        yield f"127.0.0.1:{port}"

@@ -37,6 +37,7 @@ class Applier:
         self.info: dict[tuple[str, int], dict] = {}
         self.handles: dict[tuple[str, int], object] = {}
         self.placement = None
+        self.shipped: dict | None = None  # runtime_env of uploaded code, on a remote cluster
 
     # --- configuration handed to each replica ---
 
@@ -90,6 +91,9 @@ class Applier:
         env_vars.update(actor.env)
         if env_vars:
             env["env_vars"] = env_vars
+        if self.shipped:  # a cluster that is not this machine: the spec's folder and oobspec travel
+            env.setdefault("working_dir", self.shipped["working_dir"])
+            env["py_modules"] = list(env.get("py_modules") or []) + self.shipped["py_modules"]
         # No runtime_env at all when none is needed: Ray then starts the actor in a plain worker.
         return env
 
@@ -182,6 +186,10 @@ class Applier:
 
     def run(self, timeout: float = 120.0) -> dict[str, dict[str, list[str]]]:
         import ray
+        if cluster.is_client():
+            from .remote import package_env
+            self.shipped = package_env(self.base_dir)
+            self.progress(f"uploaded {self.base_dir} and oobspec to the cluster")
         observed = cluster.observe(self.namespace)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         plan = make_plan(self.spec, observed, single_node=len(nodes) == 1)
@@ -369,12 +377,12 @@ def start_embedded(namespace: str, log_to_driver: bool = True) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def preflight(spec: Spec) -> list:
+def preflight(spec: Spec, address: str | None = None) -> list:
     """Every lint check, before anything touches the cluster: errors refuse the apply with the
     same lines `oob lint` prints; the warnings are returned."""
     from ..api import lint
     from ..errors import SpecError
-    found = lint(spec)
+    found = lint(spec, address=address)
     if any(d.is_error for d in found):
         raise SpecError(found)  # the warnings too: the same lines as `oob lint`
     return found

@@ -20,6 +20,12 @@ INFO_TIMEOUT = 15.0
 PROBE_TIMEOUT = 5.0
 
 
+def is_client() -> bool:
+    """Connected through Ray Client (ray://): this process is outside the cluster."""
+    from ray.util.client import ray as client
+    return client.is_connected()
+
+
 def registry_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"oobspec-{os.getuid()}"
 
@@ -83,7 +89,7 @@ def addresses(address: str | None) -> list[str]:
 def _use_token_if_any(address: str) -> None:
     # Ray 2.60 turns token auth on for `ray start --head` (and for a local ray.init); a client
     # given an explicit address is refused unless it is in token mode with the token.
-    if address.startswith("ray://") or address == "auto" or os.environ.get("RAY_AUTH_MODE"):
+    if address == "auto" or os.environ.get("RAY_AUTH_MODE"):
         return
     if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists():
         token_mode()
@@ -106,10 +112,8 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Fail in seconds, with one line, where Ray would retry for minutes: nothing listening,
-    a host that does not answer, or a port that is not a Ray GCS (no gRPC there)."""
-    import grpc
+def probe_tcp(address: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, int]:
+    """Something accepts connections at the address within `timeout`, or one line says why."""
     host, port = _host_port(address)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
@@ -117,6 +121,14 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
         raise ClusterError(f"cannot connect to Ray at {address}: no answer within {timeout:.0f}s") from None
     except OSError as exc:
         raise ClusterError(f"cannot connect to Ray at {address}: {exc.strerror or exc}") from None
+    return host, port
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Fail in seconds, with one line, where Ray would retry for minutes: nothing listening,
+    a host that does not answer, or a port that is not a Ray GCS (no gRPC there)."""
+    import grpc
+    host, port = probe_tcp(address, timeout)
     from .servers import host_port
     channel = grpc.insecure_channel(host_port(host, port))
     try:
@@ -139,11 +151,19 @@ def connect(address: str, namespace: str) -> None:
                                "`ray start --head`, or pass --address")
     probe(address)
     _use_token_if_any(address)
-    try:
-        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False,
-                 configure_logging=True)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+    client = address.startswith("ray://")
+    extra = {} if client else {"configure_logging": True}
+    for attempt in range(3):
+        try:
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False,
+                     **extra)
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            # Ray Client's proxy sometimes refuses a connection that follows another at once.
+            if client and "Initialization failure" in str(exc) and attempt < 2:
+                time.sleep(1.0)
+                continue
+            raise ClusterError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
 
 
 @contextmanager

@@ -6,12 +6,13 @@ CLI to print; none of them prints.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Iterator
 
 from ..errors import ClusterError, OobError
 from ..models import Spec
 from ..plan import Plan, make_plan
-from . import cluster, state
+from . import cluster, remote, state
 from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session, split_name
 
 
@@ -22,7 +23,11 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
             return make_plan(spec, single_node=True if single or not (address or spec.ray.address) else None)
         import ray
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        return make_plan(spec, cluster.observe(spec.namespace), single_node=single or len(nodes) == 1)
+        plan = make_plan(spec, cluster.observe(spec.namespace), single_node=single or len(nodes) == 1)
+        if cluster.is_client():
+            up = remote.scan(spec._source.base_dir if spec._source else Path.cwd())
+            plan.upload = {"folder": str(up.folder), "files": up.files, "bytes": up.bytes}
+        return plan
 
 
 def declared(meta: dict | None) -> list[str]:

@@ -40,9 +40,9 @@ def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
     console = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
     progress = lambda msg: console.print(f"[dim]·[/dim] {msg}")  # noqa: E731
-    for warning in preflight(spec):
-        console.print(str(warning), markup=False)
     explicit = address or os.environ.get("RAY_ADDRESS") or spec.ray.address
+    for warning in preflight(spec, explicit):
+        console.print(str(warning), markup=False)
     import ray
     if explicit:
         with _signals(_interrupt):

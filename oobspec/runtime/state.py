@@ -67,11 +67,25 @@ def _last_line(text: str) -> str:
 def actor_records(namespace: str) -> dict[str, ActorRecord]:
     """Newest record of every named actor in the namespace (a live one wins over a dead one
     of the same name: a replaced replica leaves its predecessor's record behind)."""
+    from .cluster import is_client
+    if is_client():  # the actor table is read inside the cluster
+        import ray
+
+        from .remote import oob_env
+        task = ray.remote(num_cpus=0, runtime_env=oob_env())(_actor_table)
+        return _records(ray.get(task.remote()), namespace)
+    return _records(_actor_table(), namespace)
+
+
+def _actor_table() -> list[bytes]:
     from ray._private.state import state
+    return list(state._connect_and_get_accessor().get_actor_table(None, None))
+
+
+def _records(table: list[bytes], namespace: str) -> dict[str, ActorRecord]:
     from ray.core.generated import gcs_pb2
-    accessor = state._connect_and_get_accessor()
     out: dict[str, ActorRecord] = {}
-    for raw in accessor.get_actor_table(None, None):
+    for raw in table:
         data = gcs_pb2.ActorTableData.FromString(raw)
         if data.ray_namespace != namespace or not data.name:
             continue
