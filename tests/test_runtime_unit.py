@@ -1133,3 +1133,55 @@ def test_status_and_endpoints_text():
         "web    http    0        http://127.0.0.1:8080\n"
         "web    http    1        http://127.0.0.1:8081")
     assert endpoints_text({"db": {"main": []}}) == "(no servers)"
+
+
+# --- remote.py, jobs.py: what travels to a cluster that is not this machine ----------------------
+
+
+def test_upload_scan_honours_excludes_and_the_cap(tmp_path):
+    from oobspec.runtime import remote
+    (tmp_path / "app.py").write_text("x = 1\n")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0" * 5000)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"\0" * 3000)
+    (tmp_path / "notes.txt").write_text("n" * 100)
+    up = remote.scan(tmp_path)
+    assert (up.files, up.bytes, up.largest[0]) == (3, 6 + 3000 + 100, ("data/big.bin", 3000))
+    with pytest.raises(OobError) as err:
+        remote.check_cap(up, cap=1024)
+    assert str(err.value) == (f"the spec's folder {tmp_path} is 3.0 KiB, over the 1.0 KiB upload cap "
+                              "(OOB_UPLOAD_CAP_MB); largest: data/big.bin (2.9 KiB), notes.txt (100 B), app.py (6 B); "
+                              "list what need not travel in .oobignore")
+    (tmp_path / ".oobignore").write_text("# big data stays home\ndata/\n")
+    assert remote.scan(tmp_path).files == 3  # notes.txt, app.py and .oobignore itself
+    assert "data/" in remote.excludes(tmp_path)
+
+
+def test_address_kinds_and_jobs_routing(monkeypatch):
+    from oobspec.runtime import remote
+    from oobspec.runtime.jobs import _own, jobs_address
+    assert [remote.kind(a) for a in ("ray://h:10001", "http://h:8265", "https://h", "h:6379", None)] == \
+        ["client", "jobs", "jobs", "gcs", "gcs"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert jobs_address(None) is None and jobs_address("ray://h:1") is None
+    assert jobs_address("http://h:8265") == "http://h:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # as `ray job submit` takes it
+    assert jobs_address(None) == "http://head:8265"
+    assert jobs_address("127.0.0.1:6379") is None  # the flag wins
+    assert [_own(x) for x in ("Running entrypoint for job raysubmit_1: python -m x\n",
+                              "2026-11-28 09:41:16,505\tINFO job_manager.py:581 -- Runtime env is setting up.\n",
+                              "· ready store-0\n")] == [False, False, True]
+
+
+def test_job_entrypoint_writes_the_rendered_spec_and_runs_the_command(tmp_path, monkeypatch, capsys):
+    from oobspec.runtime import jobs
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(jobs.SPEC_ENV, "version: 1\nname: injob\nactors:\n  a: {class: 'nope:Nope'}\n")
+    with pytest.raises(SystemExit) as done:
+        jobs.main(["lint", "{spec}", "--no-import"])
+    assert done.value.code == 0
+    assert (tmp_path / jobs.SPEC_FILE).read_text().startswith("version: 1")
+    assert jobs.SPEC_ENV not in os.environ
