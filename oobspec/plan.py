@@ -32,6 +32,8 @@ class ReplicaState:
     alive: bool = True
     endpoints: dict[str, str] = field(default_factory=dict)  # server name -> URL
     gpu_uuid: str | None = None
+    code_hash: str = ""  # digest of its class's source ("" when unknown)
+    answering: bool = True  # False: alive by Ray's account but busy (its answer timed out)
 
 
 @dataclass
@@ -144,12 +146,14 @@ def _server_url(protocol: str, host: str, port: int | str) -> str:
 
 
 def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool | None = None,
-              topology: dict[tuple[str, int], Topology] | None = None) -> Plan:
+              topology: dict[tuple[str, int], Topology] | None = None, code: dict[str, str] | None = None) -> Plan:
     """Desired spec + observed state → actions with reasons, start order, servers, links, totals.
 
     single_node: True when every replica will share one node (embedded Ray, or a STRICT_PACK
-    placement), so `auto` can be decided before anything runs.
+    placement), so `auto` can be decided before anything runs. code: actor -> digest of its
+    class's source (oobspec.code); a running replica with another digest is replaced.
     """
+    code = code or {}
     observed = observed or Observed()
     waves = start_waves(spec)
     actions: list[Action] = []
@@ -166,7 +170,9 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                 actions.append(Action("create", name, list(range(actor.replicas)), "new actor"))
                 restarted.add(name)
                 continue
-            stale = [i for i, r in sorted(have.items()) if i < actor.replicas and (r.config_hash != want or not r.alive)]
+            recoded = {i for i, r in have.items() if r.code_hash and code.get(name) and r.code_hash != code[name]}
+            stale = [i for i, r in sorted(have.items()) if i < actor.replicas
+                     and (r.config_hash != want or not r.alive or i in recoded)]
             missing = [i for i in range(actor.replicas) if i not in have]
             extra = [i for i in sorted(have) if i >= actor.replicas]
             if dynamic_peers:
@@ -175,7 +181,8 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                 dead = [i for i in stale if not have[i].alive]
                 reason = ("replica not alive" if dead and len(dead) == len(stale)
                           else f"peer {', '.join(dynamic_peers)} restarts on a new port" if dynamic_peers
-                          and all(have[i].config_hash == want for i in stale)
+                          and all(have[i].config_hash == want for i in stale) and not recoded
+                          else "code changed" if all(have[i].config_hash == want for i in stale if have[i].alive)
                           else "spec changed")
                 actions.append(Action("replace", name, stale, reason))
                 restarted.add(name)
@@ -184,8 +191,11 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
             if extra:
                 actions.append(Action("delete", name, extra, f"replicas {len(have)} -> {actor.replicas}"))
             kept = [i for i in sorted(have) if i < actor.replicas and i not in stale]
-            if kept:
-                actions.append(Action("keep", name, kept, "unchanged"))
+            busy = [i for i in kept if not have[i].answering]
+            if busy:  # alive by Ray's account, only slow to answer: never replaced for that
+                actions.append(Action("keep", name, busy, "unchanged (busy: not answering)"))
+            if len(busy) < len(kept):
+                actions.append(Action("keep", name, [i for i in kept if i not in busy], "unchanged"))
     for name in sorted({r.actor for r in observed.replicas} - set(spec.actors)):
         actions.append(Action("delete", name, [r.replica for r in observed.of(name)], "no longer in the spec"))
 

@@ -146,6 +146,12 @@ class Chatty:
     async def get(self) -> str:
         return self.greeting
 
+    def block(self, seconds: float = 30) -> str:
+        """Synchronous and long: the replica answers nothing else meanwhile."""
+        import time
+        time.sleep(seconds)
+        return "done"
+
 
 class Slow:
     """An __init__ that takes its time (loading a model, say)."""

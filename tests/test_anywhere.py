@@ -282,3 +282,63 @@ def test_ipv6_wildcard_host_for_every_protocol(ray_head, project):
             assert json.loads(got) == "hi"
     finally:
         oob("delete", "six", "--address", ray_head)
+
+
+def test_editing_a_class_module_replaces_only_that_actor(ray_head, project):
+    (project / "other.py").write_text("from helpers import GREETING\n\n\nclass Other:\n"
+                                      "    def get(self):\n        return GREETING\n")
+    (project / "helpers.py").write_text('GREETING = "v1"\n')
+    spec = write_in(project, """
+        version: 1
+        name: recode
+        actors:
+          chat: {class: apps:Chatty}
+          other: {class: other:Other}
+    """)
+
+    def pids():
+        rows = json.loads(oob("status", "recode", "--address", ray_head, "-o", "json").stdout)["replicas"]
+        return {r["name"]: r["pid"] for r in rows}
+    assert oob("apply", spec, "--address", ray_head).returncode == 0
+    try:
+        before = pids()
+        assert "no changes" in oob("plan", spec, "--address", ray_head).stdout
+        (project / "helpers.py").write_text('GREETING = "v2"\n')  # a module the class's module imports
+        plan = oob("plan", spec, "--address", ray_head)
+        assert "~ replace  other [0]  (code changed)" in plan.stdout, plan.stdout
+        assert "= keep     chat [0]  (unchanged)" in plan.stdout
+        assert oob("apply", spec, "--address", ray_head).returncode == 0
+        after = pids()
+        assert after["chat-0"] == before["chat-0"] and after["other-0"] != before["other-0"]
+        got = client(ray_head, "oob-recode", 'print(ray.get(ray.get_actor("other-0").get.remote()))')
+        assert got.strip().splitlines()[-1] == "v2"
+    finally:
+        oob("delete", "recode", "--address", ray_head)
+
+
+def test_a_busy_replica_is_not_replaced(ray_head, project):
+    spec = write_in(project, """
+        version: 1
+        name: busy
+        actors:
+          chat: {class: apps:Chatty, restarts: -1, servers: [{name: http, routes: [{path: /, call: get}]}]}
+    """)
+    assert oob("apply", spec, "--address", ray_head).returncode == 0
+    try:
+        before = json.loads(oob("status", "busy", "--address", ray_head, "-o", "json").stdout)["replicas"][0]["pid"]
+        blocker = subprocess.Popen([sys.executable, "-c", (
+            "import ray\nfrom oobspec.runtime.cluster import connect\n"
+            f"connect({ray_head!r}, 'oob-busy')\nray.get(ray.get_actor('chat-0').block.remote(90))")],
+            cwd="/", env=user_env())
+        try:
+            time.sleep(3)  # the replica is inside block() now
+            plan = oob("plan", spec, "--address", ray_head)
+            assert "= keep     chat [0]  (unchanged (busy: not answering))" in plan.stdout, plan.stdout
+            assert oob("apply", spec, "--address", ray_head).returncode == 0
+            rows = json.loads(oob("status", "busy", "--address", ray_head, "-o", "json").stdout)["replicas"]
+            assert (rows[0]["state"], rows[0]["pid"]) == ("not answering", before)
+        finally:
+            blocker.kill()
+            blocker.wait()
+    finally:
+        oob("delete", "busy", "--address", ray_head)

@@ -393,3 +393,50 @@ def test_spec_layer_never_imports_ray():
     proc = subprocess.run([sys.executable, "-c", NO_RAY], cwd=root, env=env, capture_output=True, text=True, timeout=25, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RAY MODULES: []" in proc.stdout
+
+
+def test_code_changed_replaces_only_that_actor():
+    spec = spec_of(base())
+    observed = running(spec)
+    for r in observed.replicas:
+        r.code_hash = "old"
+    plan = make_plan(spec, observed, code={"store": "old", "web": "new", "batch": "old"})
+    assert actions(plan) == {("keep", "store", (0,)), ("replace", "web", (0, 1)), ("keep", "batch", (0,))}
+    assert reasons(plan)[("replace", "web")] == "code changed"
+    # Replicas from before code versions (no digest) are not replaced for it.
+    for r in observed.replicas:
+        r.code_hash = ""
+    assert not make_plan(spec, observed, code={"web": "new"}).changes
+
+
+def test_a_busy_replica_is_kept_a_dead_one_replaced():
+    spec = spec_of(base())
+    observed = running(spec)
+    web0, web1 = [r for r in observed.replicas if r.actor == "web"]
+    web0.answering = False  # alive by Ray's account, only slow
+    web1.alive = False
+    plan = make_plan(spec, observed)
+    assert {(a.kind, a.actor, tuple(a.replicas), a.reason) for a in plan.actions if a.actor == "web"} == {
+        ("keep", "web", (0,), "unchanged (busy: not answering)"), ("replace", "web", (1,), "replica not alive")}
+
+
+def test_code_digest_follows_local_imports_not_installed_packages(tmp_path):
+    from oobspec.code import code_digest
+    (tmp_path / "svc.py").write_text("import json\nimport numpy\nfrom helpers import X\nfrom pkg.sub import y\n\n"
+                                     "class Svc:\n    pass\n")
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "sub.py").write_text("from . import deep\ny = 2\n")
+    (tmp_path / "pkg" / "deep.py").write_text("Z = 3\n")
+    (tmp_path / "unrelated.py").write_text("W = 4\n")
+    first = code_digest("svc:Svc", tmp_path)
+    assert len(first) == 16 and code_digest("svc:Svc", tmp_path) == first
+    (tmp_path / "unrelated.py").write_text("W = 5\n")
+    assert code_digest("svc:Svc", tmp_path) == first  # not imported: does not count
+    changed = []
+    for name, text in (("helpers.py", "X = 2\n"), ("pkg/deep.py", "Z = 4\n"), ("svc.py", "class Svc:\n    x = 1\n")):
+        (tmp_path / name).write_text(text)
+        changed.append(code_digest("svc:Svc", tmp_path))
+    assert len({first, *changed}) == 4  # each edit, even two imports deep, changes the digest
+    assert code_digest("json:JSONDecoder", tmp_path) == code_digest("json:JSONEncoder", tmp_path)  # stdlib: no files

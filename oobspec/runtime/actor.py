@@ -120,6 +120,7 @@ class OobMixin:
         return {
             "error": f"{type(failed).__name__}: {failed}" if failed else None,
             "actor": cfg["actor"], "replica": cfg["replica"], "config_hash": cfg["config_hash"],
+            "code_hash": cfg.get("code_hash", ""),
             "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_uuid": ctx._links.gpu_uuid() if ctx and ctx._links else None,
             "endpoints": self._oob_endpoints(), "process": process.describe() if process else None,

@@ -38,6 +38,7 @@ class Applier:
         self.handles: dict[tuple[str, int], object] = {}
         self.placement = None
         self.shipped: dict | None = None  # runtime_env of uploaded code, on a remote cluster
+        self.code: dict[str, str] = {}  # actor -> digest of its class's source
 
     # --- configuration handed to each replica ---
 
@@ -66,7 +67,8 @@ class Applier:
             endpoints[key] = self.endpoints.get(peer, {}).get(server, [])
         return {
             "deployment": self.spec.name, "namespace": self.namespace, "actor": name, "replica": index,
-            "replicas": actor.replicas, "config_hash": digest, "restarts": actor.restarts,
+            "replicas": actor.replicas, "config_hash": digest, "code_hash": self.code.get(name, ""),
+            "restarts": actor.restarts,
             "command": list(actor.command) if actor.command else None,
             "servers": [dict(s.model_dump(mode="json", exclude={"when"}), port=s.port + index if s.port else 0)
                         for s in actor.servers],
@@ -192,7 +194,8 @@ class Applier:
             self.progress(f"uploaded {self.base_dir} and oobspec to the cluster")
         observed = cluster.observe(self.namespace)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        plan = make_plan(self.spec, observed, single_node=len(nodes) == 1)
+        self.code = code_versions(self.spec, self.base_dir)
+        plan = make_plan(self.spec, observed, single_node=len(nodes) == 1, code=self.code)
         for row in observed.replicas:
             if row.alive:
                 self.info[(row.actor, row.replica)] = {"endpoints": row.endpoints, "node_id": row.node_id,
@@ -256,6 +259,9 @@ class Applier:
             except Exception as exc:
                 raise ApplyError(f"actor {key[0]}-{key[1]} failed to start: {_cause(exc)}", self._log_tail(key)) from None
             self.info[key] = info
+            # What a later apply needs of this replica even while it is too busy to answer.
+            cluster.put_meta(self.namespace, f"replica/{key[0]}-{key[1]}",
+                             {k: info.get(k) for k in ("config_hash", "code_hash", "endpoints", "gpu_uuid")})
             done.append(f"{key[0]}-{key[1]}")
             self.progress(f"ready {key[0]}-{key[1]} (pid {info['pid']})"
                           + "".join(f"  {s}: {u}" for s, u in info["endpoints"].items()))
@@ -352,6 +358,12 @@ class Applier:
             ray.get(source._oob_link_sender.remote(link.name, targets))
             picked = sorted({t["transport"] for t in targets})
             self.progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
+
+
+def code_versions(spec: Spec, base_dir: Path) -> dict[str, str]:
+    """Digest of each class actor's source, as the plan compares it with the running replicas'."""
+    from ..code import code_digest
+    return {name: code_digest(a.class_, base_dir) for name, a in spec.actors.items() if a.class_}
 
 
 def _cause(exc: Exception) -> str:

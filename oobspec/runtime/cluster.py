@@ -227,14 +227,27 @@ def infos(namespace: str, names: list[str] | None = None, timeout: float = INFO_
 
 
 def observe(namespace: str) -> Observed:
+    """Each replica as Ray's actor table, its own answer and apply's record of it say.
+
+    Dead is what Ray says; a replica alive by Ray's account whose answer times out is busy,
+    not dead, and keeps the hashes and endpoints apply recorded when it became ready."""
+    from .state import actor_records
+    records = {n: r for n, r in actor_records(namespace).items() if not n.startswith("_oob") and r.state != "DEAD"}
+    answers = infos(namespace, sorted(records))
     replicas = []
-    for name, info in infos(namespace).items():
+    for name, record in records.items():
         actor, index = split_name(name)
-        if info is None or info.get("error"):
-            replicas.append(ReplicaState(actor, index, "", alive=False))
-        else:
+        info = answers.get(name)
+        if info is not None and not info.get("error"):
             replicas.append(ReplicaState(actor, index, info["config_hash"], info["pid"], info["node_id"], True,
-                                         info["endpoints"], info.get("gpu_uuid")))
+                                         info["endpoints"], info.get("gpu_uuid"), info.get("code_hash", "")))
+        elif info is None and record.state in ("ALIVE", "RESTARTING"):
+            known = get_meta(namespace, f"replica/{name}") or {}
+            replicas.append(ReplicaState(actor, index, known.get("config_hash", ""), record.pid or None,
+                                         record.node_id, True, known.get("endpoints", {}), known.get("gpu_uuid"),
+                                         known.get("code_hash", ""), answering=False))
+        else:  # failed in __init__, or still pending: not a working replica
+            replicas.append(ReplicaState(actor, index, "", alive=False))
     return Observed(online=True, replicas=replicas)
 
 

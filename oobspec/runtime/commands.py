@@ -23,9 +23,12 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
             return make_plan(spec, single_node=True if single or not (address or spec.ray.address) else None)
         import ray
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        plan = make_plan(spec, cluster.observe(spec.namespace), single_node=single or len(nodes) == 1)
+        from .apply import code_versions
+        base = spec._source.base_dir if spec._source else Path.cwd()
+        plan = make_plan(spec, cluster.observe(spec.namespace), single_node=single or len(nodes) == 1,
+                         code=code_versions(spec, base))
         if cluster.is_client():
-            up = remote.scan(spec._source.base_dir if spec._source else Path.cwd())
+            up = remote.scan(base)
             plan.upload = {"folder": str(up.folder), "files": up.files, "bytes": up.bytes}
         return plan
 
