@@ -137,11 +137,12 @@ def sync(name, link, address):
 def delete(target, address):
     """Delete a deployment: its actors, servers, processes and shared memory."""
     from .runtime.commands import delete as do_delete
-    name = target
+    name, loaded = target, None
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
-        name = _load(target, (), ()).name
-    _via_jobs(address, ["delete", name])
-    removed = do_delete(name, address)
+        loaded = _load(target, (), ())
+        name = loaded.name
+    _via_jobs(address, ["delete", name], loaded)
+    removed = do_delete(name, address, loaded.ray.address if loaded else None)
     click.echo(f"deleted {name}: {removed} actor{'s' if removed != 1 else ''}")
 
 

@@ -47,31 +47,49 @@ def import_object(ref: str) -> Any:
     return obj
 
 
-def local_modules() -> list[str]:
-    """Top-level modules of the user's own code: imported from a folder (the spec's, the current
-    one, a script's, PYTHONPATH), not from the standard library or an installed distribution.
-    Other processes (a worker, the `oob` CLI, a script elsewhere) may not be able to import them."""
+def _system_dirs() -> tuple[str, ...]:
+    """Where the standard library and installed packages live: code there imports anywhere."""
+    import site
     import sysconfig
-    from importlib.metadata import packages_distributions
-    installed = set(packages_distributions()) | set(sys.stdlib_module_names) | {"oobspec", "__main__"}
-    system = tuple(str(Path(p).resolve()) + "/" for p in {sysconfig.get_paths()["stdlib"], sys.prefix, sys.base_prefix})
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths.update(site.getsitepackages() + [site.getusersitepackages()])
+    return tuple(str(Path(p).resolve()) + "/" for p in paths if p)
+
+
+def local_modules() -> list[str]:
+    """Top-level modules of the user's own code: files outside the standard library and the
+    site-packages folders (the spec's folder, the current one, a script's, PYTHONPATH, an
+    editable install). Other processes (a worker, the `oob` CLI, a script elsewhere, a remote
+    node) may not be able to import them."""
+    system = _system_dirs()
     found = set()
     for name, module in list(sys.modules.items()):
         top = name.partition(".")[0]
         path = getattr(module, "__file__", None)
-        if not path or top in found or top in installed or top not in sys.modules:
+        if not path or top in found or top in ("oobspec", "__main__") or top not in sys.modules:
             continue
-        path = str(Path(path).resolve())
-        if "-packages/" not in path and not path.startswith(system):
+        if not str(Path(path).resolve()).startswith(system):
             found.add(top)
     return sorted(found)
 
 
-def ship_by_value() -> list[str]:
-    """Make Ray pickle the user's own modules by value, so the actor class (and with it the
-    handle's method signatures) loads in any process without importing the user's module."""
+def ship_by_value(actor_cls: type) -> list[str]:
+    """Make Ray pickle the user's own code by value, so the actor class (and with it the handle's
+    method signatures) loads in any process without importing the user's module.
+
+    All of the user's modules travel when they can; a module holding what cannot be pickled
+    (a lock, a protobuf pool) falls back to the class's own module alone, then to nothing (the
+    class by reference: the workers then need the module on their path). Returns what travels."""
     from ray import cloudpickle
-    names = local_modules()
-    for name in names:
-        cloudpickle.register_pickle_by_value(sys.modules[name])
-    return names
+    local = local_modules()
+    own = actor_cls.__module__.partition(".")[0]
+    for names in (local, [own] if own in local else []):
+        for name in names:
+            cloudpickle.register_pickle_by_value(sys.modules[name])
+        try:
+            cloudpickle.dumps(actor_cls)
+            return names
+        except Exception:
+            for name in names:
+                cloudpickle.unregister_pickle_by_value(sys.modules[name])
+    return []

@@ -1066,9 +1066,10 @@ def test_actor_class_unpickles_with_real_signatures_where_the_module_cannot_impo
     monkeypatch.syspath_prepend(str(tmp_path))
     user_cls = importlib.import_module("kvmod").Store
     try:
-        assert "kvmod" in ship_by_value()
+        actor_cls = make_actor_class(user_cls)
+        assert "kvmod" in ship_by_value(actor_cls)
         blob = tmp_path / "class.pkl"
-        blob.write_bytes(cloudpickle.dumps(make_actor_class(user_cls)))
+        blob.write_bytes(cloudpickle.dumps(actor_cls))
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules.pop("kvmod"))
     code = ("import inspect, pickle, sys; cls = pickle.load(open(sys.argv[1], 'rb'));"
@@ -1185,3 +1186,45 @@ def test_job_entrypoint_writes_the_rendered_spec_and_runs_the_command(tmp_path, 
     assert done.value.code == 0
     assert (tmp_path / jobs.SPEC_FILE).read_text().startswith("version: 1")
     assert jobs.SPEC_ENV not in os.environ
+
+
+def test_what_cannot_travel_by_value_falls_back_step_by_step(tmp_path, monkeypatch):
+    """A helper module holding a lock cannot be pickled whole: the class's own module still
+    travels; a class whose own module holds one travels by reference (the workers import it)."""
+    from ray import cloudpickle
+    from oobspec.imports import ship_by_value
+    (tmp_path / "lockhelp.py").write_text("import threading\nLOCK = threading.Lock()\n\ndef f():\n    return 1\n")
+    (tmp_path / "usesit.py").write_text("import lockhelp\n\nclass A:\n    def m(self):\n        return lockhelp.f()\n")
+    (tmp_path / "ownlock.py").write_text("import threading\nLOCK = threading.Lock()\n\nclass B:\n"
+                                         "    def m(self):\n        with LOCK:\n            return 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        a = make_actor_class(importlib.import_module("usesit").A)
+        assert ship_by_value(a) == ["usesit"]
+        cloudpickle.dumps(a)
+        b = make_actor_class(importlib.import_module("ownlock").B)
+        assert ship_by_value(b) == []
+        cloudpickle.dumps(b)  # by reference
+    finally:
+        for name in ("usesit", "lockhelp", "ownlock"):
+            module = sys.modules.pop(name, None)
+            if module is not None and name in cloudpickle.list_registry_pickle_by_value():
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_converters_survive_travelling_by_value(tmp_path, monkeypatch):
+    """By value, a method keeps only the globals its code uses, not those its annotations name."""
+    from ray import cloudpickle
+    (tmp_path / "annot.py").write_text("from __future__ import annotations\nfrom typing import Optional\n\n"
+                                       "class S:\n    async def get(self, n: Optional[int] = None, flag: bool = False):\n"
+                                       "        return n\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("annot")
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        copy = cloudpickle.loads(cloudpickle.dumps(module.S))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        sys.modules.pop("annot", None)
+    assert "Optional" not in copy.get.__globals__
+    assert Signature.of(copy.get).converters == {"n": int, "flag": _to_bool}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
 import inspect
 import logging
 import os
@@ -180,6 +181,13 @@ def _prepare(cfg: dict) -> Context:
     for path in reversed(cfg.get("sys_path", [])):
         if path not in sys.path:
             sys.path.insert(0, path)
+    if cfg.get("module") and cfg["module"] not in sys.modules:
+        # The class came by value; its module's top-level code (logging set-up, environment,
+        # registrations) still runs here, as it would had the worker imported the class.
+        try:
+            importlib.import_module(cfg["module"])
+        except ImportError:
+            pass  # not importable here (a remote node without the folder): the class is enough
     ctx = Context(cfg["deployment"], cfg["actor"], cfg["replica"], cfg["replicas"],
                   endpoints={k: list(v) for k, v in cfg["endpoints"].items()})
     from .links import allocate_buffers

@@ -5,8 +5,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +42,7 @@ class Applier:
         self.placement = None
         self.shipped: dict | None = None  # runtime_env of uploaded code, on a remote cluster
         self.code: dict[str, str] = {}  # actor -> digest of its class's source
+        self.by_reference: set[str] = set()  # actors whose module could not travel by value
 
     # --- configuration handed to each replica ---
 
@@ -77,6 +81,7 @@ class Applier:
                         for b, buf in actor.buffers.items()},
             "links": self._links_of(name),
             "sys_path": [str(self.base_dir), os.getcwd()],
+            "module": actor.class_.partition(":")[0] if actor.class_ else None,
             # Auth tokens travel as constructor arguments, not runtime_env: Ray's runtime-env
             # agent logs env_vars, and a secret must never reach a log.
             "secrets": {s.auth.token_env: os.environ[s.auth.token_env] for s in actor.servers
@@ -91,6 +96,9 @@ class Applier:
         env = dict(self.spec.ray.runtime_env or {})
         env_vars = dict(env.get("env_vars") or {})
         env_vars.update(actor.env)
+        if name in self.by_reference:  # its module did not travel by value: the workers import it
+            paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         if env_vars:
             env["env_vars"] = env_vars
         if self.shipped:  # a cluster that is not this machine: the spec's folder and oobspec travel
@@ -120,10 +128,14 @@ class Applier:
                 user_cls = import_object(actor.class_)
             except ImportError as exc:
                 raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
-            # The user's module travels inside the pickled class: workers need no PYTHONPATH (and
-            # no runtime_env), and a handle taken in any process has the real method signatures.
-            ship_by_value()
-        return ray.remote(make_actor_class(user_cls))
+        actor_cls = make_actor_class(user_cls)
+        # The user's module travels inside the pickled class: workers need no PYTHONPATH (and
+        # no runtime_env), and a handle taken in any process has the real method signatures.
+        if not ship_by_value(actor_cls):
+            self.by_reference.add(name)
+            self.progress(f"actor {name}: its module cannot be pickled by value; the workers import it "
+                          "from the spec's folder (handles in other processes need it importable too)")
+        return ray.remote(actor_cls)
 
     def options(self, name: str, index: int, cfg: dict) -> dict:
         actor = self.spec.actors[name]
@@ -207,8 +219,6 @@ class Applier:
             cluster.kill(doomed, self.namespace)
             for name in doomed:
                 self.info.pop(cluster.split_name(name), None)
-        if self.spec.ray.placement:
-            self.ensure_placement()
         todo = {(a.actor, i) for a in plan.actions if a.kind in ("create", "replace") for i in a.replicas}
         for name in self.spec.actors:
             self._collect_endpoints(name)
@@ -216,6 +226,8 @@ class Applier:
         ready: list[str] = []
         deadline = time.monotonic() + timeout
         try:
+            if self.spec.ray.placement:
+                self.ensure_placement()
             for wave in plan.waves:
                 refs = {}
                 for name in wave:
@@ -226,18 +238,19 @@ class Applier:
                     digest = config_hash(self.spec, name)
                     for i in indices:
                         cfg = self.replica_config(name, i, digest)
+                        created.append(f"{name}-{i}")  # before .remote(): an interrupt there still cleans it
                         handle = cls.options(**self.options(name, i, cfg)).remote(cfg, *self.spec.actors[name].args,
                                                                                      **self.spec.actors[name].kwargs)
-                        created.append(f"{name}-{i}")
                         refs[(name, i)] = handle._oob_ready.remote(timeout)
                 ready += self._wait_ready(refs, deadline, timeout)
                 for name in wave:
                     self._collect_endpoints(name)
             self.setup_links()
         except BaseException:
-            if created:
-                self.progress(f"cleaning up {len(created)} replica(s) started by this apply")
-                cluster.kill(created, self.namespace, timeout=2.0)
+            with _signals_held():  # a second Ctrl-C must not cut the clean-up short
+                if created:
+                    self.progress(f"cleaning up {len(created)} replica(s) started by this apply")
+                    cluster.kill(created, self.namespace, timeout=2.0)
             raise
         cluster.put_meta(self.namespace, "spec", self.spec.model_dump(mode="json", by_alias=True))
         return self.endpoints
@@ -358,6 +371,20 @@ class Applier:
             ray.get(source._oob_link_sender.remote(link.name, targets))
             picked = sorted({t["transport"] for t in targets})
             self.progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (are ignored) for the duration, when this is the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def code_versions(spec: Spec, base_dir: Path) -> dict[str, str]:

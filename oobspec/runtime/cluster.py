@@ -307,6 +307,10 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0, graceful: bool
 
 
 def cleanup_shm(deployment: str) -> None:
+    """What crashed replicas left in this machine's /dev/shm (each replica removes its own on a
+    graceful stop). Through Ray Client this machine is not the cluster's: nothing to scan here."""
+    if is_client():
+        return
     from ..transports import get_transport
     from .links import segment_prefix
     get_transport("shm").cleanup(segment_prefix(deployment))

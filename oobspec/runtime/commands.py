@@ -120,8 +120,8 @@ def sync(name: str, link: str, address: str | None) -> dict:
             raise OobError(f"push of '{link}' failed: {str(cause).strip().splitlines()[-1]}") from None
 
 
-def delete(name: str, address: str | None) -> int:
-    with session(name, address):
+def delete(name: str, address: str | None, spec_address: str | None = None) -> int:
+    with session(name, address, spec_address):
         removed = cluster.delete_all(name)
         if not removed:
             raise ClusterError(f"no deployment '{name}' in this cluster")
@@ -143,6 +143,13 @@ class _Source:
             self.worker, self.files, self.offsets = record.worker_id, state.log_files(record), [0, 0]
 
     def read(self) -> list[str]:
+        """What is new since the last read; `self.moved` says whether any bytes were read."""
+        before = list(self.offsets)
+        chunks = self._read()
+        self.moved = self.offsets != before
+        return chunks
+
+    def _read(self) -> list[str]:
         import ray
         if self.files:
             chunks = []
@@ -167,7 +174,8 @@ def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Ite
     with session(name, address):
         records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
         meta = get_meta(namespace, "spec")
-        names = declared(meta) + sorted(set(records) - set(declared(meta)))
+        live = {n for n, r in records.items() if r.state != "DEAD"}  # dead ones only when declared
+        names = declared(meta) + sorted(live - set(declared(meta))) if meta else sorted(live)
         if not names:
             raise ClusterError(f"no deployment '{name}' in this cluster")
         if actor:
@@ -178,9 +186,12 @@ def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Ite
         prefix = len(sources) > 1
         while True:
             for source in sources:
-                for text in source.read():
-                    if text:
-                        yield "".join(f"[{source.name}] {line}\n" for line in text.splitlines()) if prefix else text
+                while True:  # to the end of what is there now (a read takes 4 MiB at most)
+                    for text in source.read():
+                        if text:
+                            yield "".join(f"[{source.name}] {line}\n" for line in text.splitlines()) if prefix else text
+                    if not source.moved:
+                        break
             if not follow:
                 return
             time.sleep(0.5)

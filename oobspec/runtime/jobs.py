@@ -28,8 +28,13 @@ def jobs_address(address: str | None, spec: Spec | None = None) -> str | None:
 
 
 def _client(url: str):
-    from .cluster import probe_tcp, token_mode
+    from .cluster import PROBE_TIMEOUT, probe_tcp, token_mode
     probe_tcp(url)
+    import requests
+    try:  # the SDK's own check has no timeout: a port that never answers would hang it
+        requests.get(url.rstrip("/") + "/api/version", timeout=PROBE_TIMEOUT)
+    except requests.RequestException as exc:
+        raise ClusterError(f"cannot connect to Ray at {url}: no answer from the job API ({type(exc).__name__})") from None
     if not os.environ.get("RAY_AUTH_MODE") and (os.environ.get("RAY_AUTH_TOKEN")
                                                  or (Path.home() / ".ray" / "auth_token").exists()):
         token_mode()
@@ -72,7 +77,10 @@ def forward(url: str, argv: list[str], spec: Spec | None = None) -> int:
                            *(_quote(a) for a in argv)])
     job = _submit(client, url, entrypoint, runtime_env)
     try:
-        asyncio.run(_stream(client, job))
+        try:
+            asyncio.run(_stream(client, job))
+        except RuntimeError:  # the log stream broke off: the job's status still says how it ended
+            pass
         return _exit_code(client, job)
     except KeyboardInterrupt:
         client.stop_job(job)
@@ -128,7 +136,10 @@ def _exit_code(client, job: str) -> int:
     code = getattr(info, "driver_exit_code", None)
     if code is not None:
         return int(code)
-    return 0 if info.status == JobStatus.SUCCEEDED else 1
+    if info.status != JobStatus.SUCCEEDED:  # it ended before the command ran (its runtime_env, say)
+        message = next((line for line in (info.message or "").splitlines() if line.strip()), str(info.status))
+        raise ClusterError(f"job {job} {str(info.status).lower()}: {message}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

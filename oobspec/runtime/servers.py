@@ -93,8 +93,11 @@ def _annotation(method, annotation: Any) -> Any:
     under TYPE_CHECKING) costs only that parameter its converter, not every parameter."""
     if not isinstance(annotation, str):
         return annotation
+    # typing's names too: a class that travelled by value keeps only the globals its code uses,
+    # not those its annotations name (`Optional` under `from __future__ import annotations`).
+    names = {**vars(typing), **getattr(getattr(method, "__func__", method), "__globals__", {})}
     try:
-        return eval(annotation, getattr(method, "__globals__", {}))  # noqa: S307 (the user's own annotation)
+        return eval(annotation, names)  # noqa: S307 (the user's own annotation)
     except Exception:
         return None
 
