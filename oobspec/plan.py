@@ -93,18 +93,19 @@ class Plan:
 
 
 def actor_config(spec: Spec, name: str) -> dict:
-    """Everything that, when changed, needs the actor's replicas replaced."""
+    """Everything that, when changed, needs the actor's replicas replaced (not the number of
+    replicas, its own or its peers': that changes in place)."""
     actor = spec.actors[name]
     peers = {}
     for key, ref in actor.connect.items():
         peer, _, server = ref.partition(".")
-        if peer in spec.actors:
+        if peer in spec.actors:  # (not its replica count: peers' endpoints are updated in place)
             target = next((s for s in spec.actors[peer].servers if s.name == server), None)
-            peers[key] = {"replicas": spec.actors[peer].replicas,
-                          "server": target.model_dump(mode="json") if target else None}
+            peers[key] = {"server": target.model_dump(mode="json") if target else None}
     links = [link.model_dump(mode="json", by_alias=True) for link in spec.links
              if link.from_.startswith(name + ".") or any(t.startswith(name + ".") for t in link.to)]
-    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when"}),
+    # `replicas` is left out: scaling starts or stops only the replicas added or removed.
+    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when", "replicas"}),
               "ray": spec.ray.model_dump(mode="json", exclude={"address"}), "peers": peers, "links": links}
     if spec.ray.placement:  # one placement group holds every replica: its layout is everyone's config
         config["layout"] = [(n, a.replicas, a.resources.model_dump(mode="json")) for n, a in spec.actors.items()]

@@ -65,11 +65,15 @@ class Wired:
 
     def __init__(self):
         self.env_at_init = {k: v for k, v in os.environ.items() if k.startswith("OOB_")}
+        self.peer_changes = []
+
+    async def on_peers_changed(self, replicas: int, endpoints: dict) -> None:
+        self.peer_changes.append([replicas, {k: len(v) for k, v in endpoints.items()}])
 
     async def wiring(self) -> dict:
         ctx = oobspec.context()
         return {"env": self.env_at_init, "endpoints": ctx.endpoints, "replica": ctx.replica,
-                "replicas": ctx.replicas}
+                "replicas": ctx.replicas, "peer_changes": self.peer_changes}
 
     async def node(self) -> str:
         import ray

@@ -342,3 +342,43 @@ def test_a_busy_replica_is_not_replaced(ray_head, project):
             blocker.wait()
     finally:
         oob("delete", "busy", "--address", ray_head)
+
+
+def test_scaling_starts_or_stops_only_the_replicas_added_or_removed(ray_head, project):
+    spec = write_in(project, """
+        version: 1
+        name: scale
+        actors:
+          web:
+            class: apps:Wired
+            replicas: "{{ n }}"
+            restarts: -1
+            servers: [{name: http, port: 0, routes: [{path: /, call: get}]}]
+          gw: {class: apps:Wired, connect: {web: web.http}}
+    """)
+
+    def pids():
+        rows = json.loads(oob("status", "scale", "--address", ray_head, "-o", "json").stdout)["replicas"]
+        return {r["name"]: r["pid"] for r in rows if r["state"] == "alive"}
+
+    def wiring(name):
+        code = f'print(json.dumps(ray.get(ray.get_actor("{name}").wiring.remote())))'
+        return json.loads(client(ray_head, "oob-scale", code).strip().splitlines()[-1])
+    assert oob("apply", spec, "--address", ray_head, "--set", "n=2").returncode == 0
+    try:
+        first = pids()
+        plan = oob("plan", spec, "--address", ray_head, "--set", "n=3").stdout
+        assert "+ create   web [2]  (replicas 2 -> 3)" in plan and "= keep     web [0,1]  (unchanged)" in plan
+        assert oob("apply", spec, "--address", ray_head, "--set", "n=3").returncode == 0
+        second = pids()
+        assert {k: second[k] for k in first} == first and "web-2" in second
+        gw = wiring("gw-0")
+        assert len(gw["endpoints"]["web"]) == 3 and gw["peer_changes"] == [[1, {"web": 3}]]
+        assert wiring("web-0")["replicas"] == 3 and wiring("web-0")["env"]["OOB_REPLICAS"] == "2"  # at start
+        applied = oob("apply", spec, "--address", ray_head, "--set", "n=2")
+        assert applied.returncode == 0, applied.stderr
+        third = pids()
+        assert third == first
+        assert len(wiring("gw-0")["endpoints"]["web"]) == 2 and wiring("web-1")["replicas"] == 2
+    finally:
+        oob("delete", "scale", "--address", ray_head)

@@ -128,8 +128,8 @@ def test_replicas_up():
     web = {a.kind: a for a in plan.actions if a.actor == "web"}
     assert web["create"].replicas == [2, 3]
     assert web["create"].reason == "replicas 2 -> 4"
-    # existing replicas learn the new count (OOB_REPLICAS) only by being replaced
-    assert web["replace"].replicas == [0, 1]
+    # scaling in place: the existing replicas are kept and learn the new count live
+    assert web["keep"].replicas == [0, 1] and "replace" not in web
     assert {a.kind for a in plan.actions if a.actor != "web"} == {"keep"}
 
 
@@ -182,12 +182,13 @@ def test_dynamic_port_replacement_propagates_down_the_chain():
     assert kinds == {"a": "replace", "b": "replace", "c": "replace", "d": "replace", "e": "keep"}
 
 
-def test_peer_change_of_replicas_replaces_dependents():
+def test_peer_change_of_replicas_keeps_dependents():
     old = spec_of(base())
     data = base()
-    data["store"]["replicas"] = 2  # web's endpoint list for store changes
+    data["store"]["replicas"] = 2  # web's endpoint list for store changes: updated in place
     plan = make_plan(spec_of(data), running(old))
-    assert ("replace", "web", (0, 1)) in actions(plan)
+    assert actions(plan) == {("create", "store", (1,)), ("keep", "store", (0,)), ("keep", "web", (0, 1)),
+                             ("keep", "batch", (0,))}
 
 
 def test_observed_actor_of_another_generation_is_replaced():

@@ -39,7 +39,8 @@ from oobspec.report import endpoints_text, plan_text, size, status_text
 from oobspec.runtime import actor as actor_module
 from oobspec.runtime import cluster, state
 from oobspec.runtime.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
-from oobspec.runtime.apply import Applier, _cause, _env_key
+from oobspec.runtime.apply import Applier, _cause
+from oobspec.runtime.context import env_key as _env_key
 from oobspec.runtime.context import Context, current, set_current
 from oobspec.runtime.links import Links, shm_name
 from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, host_port, start_grpc, start_http,

@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Any
 
-from .context import Context, set_current
+from .context import Context, env_key, set_current
 from .servers import Running, free_port, host_port, start_grpc, start_http, wait_connectable
 
 log = logging.getLogger("oobspec")
@@ -128,6 +128,22 @@ class OobMixin:
             "links": ctx._links.stats() if ctx and ctx._links else {},
             "versions": dict(ctx.versions) if ctx else {},
         }
+
+    async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
+        """Scaling in place: this actor's replica count and its peers' endpoints, live. Calls the
+        user's `on_peers_changed(replicas, endpoints)` (sync or async) when something changed."""
+        ctx = self._oob_context
+        if not ctx.update(replicas, endpoints):
+            return False
+        for key, urls in ctx.endpoints.items():  # for code that reads the environment again
+            os.environ[f"OOB_{env_key(key)}_URL"] = urls[0] if urls else ""
+            os.environ[f"OOB_{env_key(key)}_URLS"] = ",".join(urls)
+        hook = getattr(self, "on_peers_changed", None)
+        if hook is not None:
+            result = hook(ctx.replicas, ctx.endpoints)
+            if inspect.isawaitable(result):
+                await result
+        return True
 
     async def _oob_stop(self) -> None:
         """Graceful stop before the actor is killed: servers closed, process stopped, memory freed."""

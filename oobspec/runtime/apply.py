@@ -17,13 +17,10 @@ from ..errors import ApplyError, ClusterError
 from ..models import Spec, memory_bytes
 from ..plan import Topology, choose_transport, config_hash, make_plan
 from . import cluster, state
+from .context import env_key
 
 log = logging.getLogger("oobspec")
 Progress = Callable[[str], None]
-
-
-def _env_key(key: str) -> str:
-    return key.upper().replace("-", "_")
 
 
 def _quiet(_msg: str) -> None:
@@ -112,8 +109,8 @@ class Applier:
         out = {"OOB_REPLICA": str(index), "OOB_REPLICAS": str(self.spec.actors[name].replicas),
                "OOB_DEPLOYMENT": self.spec.name}
         for key, urls in endpoints.items():
-            out[f"OOB_{_env_key(key)}_URL"] = urls[0] if urls else ""
-            out[f"OOB_{_env_key(key)}_URLS"] = ",".join(urls)
+            out[f"OOB_{env_key(key)}_URL"] = urls[0] if urls else ""
+            out[f"OOB_{env_key(key)}_URLS"] = ",".join(urls)
         return out
 
     def actor_class(self, name: str):
@@ -246,6 +243,7 @@ class Applier:
                 for name in wave:
                     self._collect_endpoints(name)
             self.setup_links()
+            self.update_in_place(set(created))
         except BaseException:
             with _signals_held():  # a second Ctrl-C must not cut the clean-up short
                 if created:
@@ -279,6 +277,28 @@ class Applier:
             self.progress(f"ready {key[0]}-{key[1]} (pid {info['pid']})"
                           + "".join(f"  {s}: {u}" for s, u in info["endpoints"].items()))
         return done
+
+    def update_in_place(self, created: set[str]) -> None:
+        """Replicas kept from before learn their actor's replica count and their peers'
+        endpoints as they are now (scaling changes both without restarting anyone). A busy
+        replica is not waited for long."""
+        import ray
+        refs = {}
+        for (name, i) in sorted(self.info):
+            if f"{name}-{i}" in created or name not in self.spec.actors or i >= self.spec.actors[name].replicas:
+                continue
+            actor = self.spec.actors[name]
+            endpoints = {key: self.endpoints.get(ref.partition(".")[0], {}).get(ref.partition(".")[2], [])
+                         for key, ref in actor.connect.items()}
+            try:
+                refs[cluster.handle(f"{name}-{i}", self.namespace)._oob_update.remote(actor.replicas, endpoints)] = \
+                    f"{name}-{i}"
+            except ValueError:  # gone meanwhile
+                continue
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0) if refs else ([], [])
+        changed = [refs[r] for r in done if _quiet_get(r)]
+        if changed:
+            self.progress(f"updated in place: {', '.join(changed)} (replica count or peers' endpoints)")
 
     def _not_ready(self, keys: list[tuple[str, int]], timeout: float) -> ApplyError:
         """Name every replica still pending and what it was doing, from Ray's own records."""
@@ -371,6 +391,14 @@ class Applier:
             ray.get(source._oob_link_sender.remote(link.name, targets))
             picked = sorted({t["transport"] for t in targets})
             self.progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
+
+
+def _quiet_get(ref) -> bool:
+    import ray
+    try:
+        return bool(ray.get(ref, timeout=0))
+    except Exception:
+        return False
 
 
 @contextmanager
