@@ -15,9 +15,10 @@ from typing import Callable
 
 from ..errors import ApplyError, ClusterError
 from ..models import Spec, memory_bytes
-from ..plan import Topology, choose_transport, config_hash, make_plan
+from ..plan import config_hash, make_plan
 from . import cluster, state
 from .context import env_key
+from .wiring import setup_links
 
 log = logging.getLogger("oobspec")
 Progress = Callable[[str], None]
@@ -242,7 +243,7 @@ class Applier:
                 ready += self._wait_ready(refs, deadline, timeout)
                 for name in wave:
                     self._collect_endpoints(name)
-            self.setup_links()
+            setup_links(self.spec, self.namespace, self.info, self.progress)
             self.update_in_place(set(created))
         except BaseException:
             with _signals_held():  # a second Ctrl-C must not cut the clean-up short
@@ -348,50 +349,6 @@ class Applier:
                 if info and s.name in info["endpoints"]:
                     servers[s.name].append(info["endpoints"][s.name])
         self.endpoints[name] = servers
-
-    # --- links ---
-
-    def setup_links(self) -> None:
-        import ray
-        handles = lambda a, i: cluster.handle(f"{a}-{i}", self.namespace)  # noqa: E731
-        for link in self.spec.links:
-            src_actor = link.from_.split(".", 1)[0]
-            src_info = self.info[(src_actor, 0)]
-            src_topo = Topology(src_info["node_id"], src_info.get("gpu_uuid"))
-            device = self.spec.actors[src_actor].buffers[link.from_.split(".", 1)[1]].device
-            targets = []
-            for target in link.to:
-                t_actor = target.split(".", 1)[0]
-                for i in range(self.spec.actors[t_actor].replicas):
-                    info = self.info[(t_actor, i)]
-                    transport = link.transport
-                    if transport == "auto":
-                        transport = choose_transport(device, src_topo, Topology(info["node_id"], info.get("gpu_uuid")))
-                    targets.append({"key": f"{t_actor}-{i}", "handle": handles(t_actor, i), "transport": transport,
-                                    "uuid": info.get("gpu_uuid")})
-            source = handles(src_actor, 0)
-            nccl = [t for t in targets if t["transport"] == "nccl"]
-            if nccl:
-                from ..transports import get_transport
-                module = get_transport("nccl")
-                module.check_distinct_gpus([src_topo.gpu_uuid] + [t["uuid"] for t in nccl])
-                unique_id = module.new_unique_id()
-                world = len(nccl) + 1
-                refs = [source._oob_nccl_root.remote(link.name, unique_id, world)]
-                refs += [t["handle"]._oob_link_receiver.remote(link.name, "nccl", {"unique_id": unique_id, "world": world,
-                                                                                     "rank": r + 1})
-                         for r, t in enumerate(nccl)]
-                ray.get(refs)
-            descriptors = ray.get([t["handle"]._oob_link_receiver.remote(link.name, t["transport"])
-                                   for t in targets if t["transport"] != "nccl"])
-            it = iter(descriptors)
-            for t in targets:
-                t["descriptor"] = next(it) if t["transport"] != "nccl" else None
-                t.pop("uuid", None)
-            ray.get(source._oob_link_sender.remote(link.name, targets))
-            picked = sorted({t["transport"] for t in targets})
-            self.progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
-
 
 def _quiet_get(ref) -> bool:
     import ray

@@ -1,0 +1,54 @@
+"""Link wiring at apply: each target exports its receiving end, the source connects to all.
+
+Idempotent: a re-apply (a restarted target, a scaled target actor) calls it again, and the
+source keeps the senders that did not change, adds the new ones and closes the rest.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..models import Spec
+from ..plan import Topology, choose_transport
+from . import cluster
+
+
+def setup_links(spec: Spec, namespace: str, info: dict, progress: Callable[[str], None]) -> None:
+    import ray
+    handles = lambda a, i: cluster.handle(f"{a}-{i}", namespace)  # noqa: E731
+    for link in spec.links:
+        src_actor = link.from_.split(".", 1)[0]
+        src_info = info[(src_actor, 0)]
+        src_topo = Topology(src_info["node_id"], src_info.get("gpu_uuid"))
+        device = spec.actors[src_actor].buffers[link.from_.split(".", 1)[1]].device
+        targets = []
+        for target in link.to:
+            t_actor = target.split(".", 1)[0]
+            for i in range(spec.actors[t_actor].replicas):
+                peer = info[(t_actor, i)]
+                transport = link.transport
+                if transport == "auto":
+                    transport = choose_transport(device, src_topo, Topology(peer["node_id"], peer.get("gpu_uuid")))
+                targets.append({"key": f"{t_actor}-{i}", "handle": handles(t_actor, i), "transport": transport,
+                                "uuid": peer.get("gpu_uuid")})
+        source = handles(src_actor, 0)
+        nccl = [t for t in targets if t["transport"] == "nccl"]
+        if nccl:
+            from ..transports import get_transport
+            module = get_transport("nccl")
+            module.check_distinct_gpus([src_topo.gpu_uuid] + [t["uuid"] for t in nccl])
+            unique_id = module.new_unique_id()
+            world = len(nccl) + 1
+            refs = [source._oob_nccl_root.remote(link.name, unique_id, world)]
+            refs += [t["handle"]._oob_link_receiver.remote(link.name, "nccl", {"unique_id": unique_id, "world": world,
+                                                                                 "rank": r + 1})
+                     for r, t in enumerate(nccl)]
+            ray.get(refs)
+        descriptors = ray.get([t["handle"]._oob_link_receiver.remote(link.name, t["transport"])
+                               for t in targets if t["transport"] != "nccl"])
+        it = iter(descriptors)
+        for t in targets:
+            t["descriptor"] = next(it) if t["transport"] != "nccl" else None
+            t.pop("uuid", None)
+        ray.get(source._oob_link_sender.remote(link.name, targets))
+        picked = sorted({t["transport"] for t in targets})
+        progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
