@@ -160,9 +160,18 @@ def validate(doc: Document) -> Spec:
 # --- semantic checks --------------------------------------------------------------------------
 
 
+def address_kind(address: str | None) -> str:
+    """"client" (ray://, Ray Client), "jobs" (http[s]://HEAD:8265, the job API) or "gcs"."""
+    if address and address.startswith("ray://"):
+        return "client"
+    if address and address.startswith(("http://", "https://")):
+        return "jobs"
+    return "gcs"
+
+
 def remote_address(address: str | None) -> bool:
-    """ray:// (Ray Client) and http(s):// (Ray Jobs) reach a cluster that is not this machine."""
-    return bool(address) and address.startswith(("ray://", "http://", "https://"))
+    """Ray Client and Ray Jobs reach a cluster that is not this machine."""
+    return address_kind(address) != "gcs"
 
 
 class _Checker:

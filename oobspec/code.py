@@ -11,18 +11,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import sys
-import sysconfig
 from pathlib import Path
 
-from .imports import import_path
+from .imports import import_path, is_users_file
 
 
 def _is_users(origin: str | None) -> bool:
-    if not origin or not origin.endswith(".py"):
-        return False
-    system = (sysconfig.get_paths()["stdlib"], sys.prefix, sys.base_prefix)
-    return "-packages" not in origin and not any(origin.startswith(p) for p in system)
+    return bool(origin) and origin.endswith(".py") and is_users_file(origin)
 
 
 def _find(name: str) -> str | None:

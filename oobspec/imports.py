@@ -3,6 +3,7 @@ actors import this, so it must not pull in pydantic, jinja2 or yaml."""
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ def import_object(ref: str) -> Any:
     return obj
 
 
+@functools.cache
 def _system_dirs() -> tuple[str, ...]:
     """Where the standard library and installed packages live: code there imports anywhere."""
     import site
@@ -56,19 +58,23 @@ def _system_dirs() -> tuple[str, ...]:
     return tuple(str(Path(p).resolve()) + "/" for p in paths if p)
 
 
+def is_users_file(path: str) -> bool:
+    """A module file of the user's own, not of the standard library or an installed package."""
+    return not str(Path(path).resolve()).startswith(_system_dirs())
+
+
 def local_modules() -> list[str]:
     """Top-level modules of the user's own code: files outside the standard library and the
     site-packages folders (the spec's folder, the current one, a script's, PYTHONPATH, an
     editable install). Other processes (a worker, the `oob` CLI, a script elsewhere, a remote
     node) may not be able to import them."""
-    system = _system_dirs()
     found = set()
     for name, module in list(sys.modules.items()):
         top = name.partition(".")[0]
         path = getattr(module, "__file__", None)
         if not path or top in found or top in ("oobspec", "__main__") or top not in sys.modules:
             continue
-        if not str(Path(path).resolve()).startswith(system):
+        if is_users_file(path):
             found.add(top)
     return sorted(found)
 

@@ -33,7 +33,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 @pytest.fixture
 def write_spec(tmp_path):
     """Write a spec (dedented) into tmp_path. In-process tests import tests/apps.py as pytest
-    does; the actors get the class from the driver (by value), never from PYTHONPATH."""
+    does; the actors get the class from the driver (by value), never from an import path."""
     def write(text: str, name: str = "spec.yaml") -> Path:
         path = tmp_path / name
         path.write_text(textwrap.dedent(text))
@@ -61,8 +61,9 @@ OOB = str(Path(sys.executable).parent / "oob")  # the console script, as users r
 
 
 def user_env(**extra) -> dict:
-    """The environment a user's shell has: no PYTHONPATH pointing at our tests, no RAY_ADDRESS."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    """The environment a user's shell has: ours, with no RAY_ADDRESS (each test names its
+    cluster). Nothing here adds an import path: the user's module reaches Ray on its own."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(extra)
     return env
 

@@ -65,6 +65,17 @@ def client(address, namespace, code, cwd="/"):
     return out.stdout
 
 
+def status_of(address, name) -> dict:
+    """`oob status NAME -o json` as a user runs it."""
+    out = oob("status", name, "--address", address, "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def alive_pids(address, name) -> dict[str, int]:
+    return {r["name"]: r["pid"] for r in status_of(address, name)["replicas"] if r["state"] == "alive"}
+
+
 @pytest.mark.parametrize("where", ["parent", "root"])
 def test_apply_from_another_folder_then_use_it_from_anywhere(ray_head, tmp_path, where):
     name = f"kv-{where}"
@@ -162,13 +173,13 @@ def test_status_and_logs_show_dead_replicas(ray_head, tmp_path):
     spec = kv_project(tmp_path, "mortal", restarts=0, replicas=2)
     assert oob("apply", spec, "--address", ray_head).returncode == 0
     try:
-        before = json.loads(oob("status", "mortal", "--address", ray_head, "-o", "json").stdout)
+        before = status_of(ray_head, "mortal")
         assert before["healthy"] is True
         pid = next(r["pid"] for r in before["replicas"] if r["name"] == "store-1")
         os.kill(pid, signal.SIGKILL)
         deadline = time.time() + 30
         while time.time() < deadline:
-            after = json.loads(oob("status", "mortal", "--address", ray_head, "-o", "json").stdout)
+            after = status_of(ray_head, "mortal")
             rows = {r["name"]: r for r in after["replicas"]}
             if rows["store-1"]["state"].startswith("dead"):
                 break
@@ -269,7 +280,7 @@ def test_ipv6_wildcard_host_for_every_protocol(ray_head, project):
     out = oob("apply", spec, "--address", ray_head, env=env)
     assert out.returncode == 0, out.stderr
     try:
-        rows = {r["name"]: r for r in json.loads(oob("status", "six", "--address", ray_head, "-o", "json").stdout)["replicas"]}
+        rows = {r["name"]: r for r in status_of(ray_head, "six")["replicas"]}
         files_port = int(rows["files-0"]["endpoints"]["main"].rsplit(":", 1)[1])
         http_port = int(rows["web-0"]["endpoints"]["http"].rsplit(":", 1)[1])
         assert requests.get(f"http://[::1]:{files_port}/", timeout=5).status_code == 200
@@ -297,8 +308,7 @@ def test_editing_a_class_module_replaces_only_that_actor(ray_head, project):
     """)
 
     def pids():
-        rows = json.loads(oob("status", "recode", "--address", ray_head, "-o", "json").stdout)["replicas"]
-        return {r["name"]: r["pid"] for r in rows}
+        return alive_pids(ray_head, "recode")
     assert oob("apply", spec, "--address", ray_head).returncode == 0
     try:
         before = pids()
@@ -325,7 +335,7 @@ def test_a_busy_replica_is_not_replaced(ray_head, project):
     """)
     assert oob("apply", spec, "--address", ray_head).returncode == 0
     try:
-        before = json.loads(oob("status", "busy", "--address", ray_head, "-o", "json").stdout)["replicas"][0]["pid"]
+        before = status_of(ray_head, "busy")["replicas"][0]["pid"]
         blocker = subprocess.Popen([sys.executable, "-c", (
             "import ray\nfrom oobspec.runtime.cluster import connect\n"
             f"connect({ray_head!r}, 'oob-busy')\nray.get(ray.get_actor('chat-0').block.remote(90))")],
@@ -335,7 +345,7 @@ def test_a_busy_replica_is_not_replaced(ray_head, project):
             plan = oob("plan", spec, "--address", ray_head)
             assert "= keep     chat [0]  (unchanged (busy: not answering))" in plan.stdout, plan.stdout
             assert oob("apply", spec, "--address", ray_head).returncode == 0
-            rows = json.loads(oob("status", "busy", "--address", ray_head, "-o", "json").stdout)["replicas"]
+            rows = status_of(ray_head, "busy")["replicas"]
             assert (rows[0]["state"], rows[0]["pid"]) == ("not answering", before)
         finally:
             blocker.kill()
@@ -358,8 +368,7 @@ def test_scaling_starts_or_stops_only_the_replicas_added_or_removed(ray_head, pr
     """)
 
     def pids():
-        rows = json.loads(oob("status", "scale", "--address", ray_head, "-o", "json").stdout)["replicas"]
-        return {r["name"]: r["pid"] for r in rows if r["state"] == "alive"}
+        return alive_pids(ray_head, "scale")
 
     def wiring(name):
         code = f'print(json.dumps(ray.get(ray.get_actor("{name}").wiring.remote())))'
@@ -382,3 +391,23 @@ def test_scaling_starts_or_stops_only_the_replicas_added_or_removed(ray_head, pr
         assert len(wiring("gw-0")["endpoints"]["web"]) == 2 and wiring("web-1")["replicas"] == 2
     finally:
         oob("delete", "scale", "--address", ray_head)
+
+
+def test_scaling_a_link_target_rewires_the_link(ray_head, project):
+    spec = write_in(project, """
+        version: 1
+        name: scalelink
+        actors:
+          src: {class: apps:Source, buffers: {data: {shape: [8, 8], dtype: float32}}}
+          dst: {class: apps:Sink, replicas: "{{ n }}", buffers: {data: {shape: [8, 8], dtype: float32}}}
+        links: [{name: data, from: src.data, to: [dst.data], transport: shm}]
+    """)
+    try:
+        for n in (2, 3, 2):
+            applied = oob("apply", spec, "--address", ray_head, "--set", f"n={n}")
+            assert applied.returncode == 0, applied.stderr
+            synced = oob("sync", "scalelink", "data", "--address", ray_head)
+            assert synced.returncode == 0 and f"to {n} targets" in synced.stdout, synced.stdout + synced.stderr
+        assert alive_pids(ray_head, "scalelink").keys() == {"src-0", "dst-0", "dst-1"}
+    finally:
+        oob("delete", "scalelink", "--address", ray_head)

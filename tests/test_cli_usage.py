@@ -1,23 +1,19 @@
 """Usage errors from the command line: exit code 2 and one line on stderr, never a traceback."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import oob as run_oob
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def oob(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "oobspec.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+def oob(*args: str):
+    """`oob ARGS` from the project root (the paths below are relative to it), a user's environment."""
+    return run_oob(*args, cwd=ROOT, timeout=60)
 
 
 @pytest.mark.parametrize("command", ["lint", "render"])

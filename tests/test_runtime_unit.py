@@ -1163,9 +1163,9 @@ def test_upload_scan_honours_excludes_and_the_cap(tmp_path):
 
 
 def test_address_kinds_and_jobs_routing(monkeypatch):
-    from oobspec.runtime import remote
+    from oobspec.checks import address_kind
     from oobspec.runtime.jobs import _own, jobs_address
-    assert [remote.kind(a) for a in ("ray://h:10001", "http://h:8265", "https://h", "h:6379", None)] == \
+    assert [address_kind(a) for a in ("ray://h:10001", "http://h:8265", "https://h", "h:6379", None)] == \
         ["client", "jobs", "jobs", "gcs", "gcs"]
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert jobs_address(None) is None and jobs_address("ray://h:1") is None

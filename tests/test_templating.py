@@ -1,15 +1,13 @@
 """Phase 2: Jinja2 per value in the parsed tree — typed results, `when`, values, sandbox."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 import oobspec
+from conftest import oob, user_env
 from oobspec.errors import SpecError, UsageError
 from oobspec.loader import YamlFloat, loads
 from oobspec.render import load_values, merge, parse_set, render, to_yaml
@@ -448,14 +446,11 @@ SECRET_SPEC = """\
 def test_auth_token_never_in_render_output(tmp_path):
     spec = write(tmp_path, SECRET_SPEC)
     secret = "s3cr3t-value-9f8e7d"
-    env = {**os.environ, "OOB_TEST_TOKEN": secret, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "oobspec.cli", "render", str(spec), "--set", "mode=fast"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    env = user_env(OOB_TEST_TOKEN=secret)
+    proc = oob("render", spec, "--set", "mode=fast", env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert secret not in proc.stdout + proc.stderr
     assert "token_env: OOB_TEST_TOKEN" in proc.stdout and "MODE: fast" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "oobspec.cli", "lint", "-o", "json", str(spec), "--set", "mode=x"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = oob("lint", "-o", "json", spec, "--set", "mode=x", env=env, timeout=60)
     assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stdout + proc.stderr  # it did lint, cleanly
     assert secret not in proc.stdout + proc.stderr

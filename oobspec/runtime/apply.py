@@ -11,11 +11,11 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import ApplyError, ClusterError
 from ..models import Spec, memory_bytes
-from ..plan import config_hash, make_plan
+from ..plan import Observed, Plan, config_hash, make_plan
 from . import cluster, state
 from .context import env_key
 from .wiring import setup_links
@@ -197,15 +197,11 @@ class Applier:
     # --- execution ---
 
     def run(self, timeout: float = 120.0) -> dict[str, dict[str, list[str]]]:
-        import ray
         if cluster.is_client():
             from .remote import package_env
             self.shipped = package_env(self.base_dir)
             self.progress(f"uploaded {self.base_dir} and oobspec to the cluster")
-        observed = cluster.observe(self.namespace)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        self.code = code_versions(self.spec, self.base_dir)
-        plan = make_plan(self.spec, observed, single_node=len(nodes) == 1, code=self.code)
+        plan, observed, self.code = plan_on_cluster(self.spec, self.base_dir)
         for row in observed.replicas:
             if row.alive:
                 self.info[(row.actor, row.replica)] = {"endpoints": row.endpoints, "node_id": row.node_id,
@@ -221,7 +217,6 @@ class Applier:
         for name in self.spec.actors:
             self._collect_endpoints(name)
         created: list[str] = []
-        ready: list[str] = []
         deadline = time.monotonic() + timeout
         try:
             if self.spec.ray.placement:
@@ -240,13 +235,13 @@ class Applier:
                         handle = cls.options(**self.options(name, i, cfg)).remote(cfg, *self.spec.actors[name].args,
                                                                                      **self.spec.actors[name].kwargs)
                         refs[(name, i)] = handle._oob_ready.remote(timeout)
-                ready += self._wait_ready(refs, deadline, timeout)
+                self._wait_ready(refs, deadline, timeout)
                 for name in wave:
                     self._collect_endpoints(name)
             setup_links(self.spec, self.namespace, self.info, self.progress)
             self.update_in_place(set(created))
         except BaseException:
-            with _signals_held():  # a second Ctrl-C must not cut the clean-up short
+            with handling_signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the clean-up short
                 if created:
                     self.progress(f"cleaning up {len(created)} replica(s) started by this apply")
                     cluster.kill(created, self.namespace, timeout=2.0)
@@ -254,11 +249,10 @@ class Applier:
         cluster.put_meta(self.namespace, "spec", self.spec.model_dump(mode="json", by_alias=True))
         return self.endpoints
 
-    def _wait_ready(self, refs: dict, deadline: float, timeout: float) -> list[str]:
+    def _wait_ready(self, refs: dict, deadline: float, timeout: float) -> None:
         """Wait for the replicas' `_oob_ready`, in short steps so Ctrl-C is seen at once."""
         import ray
         pending = {ref: key for key, ref in refs.items()}
-        done = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(0.25, max(0.0, deadline - time.monotonic())))
             if not ready:
@@ -274,10 +268,8 @@ class Applier:
             # What a later apply needs of this replica even while it is too busy to answer.
             cluster.put_meta(self.namespace, f"replica/{key[0]}-{key[1]}",
                              {k: info.get(k) for k in ("config_hash", "code_hash", "endpoints", "gpu_uuid")})
-            done.append(f"{key[0]}-{key[1]}")
             self.progress(f"ready {key[0]}-{key[1]} (pid {info['pid']})"
                           + "".join(f"  {s}: {u}" for s, u in info["endpoints"].items()))
-        return done
 
     def update_in_place(self, created: set[str]) -> None:
         """Replicas kept from before learn their actor's replica count and their peers'
@@ -359,17 +351,29 @@ def _quiet_get(ref) -> bool:
 
 
 @contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM wait (are ignored) for the duration, when this is the main thread."""
+def handling_signals(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` (or SIG_IGN) for the duration; in a thread other than
+    the main one (where Python allows no handlers) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def plan_on_cluster(spec: Spec, base_dir: Path) -> tuple[Plan, Observed, dict[str, str]]:
+    """The plan against the connected cluster, as `oob plan` shows it and apply carries it out:
+    observed replicas, node count, code versions."""
+    import ray
+    observed = cluster.observe(spec.namespace)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    code = code_versions(spec, base_dir)
+    single = spec.ray.placement == "STRICT_PACK" or len(nodes) == 1
+    return make_plan(spec, observed, single_node=single, code=code), observed, code
 
 
 def code_versions(spec: Spec, base_dir: Path) -> dict[str, str]:

@@ -151,7 +151,8 @@ def connect(address: str, namespace: str) -> None:
                                "`ray start --head`, or pass --address")
     probe(address)
     _use_token_if_any(address)
-    client = address.startswith("ray://")
+    from ..checks import address_kind
+    client = address_kind(address) == "client"
     extra = {} if client else {"configure_logging": True}
     for attempt in range(3):
         try:
@@ -280,9 +281,9 @@ def forget(namespace: str) -> None:
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
-def kill(names: list[str], namespace: str, timeout: float = 15.0, graceful: bool = True) -> None:
-    """Stop replicas (servers, processes, shared memory; `graceful` gives them `timeout`
-    seconds for it), kill them and wait until Ray no longer lists them."""
+def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
+    """Stop replicas (servers, processes, shared memory; `timeout` seconds for it), kill them
+    and wait until Ray no longer lists them."""
     import ray
     handles = {}
     for name in names:
@@ -292,7 +293,7 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0, graceful: bool
             pass
     # A replica still in __init__ cannot take the stop call before __init__ ends: kill it now.
     from .state import actor_records
-    alive = {n for n, r in actor_records(namespace).items() if r.state == "ALIVE"} if graceful else set()
+    alive = {n for n, r in actor_records(namespace).items() if r.state == "ALIVE"}
     stops = [h._oob_stop.remote() for n, h in handles.items() if n in alive]
     if stops:
         ray.wait(stops, num_returns=len(stops), timeout=timeout)

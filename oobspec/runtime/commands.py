@@ -21,12 +21,9 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
     with session(spec.name, address, spec.ray.address, required=False) as found:
         if found is None:
             return make_plan(spec, single_node=True if single or not (address or spec.ray.address) else None)
-        import ray
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        from .apply import code_versions
+        from .apply import plan_on_cluster
         base = spec._source.base_dir if spec._source else Path.cwd()
-        plan = make_plan(spec, cluster.observe(spec.namespace), single_node=single or len(nodes) == 1,
-                         code=code_versions(spec, base))
+        plan, _observed, _code = plan_on_cluster(spec, base)
         if cluster.is_client():
             up = remote.scan(base)
             plan.upload = {"folder": str(up.folder), "files": up.files, "bytes": up.bytes}

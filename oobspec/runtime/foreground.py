@@ -10,25 +10,12 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from ..models import Spec
 from . import cluster
-from .apply import apply_with_errors, preflight, start_embedded
+from .apply import apply_with_errors, handling_signals, preflight, start_embedded
 
 log = logging.getLogger("oobspec")
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def _signals(handler: Callable) -> Iterator[None]:
-    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 def _interrupt(_signum, _frame):
@@ -45,7 +32,7 @@ def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
         console.print(str(warning), markup=False)
     import ray
     if explicit:
-        with _signals(_interrupt):
+        with handling_signals(_interrupt):
             try:
                 cluster.connect(explicit, spec.namespace)
                 endpoints = apply_with_errors(spec, progress, timeout, detached=True)
@@ -53,7 +40,7 @@ def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
                 console.print("interrupted: what this apply started is removed")
                 raise
             finally:
-                with _signals(signal.SIG_IGN):
+                with handling_signals(signal.SIG_IGN):
                     ray.shutdown()
         out.print(_endpoints(endpoints))
         return
@@ -68,14 +55,14 @@ def _foreground(spec: Spec, timeout: float, console, out, progress) -> None:
     try:
         progress("starting a local Ray (embedded; Ctrl-C stops everything)")
         # A Ray half started cannot be torn down cleanly: a signal during ray.init waits for it.
-        with _signals(lambda *_: stop.set()):
+        with handling_signals(lambda *_: stop.set()):
             gcs = start_embedded(spec.namespace)
         registry = cluster.register_embedded(spec.name, gcs)
-        with _signals(_interrupt):
+        with handling_signals(_interrupt):
             if stop.is_set():
                 raise KeyboardInterrupt
             endpoints = apply_with_errors(spec, progress, timeout, detached=False)
-        with _signals(lambda *_: stop.set()):
+        with handling_signals(lambda *_: stop.set()):
             out.print(_endpoints(endpoints))
             console.print(f"running in the foreground on a local Ray ({gcs}); Ctrl-C to stop")
             sys.stdout.flush()
@@ -86,7 +73,7 @@ def _foreground(spec: Spec, timeout: float, console, out, progress) -> None:
         interrupted = True
         console.print("interrupted: stopping what this apply started")
     finally:
-        with _signals(signal.SIG_IGN):
+        with handling_signals(signal.SIG_IGN):
             if ray.is_initialized():
                 try:
                     cluster.delete_all(spec.name)

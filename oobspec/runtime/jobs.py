@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..checks import address_kind
 from ..errors import ClusterError
 from ..models import Spec
 
@@ -24,7 +25,7 @@ SPEC_FILE = ".oob-spec.yaml"
 def jobs_address(address: str | None, spec: Spec | None = None) -> str | None:
     """The job API's URL when that is where this command goes (flag, RAY_ADDRESS, the spec)."""
     found = address or os.environ.get("RAY_ADDRESS") or (spec.ray.address if spec else None)
-    return found if found and found.startswith(("http://", "https://")) else None
+    return found if address_kind(found) == "jobs" else None
 
 
 def _client(url: str):

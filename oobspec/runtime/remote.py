@@ -19,15 +19,6 @@ EXCLUDES = [".git", "__pycache__", ".venv", "venv", "*.pyc", ".pytest_cache", ".
 IGNORE_FILE = ".oobignore"
 
 
-def kind(address: str | None) -> str:
-    """"client" (ray://), "jobs" (http[s]:// — the dashboard's job API), or "gcs"."""
-    if address and address.startswith("ray://"):
-        return "client"
-    if address and address.startswith(("http://", "https://")):
-        return "jobs"
-    return "gcs"
-
-
 def excludes(folder: Path) -> list[str]:
     """What never travels: VCS and caches, plus the lines of the folder's `.oobignore`
     (gitignore syntax; `.gitignore` and `.rayignore` are honoured too)."""
