@@ -20,7 +20,7 @@ With --diagnose, more hand-written variants show what oobspec's differences cost
                                   by all N actors
   e. hand-written + oob imports   b, whose start method first imports oobspec.runtime.actor
                                   (what every oobspec replica imports)
-  f. oobspec, no runtime_env      a with Applier.runtime_env patched (in this process only) to
+  f. oobspec, no runtime_env      a with Builder.runtime_env patched (in this process only) to
                                   return {}: what oobspec would take without a runtime_env
 and the oobspec apply is split into its phases (observe, class import, create+ready, meta).
 
@@ -124,8 +124,9 @@ def run_oobspec(spec, phases: dict | None, no_runtime_env: bool = False) -> floa
     if phases is not None:
         _instrument(apply_mod, phases)
     if no_runtime_env:  # what-if, in this process only: replicas get no runtime_env at all
-        _PATCHED.append((apply_mod.Applier, "runtime_env", apply_mod.Applier.runtime_env))
-        apply_mod.Applier.runtime_env = lambda self, *args, **kwargs: {}
+        from oobspec.runtime.replicas import Builder
+        _PATCHED.append((Builder, "runtime_env", Builder.runtime_env))
+        Builder.runtime_env = lambda self, *args, **kwargs: {}
     try:
         t0 = time.perf_counter()
         with oobspec.deploy(spec) as dep:
@@ -134,7 +135,7 @@ def run_oobspec(spec, phases: dict | None, no_runtime_env: bool = False) -> floa
             elapsed = time.perf_counter() - t0
             pids = ray.get([dep.handle(a, i)._oob_info.remote() for a, actor in spec.actors.items()
                             for i in range(actor.replicas)])
-        wait_gone([p["pid"] for p in pids])
+        wait_gone([p.pid for p in pids])
     finally:
         _uninstrument(apply_mod)
     return elapsed
@@ -147,7 +148,7 @@ def run_hand(n: int, variant: str = "plain") -> float:
     t0 = time.perf_counter()
     actors = []
     for i in range(n):
-        if variant in ("runtime_env", "shared_env"):  # what oobspec's Applier.runtime_env gives each replica
+        if variant in ("runtime_env", "shared_env"):  # what oobspec's runtime_env gave each replica before 2817905
             paths = [str(HERE), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             env = {"OOB_REPLICAS": str(n), "OOB_DEPLOYMENT": "bench", "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
             if variant == "runtime_env":
@@ -163,13 +164,13 @@ def run_hand(n: int, variant: str = "plain") -> float:
     return elapsed
 
 
-# --- phase timing of the Applier (monkeypatched in this process only; oobspec is not edited) ----
+# --- phase timing of the apply (monkeypatched in this process only; oobspec is not edited) ----
 
 _PATCHED: list = []
 
 
 def _instrument(apply_mod, phases: dict) -> None:
-    from oobspec.runtime import cluster
+    from oobspec.runtime import cluster, executor, replicas
 
     def timed(owner, attr, label):
         original = getattr(owner, attr, None)
@@ -188,8 +189,8 @@ def _instrument(apply_mod, phases: dict) -> None:
     timed(apply_mod.Applier, "run", "apply total")
     timed(cluster, "observe", "observe (list + _oob_info of existing replicas)")
     timed(apply_mod, "make_plan", "make_plan")
-    timed(apply_mod.Applier, "actor_class", "import class + make actor class")
-    timed(apply_mod.Applier, "_wait_ready", "wait for _oob_ready of all replicas")
+    timed(replicas.Builder, "actor_class", "import class + make actor class")
+    timed(executor.Executor, "_wait_ready", "wait for _oob_ready of all replicas")
     timed(cluster, "put_meta", "put_meta")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .contract import Ref
 from .errors import Diagnostic, SpecError
 from .imports import import_object, import_path, suggest
 from .loader import Document
@@ -260,7 +261,7 @@ class _Checker:
             seen.setdefault(shape, j)
 
     def _ref(self, ref: str, path: tuple, kind: str) -> tuple[str, str] | None:
-        aname, _, item = ref.partition(".")
+        aname, item = Ref.parse(ref).actor, Ref.parse(ref).member
         actors = self.spec.actors
         if aname not in actors:
             code = "OOB201" if kind == "server" else "OOB203"
@@ -283,7 +284,7 @@ class _Checker:
             for key, ref in actor.connect.items():
                 path = ("actors", aname, "connect", key)
                 if self._ref(ref, path, "server"):
-                    graph[aname].add(ref.split(".", 1)[0])
+                    graph[aname].add(Ref.parse(ref).actor)
                 if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", key):
                     self.add("OOB207", f"connect key '{key}' must be letters, digits, '_' and '-' "
                              "(it becomes OOB_<KEY>_URL)", path, key=True)

@@ -194,6 +194,16 @@ class Actor(Strict):
     servers: Annotated[list[Server], Field(description="Servers run inside the actor.")] = []
     buffers: Annotated[dict[str, Buffer], Field(
         description="Arrays allocated by the runtime, reached with oobspec.context().buffers[name].")] = {}
+    update: Annotated[Literal["rolling", "stop-first"], Field(
+        description="How a changed replica is replaced. rolling: its successor starts first and shares "
+                    "its ports (SO_REUSEPORT), then it drains; one replica at a time, no downtime. "
+                    "stop-first: it stops, then its successor starts (for an actor that must never "
+                    "run twice at once, or that has no room for a second copy). Actors that wrap a "
+                    "command, bind tcp ports themselves, have no servers, take part in links or use a "
+                    "placement group are always replaced stop-first; `oob plan` says so.")] = "rolling"
+    drain: Annotated[float, Field(
+        ge=0, description="Seconds a replica that is replaced or removed has to finish in-flight "
+                          "requests once it stops accepting.")] = 10
     when: WhenField = None
 
     @model_validator(mode="after")
@@ -234,7 +244,8 @@ class Spec(Strict):
 
     @property
     def namespace(self) -> str:
-        return f"oob-{self.name}"
+        from .contract import namespace_of
+        return namespace_of(self.name)
 
 
 def _server_variants() -> dict[str, type[ServerBase]]:

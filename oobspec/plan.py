@@ -8,16 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
+from .contract import Ref, Topology, server_url
 from .models import Spec, memory_bytes
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where a replica runs: what `auto` transport selection needs to know."""
-
-    node_id: str
-    gpu_uuid: str | None = None
 
 
 @dataclass
@@ -45,12 +39,87 @@ class Observed:
         return sorted((r for r in self.replicas if r.actor == actor), key=lambda r: r.replica)
 
 
+class ActionKind(StrEnum):
+    CREATE = "create"
+    KEEP = "keep"
+    REPLACE = "replace"
+    DELETE = "delete"
+
+
+class Reason(StrEnum):
+    NEW = "new-actor"
+    SPEC = "spec-changed"
+    CODE = "code-changed"
+    DEAD = "not-alive"
+    SCALED = "scaled"
+    REMOVED = "removed"
+    UNCHANGED = "unchanged"
+    BUSY = "busy"  # alive, too busy to answer: never replaced for that
+
+
+class Strategy(StrEnum):
+    ROLLING = "rolling"  # successor first, sharing the port; then the predecessor drains
+    STOP_FIRST = "stop-first"
+
+
+class StopFirst(StrEnum):
+    """Why a replace cannot roll."""
+
+    CONFIGURED = "configured"  # update: stop-first
+    COMMAND = "command"  # a wrapped process cannot share its port
+    TCP = "tcp"  # a tcp server is bound by the user's own code
+    NO_SERVERS = "no-servers"  # nothing out-of-band to keep serving
+    LINKS = "links"  # its buffers are wired into links
+    PLACEMENT = "placement"  # its placement group has no room for a stand-in
+    DEAD = "dead"  # nothing running to hand over from
+
+
 @dataclass
 class Action:
-    kind: str  # create | keep | replace | delete
+    kind: ActionKind
     actor: str
     replicas: list[int]
-    reason: str
+    reason: Reason
+    strategy: Strategy | None = None  # replace only
+    stop_first: StopFirst | None = None  # why a replace is stop-first
+    was: int | None = None  # scaled: the replica count before
+    now: int | None = None  # scaled: the replica count after
+
+    def describe(self) -> str:
+        """The reason in words (the fields above are for machines)."""
+        text = f"replicas {self.was} -> {self.now}" if self.reason == Reason.SCALED else _REASONS[self.reason]
+        if self.strategy == Strategy.ROLLING:
+            text += "; rolling, no downtime"
+        elif self.stop_first is not None and self.stop_first != StopFirst.DEAD:
+            text += f"; stop-first: {_STOP_FIRST[self.stop_first]}"
+        return text
+
+
+_REASONS = {Reason.NEW: "new actor", Reason.SPEC: "spec changed", Reason.CODE: "code changed",
+            Reason.DEAD: "replica not alive", Reason.REMOVED: "no longer in the spec", Reason.UNCHANGED: "unchanged",
+            Reason.BUSY: "unchanged (busy: not answering)"}
+_STOP_FIRST = {StopFirst.CONFIGURED: "update: stop-first in the spec",
+               StopFirst.COMMAND: "a wrapped process cannot share its port",
+               StopFirst.TCP: "its tcp server is bound by its own code", StopFirst.NO_SERVERS: "it has no servers",
+               StopFirst.LINKS: "its buffers are wired into links",
+               StopFirst.PLACEMENT: "its placement group has no room for a stand-in", StopFirst.DEAD: "not running"}
+
+
+class StepKind(StrEnum):
+    STOP = "stop"  # drain and stop replicas (deleted, or replaced stop-first)
+    PLACE = "place"  # the placement group
+    START = "start"  # start replicas; the start steps of one wave run together
+    ROLL = "roll"  # replace one replica: stand-in, drain, successor, retire the stand-in
+    WIRE = "wire"  # links
+    UPDATE = "update"  # kept replicas learn replica counts and peers' endpoints, live
+
+
+@dataclass
+class Step:
+    kind: StepKind
+    actor: str | None = None
+    replicas: list[int] = field(default_factory=list)
+    wave: int | None = None
 
 
 @dataclass
@@ -62,14 +131,34 @@ class ServerRow:
     url: str  # port "auto" until bound
 
 
+class LinkReason(StrEnum):
+    SPEC = "set-in-spec"
+    ONE_NODE = "one-node"  # every replica will share one node
+    PLACED_ONE_NODE = "placed-on-one-node"
+    PLACED_SEVERAL_NODES = "placed-on-several-nodes"
+    NOT_PLACED = "not-placed-yet"  # `auto` decides once the replicas are placed
+
+
+_LINK_REASONS = {LinkReason.SPEC: "set in the spec", LinkReason.ONE_NODE: "one node",
+                 LinkReason.PLACED_ONE_NODE: "replicas on one node",
+                 LinkReason.PLACED_SEVERAL_NODES: "replicas on several nodes",
+                 LinkReason.NOT_PLACED: "decided when the replicas are placed"}
+
+
 @dataclass
 class LinkRow:
     name: str
     source: str
     target: str
     device: str
-    transport: str
-    reason: str
+    transport: str | None  # None: not decided until the replicas are placed
+    reason: LinkReason
+    options: list[str] = field(default_factory=list)  # what `auto` may pick, while undecided
+
+    def describe(self) -> tuple[str, str]:
+        """(transport, why) in words."""
+        transport = self.transport or f"auto ({' or '.join(self.options)})"
+        return transport, _LINK_REASONS[self.reason]
 
 
 @dataclass
@@ -79,6 +168,7 @@ class Plan:
     online: bool
     actions: list[Action]
     waves: list[list[str]]  # start order: actors in one wave start together, after the previous wave
+    steps: list[Step]  # what apply carries out, in this order
     servers: list[ServerRow]
     links: list[LinkRow]
     resources: dict[str, float]
@@ -86,7 +176,7 @@ class Plan:
 
     @property
     def changes(self) -> list[Action]:
-        return [a for a in self.actions if a.kind != "keep"]
+        return [a for a in self.actions if a.kind != ActionKind.KEEP]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,22 +184,24 @@ class Plan:
 
 def actor_config(spec: Spec, name: str) -> dict:
     """Everything that, when changed, needs the actor's replicas replaced (not the number of
-    replicas, its own or its peers': that changes in place)."""
+    replicas, its own or its peers': that changes in place; nor how it is updated)."""
     actor = spec.actors[name]
     peers = {}
-    for key, ref in actor.connect.items():
-        peer, _, server = ref.partition(".")
-        if peer in spec.actors:  # (not its replica count: peers' endpoints are updated in place)
-            target = next((s for s in spec.actors[peer].servers if s.name == server), None)
+    for key, text in actor.connect.items():
+        ref = Ref.parse(text)
+        if ref.actor in spec.actors:  # (not its replica count: peers' endpoints are updated in place)
+            target = next((s for s in spec.actors[ref.actor].servers if s.name == ref.member), None)
             peers[key] = {"server": target.model_dump(mode="json") if target else None}
-    links = [link.model_dump(mode="json", by_alias=True) for link in spec.links
-             if link.from_.startswith(name + ".") or any(t.startswith(name + ".") for t in link.to)]
-    # `replicas` is left out: scaling starts or stops only the replicas added or removed.
-    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when", "replicas"}),
+    links = [link.model_dump(mode="json", by_alias=True) for link in spec.links if name in link_actors(link)]
+    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when", "replicas", "drain", "update"}),
               "ray": spec.ray.model_dump(mode="json", exclude={"address"}), "peers": peers, "links": links}
     if spec.ray.placement:  # one placement group holds every replica: its layout is everyone's config
         config["layout"] = [(n, a.replicas, a.resources.model_dump(mode="json")) for n, a in spec.actors.items()]
     return config
+
+
+def link_actors(link) -> set[str]:
+    return {Ref.parse(link.from_).actor} | {Ref.parse(t).actor for t in link.to}
 
 
 def config_hash(spec: Spec, name: str) -> str:
@@ -119,7 +211,7 @@ def config_hash(spec: Spec, name: str) -> str:
 
 def start_waves(spec: Spec) -> list[list[str]]:
     """Topological levels of the connect graph (Kahn): peers start before those that need them."""
-    deps = {a: {ref.split(".", 1)[0] for ref in actor.connect.values()} & set(spec.actors)
+    deps = {a: {Ref.parse(ref).actor for ref in actor.connect.values()} & set(spec.actors)
             for a, actor in spec.actors.items()}
     waves, done = [], set()
     while len(done) < len(deps):
@@ -132,23 +224,39 @@ def start_waves(spec: Spec) -> list[list[str]]:
 
 
 def choose_transport(device: str, source: Topology | None, target: Topology | None) -> str | None:
-    """`auto` as a pure function of where the two ends run; None when that is not known yet."""
+    """`auto` as a pure function of where the two ends run; None when that is not known yet.
+    The only place the choice is made (the plan shows it, link wiring and transports use it)."""
     if source is None or target is None:
         return None
     same_node = source.node_id == target.node_id
-    if device == "gpu":
+    if device in ("gpu", "cuda"):
+        # Peer GPUs on one node still use IPC: one direct copy, no communicator to set up.
         return "cuda_ipc" if same_node else "nccl"
     return "shm" if same_node else "object_store"
 
 
-def _server_url(protocol: str, host: str, port: int | str) -> str:
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
-    return f"http://{address}" if protocol == "http" else address
+def strategy_of(spec: Spec, name: str) -> tuple[Strategy, StopFirst | None]:
+    """How a changed, running replica of this actor is replaced."""
+    actor = spec.actors[name]
+    if actor.update == "stop-first":
+        return Strategy.STOP_FIRST, StopFirst.CONFIGURED
+    if actor.command is not None:
+        return Strategy.STOP_FIRST, StopFirst.COMMAND
+    if any(s.protocol == "tcp" for s in actor.servers):
+        return Strategy.STOP_FIRST, StopFirst.TCP
+    if not actor.servers:
+        return Strategy.STOP_FIRST, StopFirst.NO_SERVERS
+    if any(name in link_actors(link) for link in spec.links):
+        return Strategy.STOP_FIRST, StopFirst.LINKS
+    if spec.ray.placement:
+        return Strategy.STOP_FIRST, StopFirst.PLACEMENT
+    return Strategy.ROLLING, None
 
 
 def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool | None = None,
               topology: dict[tuple[str, int], Topology] | None = None, code: dict[str, str] | None = None) -> Plan:
-    """Desired spec + observed state → actions with reasons, start order, servers, links, totals.
+    """Desired spec + observed state → actions with reasons, the steps apply carries out, start
+    order, servers, links, totals.
 
     single_node: True when every replica will share one node (embedded Ray, or a STRICT_PACK
     placement), so `auto` can be decided before anything runs. code: actor -> digest of its
@@ -158,47 +266,12 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
     observed = observed or Observed()
     waves = start_waves(spec)
     actions: list[Action] = []
-    restarted: set[str] = set()  # actors whose replicas get new processes (new ports if dynamic)
     for wave in waves:
         for name in wave:
-            actor = spec.actors[name]
-            want = config_hash(spec, name)
-            have = {r.replica: r for r in observed.of(name)}
-            dynamic_peers = sorted(
-                ref.split(".", 1)[0] for ref in actor.connect.values()
-                if ref.split(".", 1)[0] in restarted and _port_of(spec, ref) == 0)
-            if not have:
-                actions.append(Action("create", name, list(range(actor.replicas)), "new actor"))
-                restarted.add(name)
-                continue
-            recoded = {i for i, r in have.items() if r.code_hash and code.get(name) and r.code_hash != code[name]}
-            stale = [i for i, r in sorted(have.items()) if i < actor.replicas
-                     and (r.config_hash != want or not r.alive or i in recoded)]
-            missing = [i for i in range(actor.replicas) if i not in have]
-            extra = [i for i in sorted(have) if i >= actor.replicas]
-            if dynamic_peers:
-                stale = sorted(set(stale) | {i for i in have if i < actor.replicas})
-            if stale:
-                dead = [i for i in stale if not have[i].alive]
-                reason = ("replica not alive" if dead and len(dead) == len(stale)
-                          else f"peer {', '.join(dynamic_peers)} restarts on a new port" if dynamic_peers
-                          and all(have[i].config_hash == want for i in stale) and not recoded
-                          else "code changed" if all(have[i].config_hash == want for i in stale if have[i].alive)
-                          else "spec changed")
-                actions.append(Action("replace", name, stale, reason))
-                restarted.add(name)
-            if missing:
-                actions.append(Action("create", name, missing, f"replicas {len(have)} -> {actor.replicas}"))
-            if extra:
-                actions.append(Action("delete", name, extra, f"replicas {len(have)} -> {actor.replicas}"))
-            kept = [i for i in sorted(have) if i < actor.replicas and i not in stale]
-            busy = [i for i in kept if not have[i].answering]
-            if busy:  # alive by Ray's account, only slow to answer: never replaced for that
-                actions.append(Action("keep", name, busy, "unchanged (busy: not answering)"))
-            if len(busy) < len(kept):
-                actions.append(Action("keep", name, [i for i in kept if i not in busy], "unchanged"))
+            actions += _actions_of(spec, name, {r.replica: r for r in observed.of(name)}, code.get(name))
     for name in sorted({r.actor for r in observed.replicas} - set(spec.actors)):
-        actions.append(Action("delete", name, [r.replica for r in observed.of(name)], "no longer in the spec"))
+        actions.append(Action(ActionKind.DELETE, name, [r.replica for r in observed.of(name)], Reason.REMOVED))
+    steps = _steps(spec, waves, actions)
 
     servers = []
     live = {(r.actor, r.replica): r for r in observed.replicas}
@@ -209,7 +282,7 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                 url = state.endpoints.get(server.name) if state and state.config_hash == config_hash(spec, name) else None
                 port = server.port + i if server.port else "auto"
                 servers.append(ServerRow(name, i, server.name, server.protocol,
-                                         url or _server_url(server.protocol, server.host, port)))
+                                         url or server_url(server.protocol, server.host, port)))
 
     links = []
     topology = dict(topology or {})
@@ -217,29 +290,28 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
         if r.node_id:
             topology.setdefault((r.actor, r.replica), Topology(r.node_id, r.gpu_uuid))
     for link in spec.links:
-        src_actor, _, src_buf = link.from_.partition(".")
+        src_actor, src_buf = Ref.parse(link.from_).actor, Ref.parse(link.from_).member
         device = spec.actors[src_actor].buffers[src_buf].device if src_actor in spec.actors and \
             src_buf in spec.actors[src_actor].buffers else "cpu"
         for target in link.to:
             if link.transport != "auto":
-                links.append(LinkRow(link.name, link.from_, target, device, link.transport, "set in the spec"))
+                links.append(LinkRow(link.name, link.from_, target, device, link.transport, LinkReason.SPEC))
                 continue
-            dst_actor = target.split(".", 1)[0]
+            dst_actor = Ref.parse(target).actor
             ends = [topology.get((src_actor, 0))] + [topology.get((dst_actor, i))
                                                      for i in range(spec.actors[dst_actor].replicas)] \
                 if dst_actor in spec.actors else []
             if ends and all(ends):
                 picks = sorted({choose_transport(device, ends[0], t) for t in ends[1:]})
                 links.append(LinkRow(link.name, link.from_, target, device, "/".join(picks),
-                                     "replicas on one node" if len({e.node_id for e in ends}) == 1
-                                     else "replicas on several nodes"))
+                                     LinkReason.PLACED_ONE_NODE if len({e.node_id for e in ends}) == 1
+                                     else LinkReason.PLACED_SEVERAL_NODES))
             elif single_node:
                 links.append(LinkRow(link.name, link.from_, target, device,
-                                     choose_transport(device, Topology("local"), Topology("local")), "one node"))
+                                     choose_transport(device, Topology("local"), Topology("local")), LinkReason.ONE_NODE))
             else:
-                options = "cuda_ipc or nccl" if device == "gpu" else "shm or object_store"
-                links.append(LinkRow(link.name, link.from_, target, device, f"auto ({options})",
-                                     "decided when the replicas are placed"))
+                options = ["cuda_ipc", "nccl"] if device == "gpu" else ["shm", "object_store"]
+                links.append(LinkRow(link.name, link.from_, target, device, None, LinkReason.NOT_PLACED, options))
 
     totals = {"actors": 0, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0}
     for actor in spec.actors.values():
@@ -247,12 +319,63 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
         totals["cpus"] += (actor.resources.cpus or 0) * actor.replicas
         totals["gpus"] += actor.resources.gpus * actor.replicas
         totals["memory_bytes"] += (memory_bytes(actor.resources.memory) or 0) * actor.replicas
-    return Plan(spec.name, spec.namespace, observed.online, actions, waves, servers, links, totals)
+    return Plan(spec.name, spec.namespace, observed.online, actions, waves, steps, servers, links, totals)
 
 
-def _port_of(spec: Spec, ref: str) -> int | None:
-    peer, _, server = ref.partition(".")
-    for s in spec.actors.get(peer, None).servers if peer in spec.actors else ():
-        if s.name == server:
-            return s.port
-    return None
+def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str | None) -> list[Action]:
+    actor = spec.actors[name]
+    if not have:
+        return [Action(ActionKind.CREATE, name, list(range(actor.replicas)), Reason.NEW)]
+    want = config_hash(spec, name)
+    out = []
+    wanted = [i for i in sorted(have) if i < actor.replicas]
+    dead = [i for i in wanted if not have[i].alive]
+    changed = [i for i in wanted if have[i].alive and have[i].config_hash != want]
+    recoded = [i for i in wanted if have[i].alive and i not in changed and code and have[i].code_hash
+               and have[i].code_hash != code]
+    if dead:
+        out.append(Action(ActionKind.REPLACE, name, dead, Reason.DEAD, Strategy.STOP_FIRST, StopFirst.DEAD))
+    strategy, why = strategy_of(spec, name)
+    if changed or recoded:
+        out.append(Action(ActionKind.REPLACE, name, sorted(changed + recoded), Reason.SPEC if changed else Reason.CODE,
+                          strategy, why))
+    missing = [i for i in range(actor.replicas) if i not in have]
+    if missing:
+        out.append(Action(ActionKind.CREATE, name, missing, Reason.SCALED, was=len(have), now=actor.replicas))
+    extra = [i for i in sorted(have) if i >= actor.replicas]
+    if extra:
+        out.append(Action(ActionKind.DELETE, name, extra, Reason.SCALED, was=len(have), now=actor.replicas))
+    kept = [i for i in wanted if i not in dead + changed + recoded]
+    busy = [i for i in kept if not have[i].answering]
+    if busy:  # alive by Ray's account, only slow to answer: never replaced for that
+        out.append(Action(ActionKind.KEEP, name, busy, Reason.BUSY))
+    if len(busy) < len(kept):
+        out.append(Action(ActionKind.KEEP, name, [i for i in kept if i not in busy], Reason.UNCHANGED))
+    return out
+
+
+def _steps(spec: Spec, waves: list[list[str]], actions: list[Action]) -> list[Step]:
+    """The order apply works in: stop what goes (or is replaced stop-first), place, start wave
+    by wave (peers first) rolling each changed replica one at a time, wire links, update the
+    replicas kept in place."""
+    stops = [a for a in actions if a.kind == ActionKind.DELETE
+             or (a.kind == ActionKind.REPLACE and a.strategy == Strategy.STOP_FIRST)]
+    steps = [Step(StepKind.STOP, a.actor, a.replicas) for a in stops]
+    if spec.ray.placement:
+        steps.append(Step(StepKind.PLACE))
+    for k, wave in enumerate(waves):
+        for name in wave:
+            starting = sorted(i for a in actions if a.actor == name for i in a.replicas
+                              if a.kind == ActionKind.CREATE or (a.kind == ActionKind.REPLACE
+                                                                 and a.strategy == Strategy.STOP_FIRST))
+            if starting:
+                steps.append(Step(StepKind.START, name, starting, k))
+        for name in wave:
+            for a in actions:
+                if a.actor == name and a.kind == ActionKind.REPLACE and a.strategy == Strategy.ROLLING:
+                    steps += [Step(StepKind.ROLL, name, [i], k) for i in a.replicas]
+    if spec.links:
+        steps.append(Step(StepKind.WIRE))
+    if any(a.kind == ActionKind.KEEP for a in actions):
+        steps.append(Step(StepKind.UPDATE))
+    return steps

@@ -54,7 +54,7 @@ def plan_text(plan: Plan) -> str:
     out.append("")
     for a in plan.actions:
         replicas = ",".join(str(i) for i in a.replicas)
-        out.append(f"  {_SIGN[a.kind]} {a.kind:<8} {a.actor} [{replicas}]  ({a.reason})")
+        out.append(f"  {_SIGN[a.kind]} {a.kind:<8} {a.actor} [{replicas}]  ({a.describe()})")
     changes = plan.changes
     counts = {k: sum(len(a.replicas) for a in changes if a.kind == k) for k in ("create", "replace", "delete")}
     out.append("")
@@ -62,6 +62,8 @@ def plan_text(plan: Plan) -> str:
                if changes else "  no changes")
     out.append("")
     out.append("start order: " + " -> ".join("[" + ", ".join(w) + "]" for w in plan.waves))
+    if plan.changes:
+        out.append("steps: " + " -> ".join(_step_text(s) for s in plan.steps))
     if plan.servers:
         out.append("")
         out.append(table(["ACTOR", "REPLICA", "SERVER", "PROTOCOL", "ENDPOINT"],
@@ -69,7 +71,7 @@ def plan_text(plan: Plan) -> str:
     if plan.links:
         out.append("")
         out.append(table(["LINK", "FROM", "TO", "DEVICE", "TRANSPORT", "WHY"],
-                         [[x.name, x.source, x.target, x.device, x.transport, x.reason] for x in plan.links]))
+                         [[x.name, x.source, x.target, x.device, *x.describe()] for x in plan.links]))
     if plan.upload:
         up = plan.upload
         out.append("")
@@ -80,6 +82,12 @@ def plan_text(plan: Plan) -> str:
     out.append(f"total: {r['actors']} actor replica{'s' if r['actors'] != 1 else ''}, {r['cpus']:g} CPU, "
                f"{r['gpus']:g} GPU, {size(r['memory_bytes'])} memory")
     return "\n".join(out)
+
+
+def _step_text(step) -> str:
+    if step.actor is None:
+        return str(step.kind)
+    return f"{step.kind} {step.actor}[{','.join(map(str, step.replicas))}]"
 
 
 def endpoints_text(endpoints: dict[str, dict[str, list[str]]]) -> str:

@@ -135,9 +135,11 @@ class Broken:
 class Chatty:
     """Prints the way user code does: plain print, no flush."""
 
-    def __init__(self, greeting: str = "hi"):
+    def __init__(self, greeting: str = "hi", fail: bool = False):
         self.greeting = greeting
         print(f"chatty starting (pid {os.getpid()})")
+        if fail:
+            raise ValueError(f"cannot greet with {greeting!r}")
 
     def say(self, text: str, times: int = 1) -> str:
         for _ in range(times):

@@ -315,7 +315,7 @@ def test_editing_a_class_module_replaces_only_that_actor(ray_head, project):
         assert "no changes" in oob("plan", spec, "--address", ray_head).stdout
         (project / "helpers.py").write_text('GREETING = "v2"\n')  # a module the class's module imports
         plan = oob("plan", spec, "--address", ray_head)
-        assert "~ replace  other [0]  (code changed)" in plan.stdout, plan.stdout
+        assert "~ replace  other [0]  (code changed; stop-first: it has no servers)" in plan.stdout, plan.stdout
         assert "= keep     chat [0]  (unchanged)" in plan.stdout
         assert oob("apply", spec, "--address", ray_head).returncode == 0
         after = pids()

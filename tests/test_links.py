@@ -30,7 +30,7 @@ links:
 
 
 def segments(name):
-    from oobspec.runtime.links import segment_prefix
+    from oobspec.contract import segment_prefix
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(segment_prefix(name)))
 
 

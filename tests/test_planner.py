@@ -18,6 +18,7 @@ from oobspec.plan import (
     choose_transport,
     config_hash,
     make_plan,
+    strategy_of,
     start_waves,
 )
 
@@ -59,7 +60,7 @@ def test_offline_plan_creates_everything():
     plan = make_plan(spec)
     assert plan.online is False and plan.name == "p" and plan.namespace == "oob-p"
     assert actions(plan) == {("create", "store", (0,)), ("create", "web", (0, 1)), ("create", "batch", (0,))}
-    assert all(a.reason == "new actor" for a in plan.actions)
+    assert all(a.reason == "new-actor" for a in plan.actions)
     assert [a.kind for a in plan.changes] == ["create"] * 3
 
 
@@ -89,7 +90,7 @@ def test_one_actor_changed_only_it_is_replaced():
     new = spec_of(data)
     plan = make_plan(new, running(old))
     assert actions(plan) == {("keep", "store", (0,)), ("keep", "web", (0, 1)), ("replace", "batch", (0,))}
-    assert reasons(plan)[("replace", "batch")] == "spec changed"
+    assert reasons(plan)[("replace", "batch")] == "spec-changed"
 
 
 def test_removed_actor_is_deleted():
@@ -98,7 +99,7 @@ def test_removed_actor_is_deleted():
     del data["batch"]
     plan = make_plan(spec_of(data), running(old))
     assert ("delete", "batch", (0,)) in actions(plan)
-    assert reasons(plan)[("delete", "batch")] == "no longer in the spec"
+    assert reasons(plan)[("delete", "batch")] == "removed"
     assert {a.kind for a in plan.actions if a.actor != "batch"} == {"keep"}
 
 
@@ -117,7 +118,7 @@ def test_dead_replica_is_replaced():
     observed.replicas[0].alive = False  # store-0
     plan = make_plan(spec, observed)
     assert ("replace", "store", (0,)) in actions(plan)
-    assert reasons(plan)[("replace", "store")] == "replica not alive"
+    assert reasons(plan)[("replace", "store")] == "not-alive"
 
 
 def test_replicas_up():
@@ -127,7 +128,8 @@ def test_replicas_up():
     plan = make_plan(spec_of(data), running(old))
     web = {a.kind: a for a in plan.actions if a.actor == "web"}
     assert web["create"].replicas == [2, 3]
-    assert web["create"].reason == "replicas 2 -> 4"
+    assert (web["create"].reason, web["create"].was, web["create"].now) == ("scaled", 2, 4)
+    assert web["create"].describe() == "replicas 2 -> 4"
     # scaling in place: the existing replicas are kept and learn the new count live
     assert web["keep"].replicas == [0, 1] and "replace" not in web
     assert {a.kind for a in plan.actions if a.actor != "web"} == {"keep"}
@@ -139,20 +141,20 @@ def test_replicas_down():
     data["web"]["replicas"] = 1
     plan = make_plan(spec_of(data), running(old))
     web = {a.kind: a for a in plan.actions if a.actor == "web"}
-    assert web["delete"].replicas == [1] and web["delete"].reason == "replicas 2 -> 1"
+    assert web["delete"].replicas == [1] and (web["delete"].reason, web["delete"].describe()) == ("scaled", "replicas 2 -> 1")
     assert "create" not in web
     assert {a.kind for a in plan.actions if a.actor != "web"} == {"keep"}
 
 
-def test_dependent_of_a_replaced_dynamic_port_peer_is_replaced():
+def test_dependent_of_a_replaced_dynamic_port_peer_is_kept():
     old = spec_of(base())
     data = base()
-    data["store"]["env"] = {"X": "1"}  # store (port 0) is replaced: its port will change
+    data["store"]["env"] = {"X": "1"}  # store (port 0) is replaced: its successor asks for the same port
     plan = make_plan(spec_of(data), running(old))
     assert ("replace", "store", (0,)) in actions(plan)
-    assert ("replace", "web", (0, 1)) in actions(plan)
-    assert reasons(plan)[("replace", "web")] == "peer store restarts on a new port"
+    assert ("keep", "web", (0, 1)) in actions(plan)  # told any new endpoint in place (the update step)
     assert ("keep", "batch", (0,)) in actions(plan)
+    assert plan.steps[-1].kind == "update"
 
 
 def test_dependent_of_a_replaced_fixed_port_peer_is_kept():
@@ -166,7 +168,7 @@ def test_dependent_of_a_replaced_fixed_port_peer_is_kept():
     assert ("keep", "web", (0, 1)) in actions(plan)
 
 
-def test_dynamic_port_replacement_propagates_down_the_chain():
+def test_dynamic_port_replacement_stops_at_the_replaced_actor():
     actors = {
         "a": {"class": "m:A", "servers": [{"name": "s", "port": 0}]},
         "b": {"class": "m:B", "connect": {"a": "a.s"}, "servers": [{"name": "s", "port": 0}]},
@@ -179,7 +181,7 @@ def test_dynamic_port_replacement_propagates_down_the_chain():
     changed["a"]["restarts"] = 2
     plan = make_plan(spec_of(changed), running(old))
     kinds = {a.actor: a.kind for a in plan.actions}
-    assert kinds == {"a": "replace", "b": "replace", "c": "replace", "d": "replace", "e": "keep"}
+    assert kinds == {"a": "replace", "b": "keep", "c": "keep", "d": "keep", "e": "keep"}
 
 
 def test_peer_change_of_replicas_keeps_dependents():
@@ -286,10 +288,10 @@ def two_nodes(n: int = 2) -> dict:
 
 
 @pytest.mark.parametrize("device, topology, transport, reason", [
-    ("cpu", one_node(), "shm", "replicas on one node"),
-    ("gpu", one_node(), "cuda_ipc", "replicas on one node"),
-    ("cpu", two_nodes(), "object_store", "replicas on several nodes"),
-    ("gpu", two_nodes(), "nccl", "replicas on several nodes"),
+    ("cpu", one_node(), "shm", "placed-on-one-node"),
+    ("gpu", one_node(), "cuda_ipc", "placed-on-one-node"),
+    ("cpu", two_nodes(), "object_store", "placed-on-several-nodes"),
+    ("gpu", two_nodes(), "nccl", "placed-on-several-nodes"),
 ])
 def test_auto_transport_on_synthetic_topologies(device, topology, transport, reason):
     (row,) = make_plan(link_spec(device), topology=topology).links
@@ -300,22 +302,23 @@ def test_auto_transport_on_synthetic_topologies(device, topology, transport, rea
 def test_auto_transport_mixed_placement_lists_both():
     topology = {("src", 0): Topology("node-a"), ("dst", 0): Topology("node-a"), ("dst", 1): Topology("node-b")}
     (row,) = make_plan(link_spec("gpu"), topology=topology).links
-    assert row.transport == "cuda_ipc/nccl" and row.reason == "replicas on several nodes"
+    assert row.transport == "cuda_ipc/nccl" and row.reason == "placed-on-several-nodes"
 
 
-@pytest.mark.parametrize("device, options", [("cpu", "auto (shm or object_store)"), ("gpu", "auto (cuda_ipc or nccl)")])
+@pytest.mark.parametrize("device, options", [("cpu", ["shm", "object_store"]), ("gpu", ["cuda_ipc", "nccl"])])
 def test_auto_transport_unknown_placement(device, options):
     (row,) = make_plan(link_spec(device)).links
-    assert row.transport == options and row.reason == "decided when the replicas are placed"
+    assert (row.transport, row.options, row.reason) == (None, options, "not-placed-yet")
+    assert row.describe() == (f"auto ({' or '.join(options)})", "decided when the replicas are placed")
     partial = {("src", 0): Topology("node-a")}  # not every end placed yet
     (row,) = make_plan(link_spec(device), topology=partial).links
-    assert row.transport == options
+    assert row.transport is None and row.options == options
 
 
 @pytest.mark.parametrize("device, transport", [("cpu", "shm"), ("gpu", "cuda_ipc")])
 def test_auto_transport_single_node(device, transport):
     (row,) = make_plan(link_spec(device), single_node=True).links
-    assert (row.transport, row.reason) == (transport, "one node")
+    assert (row.transport, row.reason) == (transport, "one-node")
 
 
 def test_auto_transport_from_observed_nodes():
@@ -328,7 +331,7 @@ def test_auto_transport_from_observed_nodes():
 
 def test_explicit_transport_is_kept():
     (row,) = make_plan(link_spec("gpu", transport="nccl"), topology=one_node()).links
-    assert (row.transport, row.reason) == ("nccl", "set in the spec")
+    assert (row.transport, row.reason) == ("nccl", "set-in-spec")
 
 
 def test_choose_transport():
@@ -403,7 +406,7 @@ def test_code_changed_replaces_only_that_actor():
         r.code_hash = "old"
     plan = make_plan(spec, observed, code={"store": "old", "web": "new", "batch": "old"})
     assert actions(plan) == {("keep", "store", (0,)), ("replace", "web", (0, 1)), ("keep", "batch", (0,))}
-    assert reasons(plan)[("replace", "web")] == "code changed"
+    assert reasons(plan)[("replace", "web")] == "code-changed"
     # Replicas from before code versions (no digest) are not replaced for it.
     for r in observed.replicas:
         r.code_hash = ""
@@ -418,7 +421,7 @@ def test_a_busy_replica_is_kept_a_dead_one_replaced():
     web1.alive = False
     plan = make_plan(spec, observed)
     assert {(a.kind, a.actor, tuple(a.replicas), a.reason) for a in plan.actions if a.actor == "web"} == {
-        ("keep", "web", (0,), "unchanged (busy: not answering)"), ("replace", "web", (1,), "replica not alive")}
+        ("keep", "web", (0,), "busy"), ("replace", "web", (1,), "not-alive")}
 
 
 def test_code_digest_follows_local_imports_not_installed_packages(tmp_path):
@@ -441,3 +444,119 @@ def test_code_digest_follows_local_imports_not_installed_packages(tmp_path):
         changed.append(code_digest("svc:Svc", tmp_path))
     assert len({first, *changed}) == 4  # each edit, even two imports deep, changes the digest
     assert code_digest("json:JSONDecoder", tmp_path) == code_digest("json:JSONEncoder", tmp_path)  # stdlib: no files
+
+
+# --- how changes are carried out: strategies and steps ---------------------------------------------
+
+
+def steps(plan) -> list[tuple]:
+    return [(s.kind.value, s.actor, tuple(s.replicas)) for s in plan.steps]
+
+
+def test_a_changed_server_actor_rolls_one_replica_at_a_time_after_its_peers():
+    old = spec_of(base())
+    data = base()
+    data["web"]["kwargs"] = {"greeting": "new"}
+    data["store"]["kwargs"] = {"size": 2}
+    plan = make_plan(spec_of(data), running(old))
+    replace = {a.actor: a for a in plan.actions if a.kind == "replace"}
+    assert {(a.strategy, a.stop_first) for a in replace.values()} == {("rolling", None)}
+    assert steps(plan) == [("roll", "store", (0,)), ("roll", "web", (0,)), ("roll", "web", (1,)),
+                           ("update", None, ())]
+    assert replace["web"].describe() == "spec changed; rolling, no downtime"
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"update": "stop-first"}, "configured"),
+    ({"servers": [{"name": "t", "protocol": "tcp", "port": 7000}]}, "tcp"),
+    ({"servers": []}, "no-servers"),
+])
+def test_what_cannot_roll_is_replaced_stop_first_and_the_plan_says_why(change, why):
+    old = spec_of(base())
+    data = base()
+    data["web"].update(change, kwargs={"v": 2})
+    plan = make_plan(spec_of(data), running(old))
+    (web,) = [a for a in plan.actions if a.actor == "web" and a.kind == "replace"]
+    assert (web.strategy, web.stop_first) == ("stop-first", why)
+    assert steps(plan)[:2] == [("stop", "web", (0, 1)), ("start", "web", (0, 1))]
+    assert "stop-first: " in web.describe()
+
+
+def test_command_link_and_placement_actors_are_replaced_stop_first():
+    actors = {"db": {"command": ["redis-server", "--port", "{port}"],
+                     "servers": [{"name": "main", "protocol": "tcp", "port": 6379}]}}
+    assert strategy_of(spec_of(actors), "db") == ("stop-first", "command")
+    linked = link_spec("cpu")
+    linked.actors["dst"].servers = spec_of(base()).actors["web"].servers
+    assert strategy_of(linked, "dst") == ("stop-first", "links")
+    placed = spec_of(base(), ray={"placement": "PACK"})
+    assert strategy_of(placed, "web") == ("stop-first", "placement")
+
+
+def test_drain_and_update_change_nothing_that_runs():
+    old = spec_of(base())
+    data = base()
+    data["web"].update(drain=30, update="stop-first")
+    assert not make_plan(spec_of(data), running(old)).changes
+
+
+def test_step_order_stop_place_start_by_wave_roll_wire_update():
+    actors = {
+        "a": {"class": "m:A", "servers": [{"name": "s", "port": 0}]},
+        "b": {"class": "m:B", "connect": {"a": "a.s"}, "replicas": 2, "servers": [{"name": "s", "port": 0}]},
+        "c": {"class": "m:C", "connect": {"b": "b.s"}},
+        "gone": {"class": "m:G"},
+    }
+    old = spec_of(actors)
+    new = copy.deepcopy(actors)
+    del new["gone"]
+    new["a"]["kwargs"] = {"v": 2}  # rolls
+    new["c"]["kwargs"] = {"v": 2}  # no servers: stop-first
+    new["b"]["replicas"] = 3
+    new["d"] = {"class": "m:D", "connect": {"a": "a.s"}}
+    plan = make_plan(spec_of(new), running(old))
+    assert steps(plan) == [
+        ("stop", "c", (0,)), ("stop", "gone", (0,)),
+        ("roll", "a", (0,)),
+        ("start", "b", (2,)), ("start", "d", (0,)),
+        ("start", "c", (0,)),
+        ("update", None, ())]
+    assert [s.wave for s in plan.steps if s.kind == "start"] == [1, 1, 2]
+
+
+def test_steps_run_in_order_and_one_waves_starts_together():
+    """A fake executor records what the plan's walker hands it: no Ray."""
+    from oobspec.runtime.executor import Steps
+
+    class Recorder(Steps):
+        def __init__(self):
+            self.calls = []
+
+        def __getattribute__(self, name):
+            if name in ("stop", "place", "roll", "wire", "update"):
+                return lambda step: self.calls.append((name, step.actor, tuple(step.replicas)))
+            if name == "start":
+                return lambda batch: self.calls.append(("start", [(s.actor, tuple(s.replicas)) for s in batch]))
+            return object.__getattribute__(self, name)
+
+    links = [{"name": "w", "from": "a.buf", "to": "c.buf"}]
+    actors = {"a": {"class": "m:A", "buffers": {"buf": {"shape": [1]}}},
+              "b": {"class": "m:B", "servers": [{"name": "s"}]},
+              "c": {"class": "m:C", "connect": {"b": "b.s"}, "buffers": {"buf": {"shape": [1]}}}}
+    spec = spec_of(actors, links, ray={"placement": "PACK"})
+    recorder = Recorder()
+    recorder.run_steps(make_plan(spec))
+    assert recorder.calls == [("place", None, ()), ("start", [("a", (0,)), ("b", (0,))]), ("start", [("c", (0,))]),
+                              ("wire", None, ())]
+
+
+def test_plan_json_has_codes_not_prose():
+    old = spec_of(base())
+    data = base()
+    data["web"]["replicas"] = 3
+    data["store"]["kwargs"] = {"v": 1}
+    plan = json.loads(json.dumps(make_plan(spec_of(data), running(old)).to_dict()))
+    assert {(a["kind"], a["actor"], a["reason"], a["strategy"]) for a in plan["actions"]} == {
+        ("replace", "store", "spec-changed", "rolling"), ("create", "web", "scaled", None),
+        ("keep", "web", "unchanged", None), ("keep", "batch", "unchanged", None)}
+    assert [s["kind"] for s in plan["steps"]] == ["roll", "start", "update"]

@@ -7,6 +7,7 @@ through real POSIX shared memory. Nothing starts or joins Ray.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -31,18 +32,21 @@ from apps import Echo  # tests/apps.py
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import oobspec
+from oobspec.contract import LinkRole, Ref, ReplicaConfig, ReplicaInfo, segment_name, split_name
 from oobspec.errors import ClusterError, OobError
 from oobspec.imports import import_object
-from oobspec.models import GrpcServer, HttpServer
-from oobspec.plan import Action, LinkRow, Plan, ServerRow
+from oobspec.models import Auth, GrpcServer, HttpServer
+from oobspec.plan import (Action, ActionKind, LinkReason, LinkRow, Plan, Reason, ServerRow, Step, StepKind, StopFirst,
+                          Strategy, config_hash)
 from oobspec.report import endpoints_text, plan_text, size, status_text
 from oobspec.runtime import actor as actor_module
 from oobspec.runtime import cluster, state
 from oobspec.runtime.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
-from oobspec.runtime.apply import Applier, _cause
+from oobspec.runtime.executor import _cause
+from oobspec.runtime.replicas import Builder
 from oobspec.runtime.context import env_key as _env_key
 from oobspec.runtime.context import Context, current, set_current
-from oobspec.runtime.links import Links, shm_name
+from oobspec.runtime.links import Links
 from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, host_port, start_grpc, start_http,
                                      token_from_env, wait_connectable)
 from oobspec.runtime.state import ActorRecord
@@ -90,14 +94,9 @@ ROUTES = [("GET", "/hello/{name}", "hello"), ("POST", "/add", "add"), ("GET", "/
 # --- helpers --------------------------------------------------------------------------------
 
 
-def server_entry(model) -> dict:
-    """A `servers` entry of the replica config, built as Applier.replica_config builds it."""
-    return dict(model.model_dump(mode="json", exclude={"when"}), port=model.port)
-
-
-def http_entry(**fields) -> dict:
+def http_entry(**fields) -> HttpServer:
     routes = [{"method": m, "path": p, "call": c} for m, p, c in ROUTES]
-    return server_entry(HttpServer(name="http", routes=routes, **fields))
+    return HttpServer(name="http", routes=routes, **fields)
 
 
 @dataclass
@@ -129,7 +128,7 @@ def call_http(requests: list[tuple], instance=None, **fields) -> list[Reply]:
 
 @asynccontextmanager
 async def grpc_channel(instance, model: GrpcServer, importer=import_object):
-    running = await start_grpc(instance, server_entry(model), importer)
+    running = await start_grpc(instance, model, importer)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield channel
@@ -243,16 +242,16 @@ def test_dumps_is_compact_json_of_numpy_sets_tuples_and_models():
 
 
 def test_token_from_env(monkeypatch):
+    auth = Auth(token_env=TOKEN_ENV)
     assert token_from_env(None) is None
-    assert token_from_env({}) is None
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
-    assert token_from_env({"token_env": TOKEN_ENV}) == "s3cret"
+    assert token_from_env(auth) == "s3cret"
     monkeypatch.delenv(TOKEN_ENV)
     with pytest.raises(RuntimeError, match=f"environment variable {TOKEN_ENV}, which is not set") as err:
-        token_from_env({"token_env": TOKEN_ENV})
+        token_from_env(auth)
     monkeypatch.setenv(TOKEN_ENV, "")  # empty counts as unset
     with pytest.raises(RuntimeError):
-        token_from_env({"token_env": TOKEN_ENV})
+        token_from_env(auth)
     assert "s3cret" not in str(err.value)
 
 
@@ -339,6 +338,95 @@ def test_http_with_auth_refuses_to_start_without_the_token(monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with pytest.raises(RuntimeError, match=TOKEN_ENV):
         call_http([], auth={"token_env": TOKEN_ENV})
+
+
+def test_http_healthz_answers_without_auth_and_turns_503_while_draining(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+
+    async def go():
+        running = await start_http(Svc(), http_entry(auth={"token_env": TOKEN_ENV}))
+        url = f"http://127.0.0.1:{running.port}/-/healthz"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as r:
+                assert (r.status, await r.json()) == (200, {"status": "ok"})
+            running.draining = True  # what drain() sets first, before the port closes
+            async with session.get(url) as r:
+                assert (r.status, await r.json()) == (503, {"status": "draining"})
+        await running.stop()
+    asyncio.run(go())
+
+
+async def _hammer(port: int, path: str, stop: asyncio.Event, replies: list) -> None:
+    """A client that opens a new connection for every request until told to stop."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while not stop.is_set():
+            try:
+                async with session.get(f"http://127.0.0.1:{port}{path}") as r:
+                    replies.append((r.status, await r.text()))
+            except aiohttp.ClientError as exc:
+                replies.append((0, type(exc).__name__))
+            await asyncio.sleep(0.002)
+
+
+def test_http_hand_over_on_one_port_loses_no_request():
+    async def go():
+        old = await start_http(Svc("old"), http_entry())
+        port = old.port
+        with pytest.raises(OSError):  # a fresh start never shares a port somebody holds
+            await start_http(Svc("new"), http_entry(port=port))
+        stop, replies = asyncio.Event(), []
+        client = asyncio.create_task(_hammer(port, "/hello/x", stop, replies))
+        await asyncio.sleep(0.3)
+        new = await start_http(Svc("new"), http_entry(port=port), exclusive=False)  # the successor joins
+        await asyncio.sleep(0.3)
+        await old.drain(5)  # steers new connections to the successor, then closes
+        await asyncio.sleep(0.3)
+        stop.set()
+        await client
+        await new.stop()
+        return replies
+    replies = asyncio.run(go())
+    assert len(replies) > 50 and [r for r in replies if r[0] != 200] == []
+    assert replies[0] == (200, "old x") and replies[-1] == (200, "new x")
+
+
+def test_a_draining_server_finishes_requests_in_flight():
+    class SlowSvc(Svc):
+        async def slow(self) -> str:
+            await asyncio.sleep(0.5)
+            return "done"
+
+    async def go():
+        running = await start_http(SlowSvc(), HttpServer(name="http", routes=[{"path": "/slow", "call": "slow"}]))
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(session.get(f"http://127.0.0.1:{running.port}/slow"))
+            await asyncio.sleep(0.1)
+            await running.drain(5, hand_over=False)
+            r = await request
+            assert (r.status, await r.text()) == (200, "done")
+        with pytest.raises(TimeoutError):
+            await wait_connectable("127.0.0.1", running.port, 0.1)
+    asyncio.run(go())
+
+
+def test_grpc_hand_over_keeps_health_serving_on_the_port():
+    async def go():
+        model = GrpcServer(name="rpc", protocol="grpc", service="demo.Svc", methods=["add"])
+        old = await start_grpc(Svc(), model, import_object)
+        shared = model.model_copy(update={"port": old.port})
+        with pytest.raises(OSError):
+            await start_grpc(Svc(), shared, import_object)
+        new = await start_grpc(Svc(), shared, import_object, exclusive=False)
+        statuses = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{old.port}") as ch:
+            statuses.append(await serving_health(ch, "demo.Svc"))
+            await old.drain(2)
+            for _ in range(20):
+                statuses.append(await serving_health(ch, "demo.Svc"))
+        await new.stop()
+        return statuses
+    assert set(asyncio.run(go())) == {health_pb2.HealthCheckResponse.SERVING}
 
 
 # --- servers.py: gRPC -------------------------------------------------------------------------
@@ -546,10 +634,10 @@ def applier(load_spec):
     web = {"class": "unit:Web", "connect": {"kv-store": "store.http", "rpc": "store.rpc"}}
     db = {"command": [sys.executable, "-S", "-c", SERVE, "{port}"], "restarts": -1,
           "servers": [{"name": "main", "protocol": "tcp", "port": free_port()}]}
-    return Applier(load_spec({"version": 1, "name": name, "actors": {"store": store, "web": web, "db": db}}))
+    return Builder(load_spec({"version": 1, "name": name, "actors": {"store": store, "web": web, "db": db}}), print)
 
 
-def new_replica(cls: type, cfg: dict, *args, **kwargs):
+def new_replica(cls: type, cfg, *args, **kwargs):
     """What Ray does for an actor with an async __init__: build, then await __init__ on the actor's loop."""
     obj = cls.__new__(cls)
     return obj, obj.__init__(cfg, *args, **kwargs)
@@ -557,8 +645,8 @@ def new_replica(cls: type, cfg: dict, *args, **kwargs):
 
 def test_class_replica_starts_its_servers_and_stops_them(applier, sandbox, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
-    cfg = applier.replica_config("store", 0, "digest")
-    port = cfg["servers"][0]["port"]
+    cfg = applier.config("store", 0)
+    port = cfg.servers[0].port
     monkeypatch.delenv(TOKEN_ENV)  # the replica gets it from its config's secrets, as from a fresh worker
 
     async def go():
@@ -581,7 +669,7 @@ def test_class_replica_starts_its_servers_and_stops_them(applier, sandbox, monke
         return replica
     replica = asyncio.run(go())
     assert replica.greeting == "yo"
-    assert replica.env_at_init == {k: v for k, v in cfg["env"].items() if k.startswith("OOB_")}  # set before __init__
+    assert replica.env_at_init == {k: v for k, v in cfg.env.items() if k.startswith("OOB_")}  # set before __init__
     ctx = oobspec.context()
     assert (ctx.deployment, ctx.actor, ctx.replica, ctx.replicas) == (applier.spec.name, "store", 0, 2)
 
@@ -593,7 +681,7 @@ def test_class_replica_that_fails_keeps_only_the_users_frames(applier, sandbox, 
             raise RuntimeError("config file /etc/missing.conf not found")
 
     async def go():
-        replica, init = new_replica(make_actor_class(Broken), applier.replica_config("web", 0, "digest"))
+        replica, init = new_replica(make_actor_class(Broken), applier.config("web", 0))
         await init  # a failed start does not raise: apply reads the error and the log
         assert isinstance(replica._oob_failed, RuntimeError)
         with pytest.raises(RuntimeError, match="missing.conf"):
@@ -605,8 +693,8 @@ def test_class_replica_that_fails_keeps_only_the_users_frames(applier, sandbox, 
 
 
 def test_command_replica_supervises_the_program_on_its_port(applier, sandbox):
-    cfg = applier.replica_config("db", 0, "digest")
-    port = cfg["servers"][0]["port"]
+    cfg = applier.config("db", 0)
+    port = cfg.servers[0].port
 
     async def go():
         replica, init = new_replica(make_command_class(), cfg)
@@ -623,7 +711,7 @@ def test_command_replica_supervises_the_program_on_its_port(applier, sandbox):
 
 
 def test_command_replica_that_cannot_start_reports_why(applier, sandbox):
-    cfg = dict(applier.replica_config("db", 0, "digest"), command=["/nonexistent/oobspec-unit-db"], servers=[])
+    cfg = dataclasses.replace(applier.config("db", 0), command=["/nonexistent/oobspec-unit-db"], servers=[])
 
     async def go():
         replica, init = new_replica(make_command_class(), cfg)
@@ -677,14 +765,15 @@ def test_context_outside_an_actor_and_without_links(sandbox):
 
 def source_links(buffer, links: dict) -> Links:
     ctx = Context("d", "src", 0, 1, buffers={"data": buffer})
-    return Links(ctx, {"deployment": "d", "actor": "src", "replica": 0, "links": links}, owner=None)
+    return Links(ctx, ReplicaConfig("d", "oob-d", "src", 0, 1, "digest", links=links), owner=None)
 
 
 def test_links_connect_keeps_unchanged_senders_and_closes_the_rest(deployment):
     owners = [allocate((4,), "float32", "cpu", shared_name=f"oob-{deployment}-{i}") for i in range(3)]
     rx = [shm.Receiver(o) for o in owners]
     links = source_links(np.arange(4, dtype=np.float32),
-                         {"sync": {"role": "source", "source_buffer": "data", "from": "src.data", "to": ["dst.data"]}})
+                         {"sync": LinkRole("sync", Ref("src", "data"), (Ref("dst", "data"),), "shm", "source",
+                                           source_buffer="data")})
 
     def connect(*targets):
         asyncio.run(links.connect("sync", [{"key": k, "handle": h, "transport": "shm", "descriptor": rx[i].descriptor()}
@@ -726,22 +815,22 @@ class LocalHandle:
         self._oob_receive = types.SimpleNamespace(remote=replica._oob_receive)
 
 
-async def start_replica(applier: Applier, actor: str, index: int):
-    replica, init = new_replica(make_actor_class(Svc), applier.replica_config(actor, index, "digest"))
+async def start_replica(applier: Builder, actor: str, index: int):
+    replica, init = new_replica(make_actor_class(Svc), applier.config(actor, index))
     await init
     assert replica._oob_failed is None
     return replica
 
 
 def test_push_copies_the_source_into_every_target_replica(load_spec, deployment, sandbox):
-    applier = Applier(load_spec(linked_spec(deployment)))
+    applier = Builder(load_spec(linked_spec(deployment)), print)
 
     async def go():
         sinks = [await start_replica(applier, "dst", i) for i in range(2)]
         source = await start_replica(applier, "src", 0)
         ctx = oobspec.context()  # the replica started last: the source
         links = [r._oob_context._links for r in sinks + [source]]
-        assert [x.links["sync"]["role"] for x in links] == ["target", "target", "source"]
+        assert [x.links["sync"].role for x in links] == ["target", "target", "source"]
         with pytest.raises(OobError, match="not connected yet"):
             await ctx.push("sync")
         descriptors = [await s._oob_link_receiver("sync", "shm") for s in sinks]
@@ -768,15 +857,14 @@ def test_push_copies_the_source_into_every_target_replica(load_spec, deployment,
             await sinks[0]._oob_receive("sync", {"transport": "object_store", "payload": None}, 3)
         for replica in sinks + [source]:
             await replica._oob_stop()
-        assert [x.cfg["_buffer_owners"] for x in links] == [{}, {}, {}]
+        assert [x.ctx._owners for x in links] == [{}, {}, {}]
         assert not [d["name"] for d in descriptors if in_shm(d["name"])]
     asyncio.run(go())
 
 
 def test_cleanup_of_one_deployment_spares_a_similarly_named_one(deployment):
-    owners = [allocate((2,), "uint8", "cpu", shared_name=shm_name(cfg, "data"))
-              for cfg in ({"deployment": deployment, "actor": "web", "replica": 0},
-                          {"deployment": f"{deployment}-2", "actor": "web", "replica": 0})]
+    owners = [allocate((2,), "uint8", "cpu", shared_name=segment_name(name, "web", 0, "data"))
+              for name in (deployment, f"{deployment}-2")]
     try:
         cluster.cleanup_shm(deployment)
         assert [in_shm(o.name) for o in owners] == [False, True]
@@ -866,7 +954,7 @@ def test_auto_transport_and_devices():
         get_transport("rdma")
 
 
-# --- apply.py: what each replica is given ----------------------------------------------------------
+# --- replicas.py: what each replica is given ----------------------------------------------------------
 
 
 def test_replica_config_wiring_ports_and_secrets(applier, monkeypatch):
@@ -874,54 +962,61 @@ def test_replica_config_wiring_ports_and_secrets(applier, monkeypatch):
     name = applier.spec.name
     http_port, rpc_port = (s.port for s in applier.spec.actors["store"].servers)
     urls = [f"http://127.0.0.1:{http_port + i}" for i in range(2)]
-    for i, url in enumerate(urls):
-        applier.info[("store", i)] = {"endpoints": {"http": url, "rpc": f"127.0.0.1:{6000 + i}"}}
-    applier._collect_endpoints("store")
+    applier.endpoints["store"] = {"http": urls, "rpc": ["127.0.0.1:6000", "127.0.0.1:6001"]}
 
-    store = [applier.replica_config("store", i, "digest") for i in range(2)]
-    assert [[s["port"] for s in cfg["servers"]] for cfg in store] == \
-        [[http_port, rpc_port], [http_port + 1, rpc_port + 1]]
-    assert store[1]["servers"][0]["auth"] == {"token_env": TOKEN_ENV}
-    assert {k: store[1][k] for k in ("deployment", "namespace", "actor", "replica", "replicas", "config_hash",
-                                     "restarts", "command")} == \
-        {"deployment": name, "namespace": f"oob-{name}", "actor": "store", "replica": 1, "replicas": 2,
-         "config_hash": "digest", "restarts": 3, "command": None}
-    assert store[1]["secrets"] == {TOKEN_ENV: "s3cret"}
-    assert "s3cret" not in json.dumps({k: v for k, v in store[1].items() if k != "secrets"})
-    assert {k: v for k, v in store[1]["env"].items() if k.startswith("OOB_")} == \
+    store = [applier.config("store", i) for i in range(2)]
+    assert [[s.port for s in cfg.servers] for cfg in store] == [[http_port, rpc_port], [http_port + 1, rpc_port + 1]]
+    assert store[1].servers[0].auth == Auth(token_env=TOKEN_ENV)
+    assert (store[1].deployment, store[1].namespace, store[1].actor, store[1].replica, store[1].replicas,
+            store[1].config_hash, store[1].restarts, store[1].command, store[1].name) == \
+        (name, f"oob-{name}", "store", 1, 2, config_hash(applier.spec, "store"), 3, None, "store-1")
+    assert store[1].secrets == {TOKEN_ENV: "s3cret"}
+    assert "s3cret" not in repr(dataclasses.replace(store[1], secrets={}))
+    assert {k: v for k, v in store[1].env.items() if k.startswith("OOB_")} == \
         {"OOB_REPLICA": "1", "OOB_REPLICAS": "2", "OOB_DEPLOYMENT": name}
 
-    web = applier.replica_config("web", 0, "digest")
-    assert web["endpoints"] == {"kv-store": urls, "rpc": ["127.0.0.1:6000", "127.0.0.1:6001"]}
-    assert {k: v for k, v in web["env"].items() if k.startswith("OOB_")} == {
+    web = applier.config("web", 0)
+    assert web.endpoints == {"kv-store": urls, "rpc": ["127.0.0.1:6000", "127.0.0.1:6001"]}
+    assert {k: v for k, v in web.env.items() if k.startswith("OOB_")} == {
         "OOB_REPLICA": "0", "OOB_REPLICAS": "1", "OOB_DEPLOYMENT": name,
         "OOB_KV_STORE_URL": urls[0], "OOB_KV_STORE_URLS": ",".join(urls),
         "OOB_RPC_URL": "127.0.0.1:6000", "OOB_RPC_URLS": "127.0.0.1:6000,127.0.0.1:6001"}
-    assert (web["secrets"], web["servers"], web["buffers"], web["links"]) == ({}, [], {}, {})
+    assert (web.secrets, web.servers, web.buffers, web.links) == ({}, [], {}, {})
 
     monkeypatch.delenv(TOKEN_ENV)
-    assert applier.replica_config("store", 0, "digest")["secrets"] == {}
-    db = applier.replica_config("db", 0, "digest")
-    assert db["command"][-1] == "{port}" and db["restarts"] == -1
+    assert applier.config("store", 0).secrets == {}
+    db = applier.config("db", 0)
+    assert db.command[-1] == "{port}" and db.restarts == -1
+
+
+def test_a_stand_in_shares_its_replicas_ports_and_takes_no_part_in_links(load_spec, deployment):
+    builder = Builder(load_spec(linked_spec(deployment)), print)
+    target = builder.config("dst", 1)
+    assert (target.link_targets, set(target.links), target.surge) == ({"data"}, {"sync"}, False)
+    stand_in = builder.config("dst", 1, shared_ports=frozenset({8001}), surge=True)
+    assert (stand_in.name, stand_in.link_targets, stand_in.links, stand_in.shared_ports) == \
+        ("_oob-surge-dst-1", frozenset(), {}, {8001})
+    assert builder.options("dst", 1, surge=True)["name"] == "_oob-surge-dst-1"
+    assert builder.options("dst", 1, surge=True)["max_restarts"] == 0  # a stand-in that dies is not restarted
 
 
 def test_replica_config_of_a_peer_not_yet_running_has_empty_urls(applier):
-    web = applier.replica_config("web", 0, "digest")
-    assert web["endpoints"] == {"kv-store": [], "rpc": []}
-    assert (web["env"]["OOB_KV_STORE_URL"], web["env"]["OOB_KV_STORE_URLS"]) == ("", "")
+    web = applier.config("web", 0)
+    assert web.endpoints == {"kv-store": [], "rpc": []}
+    assert (web.env["OOB_KV_STORE_URL"], web.env["OOB_KV_STORE_URLS"]) == ("", "")
 
 
 def test_options_carry_names_restarts_and_resources(applier):
     name = applier.spec.name
-    store = applier.options("store", 1, {})
+    store = applier.options("store", 1)
     assert {k: store[k] for k in ("name", "namespace", "max_restarts", "num_cpus", "num_gpus", "memory", "resources")} \
         == {"name": "store-1", "namespace": f"oob-{name}", "max_restarts": 3, "num_cpus": 0.5, "num_gpus": 1,
             "memory": 512 * 1024**2, "resources": {"accel": 1.0}}
     assert "scheduling_strategy" not in store
-    web = applier.options("web", 0, {})
+    web = applier.options("web", 0)
     assert (web["name"], web["max_restarts"]) == ("web-0", 0)
     assert not {"num_cpus", "num_gpus", "memory", "resources"} & set(web)  # Ray's defaults
-    assert applier.options("db", 0, {})["max_restarts"] == -1
+    assert applier.options("db", 0)["max_restarts"] == -1
 
 
 def test_resources_text_names_what_a_replica_waits_for(applier):
@@ -949,8 +1044,8 @@ def test_env_key_and_cause():
 
 
 def test_split_name_and_host_port():
-    assert [cluster.split_name(n) for n in ("web-0", "kv-store-12", "solo")] == \
-        [("web", 0), ("kv-store", 12), ("solo", 0)]
+    assert [split_name(n) for n in ("web-0", "kv-store-12", "_oob-surge-web-3")] == \
+        [("web", 0), ("kv-store", 12), ("web", 3)]
     assert cluster._host_port("ray://10.0.0.1:10001/") == ("10.0.0.1", 10001)
     assert cluster._host_port("[::1]:6379") == ("::1", 6379)
     with pytest.raises(ClusterError, match="cannot connect to Ray at nowhere: expected HOST:PORT"):
@@ -1028,16 +1123,17 @@ def test_status_rows_declare_every_replica():
     meta = {"actors": {"web": {"replicas": 2}, "db": {}}}
     assert declared(meta) == ["web-0", "web-1", "db-0"] and declared(None) == []
     record = lambda st, death=None: ActorRecord("web-0", st, 7, "w", "n", 2, 1, death)  # noqa: E731
-    info = {"pid": 7, "node_id": "n", "endpoints": {"http": "http://127.0.0.1:1"}, "process": None, "error": None}
+    info = ReplicaInfo("web", 0, "c", "", pid=7, node_id="n", endpoints={"http": "http://127.0.0.1:1"})
     rows = [_replica_row("web-0", record("ALIVE"), info), _replica_row("web-1", None, None),
             _replica_row("db-0", record("DEAD", "its worker process died"), None),
             _replica_row("web-0", record("ALIVE"), None),
-            _replica_row("web-0", record("ALIVE"), dict(info, error="RuntimeError: x")),
-            _replica_row("web-0", record("ALIVE"), dict(info, process={"alive": False, "last_exit": 3}))]
+            _replica_row("web-0", record("ALIVE"), dataclasses.replace(info, error="RuntimeError: x")),
+            _replica_row("web-0", record("ALIVE"), dataclasses.replace(info, process={"alive": False, "last_exit": 3})),
+            _replica_row("web-0", record("ALIVE"), dataclasses.replace(info, draining=True))]
     assert [(r["state"], r["healthy"]) for r in rows] == [
         ("alive", True), ("missing", False), ("dead: its worker process died", False), ("not answering", False),
-        ("failed: RuntimeError: x", False), ("process exited (3)", False)]
-    assert (rows[0]["restarts"], rows[1]["restarts"], rows[0]["endpoints"]) == (2, 0, info["endpoints"])
+        ("failed: RuntimeError: x", False), ("process exited (3)", False), ("draining", False)]
+    assert (rows[0]["restarts"], rows[1]["restarts"], rows[0]["endpoints"]) == (2, 0, info.endpoints)
 
 
 def test_ship_by_value_picks_the_users_own_modules_only(tmp_path, monkeypatch):
@@ -1092,20 +1188,29 @@ def test_size():
 
 def test_plan_text():
     plan = Plan("demo", "oob-demo", False,
-                [Action("create", "web", [0, 1], "new actor"), Action("keep", "db", [0], "unchanged")],
-                [["db"], ["web"]], [ServerRow("web", 0, "http", "http", "http://127.0.0.1:8080")],
-                [LinkRow("w", "db.buf", "web.buf", "cpu", "shm", "one node")],
+                [Action(ActionKind.CREATE, "web", [0, 1], Reason.NEW), Action(ActionKind.KEEP, "db", [0], Reason.UNCHANGED),
+                 Action(ActionKind.REPLACE, "api", [0, 1], Reason.CODE, Strategy.ROLLING),
+                 Action(ActionKind.REPLACE, "db", [1], Reason.SPEC, Strategy.STOP_FIRST, StopFirst.COMMAND)],
+                [["db"], ["web", "api"]],
+                [Step(StepKind.STOP, "db", [1]), Step(StepKind.START, "db", [1], 0), Step(StepKind.START, "web", [0, 1], 1),
+                 Step(StepKind.ROLL, "api", [0], 1), Step(StepKind.ROLL, "api", [1], 1), Step(StepKind.WIRE)],
+                [ServerRow("web", 0, "http", "http", "http://127.0.0.1:8080")],
+                [LinkRow("w", "db.buf", "web.buf", "cpu", "shm", LinkReason.ONE_NODE)],
                 {"actors": 3, "cpus": 1.5, "gpus": 0.0, "memory_bytes": 1536 * 1024**2})
     lines = plan_text(plan).splitlines()
     assert lines[0] == ("deployment demo (namespace oob-demo) — offline: no cluster running, "
                         "showing what apply would create")
-    assert lines[2:7] == ["  + create   web [0,1]  (new actor)", "  = keep     db [0]  (unchanged)", "",
-                          "  2 to create, 0 to replace, 0 to delete", ""]
-    assert "start order: [db] -> [web]" in lines
+    assert lines[2:9] == ["  + create   web [0,1]  (new actor)", "  = keep     db [0]  (unchanged)",
+                          "  ~ replace  api [0,1]  (code changed; rolling, no downtime)",
+                          "  ~ replace  db [1]  (spec changed; stop-first: a wrapped process cannot share its port)", "",
+                          "  2 to create, 3 to replace, 0 to delete", ""]
+    assert "start order: [db] -> [web, api]" in lines
+    assert "steps: stop db[1] -> start db[1] -> start web[0,1] -> roll api[0] -> roll api[1] -> wire" in lines
     assert "web    0        http    http      http://127.0.0.1:8080" in lines
     assert "w     db.buf  web.buf  cpu     shm        one node" in lines
     assert lines[-1] == "total: 3 actor replicas, 1.5 CPU, 0 GPU, 1.5 GiB memory"
-    quiet = Plan("demo", "oob-demo", True, [Action("keep", "db", [0], "unchanged")], [["db"]], [], [],
+    quiet = Plan("demo", "oob-demo", True, [Action(ActionKind.KEEP, "db", [0], Reason.UNCHANGED)], [["db"]],
+                 [Step(StepKind.UPDATE)], [], [],
                  {"actors": 1, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0})
     assert plan_text(quiet).splitlines()[4:] == ["  no changes", "", "start order: [db]", "",
                                                  "total: 1 actor replica, 0 CPU, 0 GPU, 0 B memory"]

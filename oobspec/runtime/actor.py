@@ -18,31 +18,33 @@ import sys
 import traceback
 from typing import Any
 
+from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, env_key, set_current
-from .servers import Running, free_port, host_port, start_grpc, start_http, wait_connectable
+from .servers import Running, free_port, start_grpc, start_http, wait_connectable
 
 log = logging.getLogger("oobspec")
 READY_TIMEOUT = 60.0
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # oobspec's own files
 
 
-def _kv_key(cfg: dict, server: str) -> bytes:
-    return f"{cfg['namespace']}/{cfg['actor']}-{cfg['replica']}/{server}".encode()
+def _kv_key(cfg: ReplicaConfig, server: str) -> bytes:
+    return f"{cfg.namespace}/{replica_name(cfg.actor, cfg.replica)}/{server}".encode()
 
 
-def _remembered_port(cfg: dict, server: dict) -> int:
-    """Port 0 resolves when first bound; a restarted replica asks for the same one again."""
-    if server["port"]:
-        return server["port"]
+def _remembered_port(cfg: ReplicaConfig, server) -> int:
+    """Port 0 resolves when first bound; a restarted replica (or its successor) asks for the
+    same one again."""
+    if server.port:
+        return server.port
     try:
         from ray.experimental import internal_kv
-        value = internal_kv._internal_kv_get(_kv_key(cfg, server["name"]), namespace="oobspec")
+        value = internal_kv._internal_kv_get(_kv_key(cfg, server.name), namespace="oobspec")
         return int(value) if value else 0
     except Exception:
         return 0
 
 
-def _remember_port(cfg: dict, name: str, port: int) -> None:
+def _remember_port(cfg: ReplicaConfig, name: str, port: int) -> None:
     try:
         from ray.experimental import internal_kv
         internal_kv._internal_kv_put(_kv_key(cfg, name), str(port).encode(), overwrite=True, namespace="oobspec")
@@ -53,41 +55,42 @@ def _remember_port(cfg: dict, name: str, port: int) -> None:
 class OobMixin:
     """oob's own methods on every replica. Names start with `_oob` to stay out of the user's way."""
 
-    async def _oob_start(self, cfg: dict) -> None:
-        self._oob_cfg = cfg
+    async def _oob_start(self, cfg: ReplicaConfig) -> None:
         self._oob_servers: list[Running] = []
         ctx = self._oob_context
         from .links import Links
         ctx._links = Links(ctx, cfg, self)
-        from ..imports import import_object
-        for server in cfg["servers"]:
-            if cfg.get("command") is not None or server["protocol"] == "tcp":
+        for server in cfg.servers:
+            if cfg.command is not None or server.protocol == "tcp":
                 continue  # the command (or the user's own code) serves it; we only health-check
-            wanted = dict(server, port=_remembered_port(cfg, server))
+            port = _remembered_port(cfg, server)
             try:
-                running = await (start_http(self, wanted) if server["protocol"] == "http"
-                                 else start_grpc(self, wanted, import_object))
+                running = await self._oob_bind(server, port, exclusive=port not in cfg.shared_ports)
             except OSError as exc:
-                if wanted["port"] and not server["port"]:  # remembered port taken: take any
-                    running = await (start_http(self, server) if server["protocol"] == "http"
-                                     else start_grpc(self, server, import_object))
-                else:
-                    raise RuntimeError(f"server {server['name']} cannot bind {server['host']}:{wanted['port']}: "
+                if not (port and not server.port):
+                    raise RuntimeError(f"server {server.name} cannot bind {server.host}:{port}: "
                                        f"{exc.strerror or exc}") from None
-            if not server["port"]:
-                _remember_port(cfg, server["name"], running.port)
+                running = await self._oob_bind(server, 0, exclusive=True)  # remembered port taken: any
+            if not server.port and not cfg.surge:
+                _remember_port(cfg, server.name, running.port)
             self._oob_servers.append(running)
 
-    async def _oob_ready(self, timeout: float = READY_TIMEOUT) -> dict:
+    async def _oob_bind(self, server, port: int, exclusive: bool) -> Running:
+        from ..imports import import_object
+        server = server.model_copy(update={"port": port})
+        if server.protocol == "http":
+            return await start_http(self, server, exclusive)
+        return await start_grpc(self, server, import_object, exclusive)
+
+    async def _oob_ready(self, timeout: float = READY_TIMEOUT) -> ReplicaInfo:
         """Returns once every server of this replica accepts connections."""
         if self._oob_failed is not None:
             raise self._oob_failed
-        cfg = self._oob_cfg
         process = getattr(self, "_oob_process", None)
-        for server in cfg["servers"]:
-            port = self._oob_port(server["name"])
+        for server in self._oob_cfg.servers:
+            port = self._oob_port(server.name)
             if port:
-                await wait_connectable(server["host"], port, timeout,
+                await wait_connectable(server.host, port, timeout,
                                        alive=(lambda: process.alive) if process else (lambda: True))
         return await self._oob_info()
 
@@ -98,36 +101,32 @@ class OobMixin:
         process = getattr(self, "_oob_process", None)
         if process is not None and process.ports.get(name):
             return process.ports[name]
-        server = next(s for s in self._oob_cfg["servers"] if s["name"] == name)
-        return server["port"] or None
+        return self._oob_cfg.server(name).port or None
 
     def _oob_endpoints(self) -> dict[str, str]:
         out = {}
-        for server in self._oob_cfg["servers"]:
-            port = self._oob_port(server["name"])
-            host = server["host"]
+        for server in self._oob_cfg.servers:
+            host = server.host
             if host in ("0.0.0.0", "::"):
                 import ray
                 host = ray.util.get_node_ip_address()
-            out[server["name"]] = f"http://{host_port(host, port)}" if server["protocol"] == "http" else host_port(host, port)
+            out[server.name] = server_url(server.protocol, host, self._oob_port(server.name))
         return out
 
-    async def _oob_info(self) -> dict:
+    async def _oob_info(self) -> ReplicaInfo:
         import ray
         cfg = self._oob_cfg
         ctx = getattr(self, "_oob_context", None)
         process = getattr(self, "_oob_process", None)
         failed = self._oob_failed
-        return {
-            "error": f"{type(failed).__name__}: {failed}" if failed else None,
-            "actor": cfg["actor"], "replica": cfg["replica"], "config_hash": cfg["config_hash"],
-            "code_hash": cfg.get("code_hash", ""),
-            "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_uuid": ctx._links.gpu_uuid() if ctx and ctx._links else None,
-            "endpoints": self._oob_endpoints(), "process": process.describe() if process else None,
-            "links": ctx._links.stats() if ctx and ctx._links else {},
-            "versions": dict(ctx.versions) if ctx else {},
-        }
+        links = ctx._links if ctx else None
+        return ReplicaInfo(
+            actor=cfg.actor, replica=cfg.replica, config_hash=cfg.config_hash, code_hash=cfg.code_hash,
+            pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(), endpoints=self._oob_endpoints(),
+            error=f"{type(failed).__name__}: {failed}" if failed else None,
+            gpu_uuid=links.gpu_uuid() if links else None, process=process.describe() if process else None,
+            links=links.stats() if links else {}, versions=dict(ctx.versions) if ctx else {},
+            draining=any(r.draining for r in getattr(self, "_oob_servers", [])))
 
     async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
         """Scaling in place: this actor's replica count and its peers' endpoints, live. Calls the
@@ -145,20 +144,27 @@ class OobMixin:
                 await result
         return True
 
-    async def _oob_stop(self) -> None:
-        """Graceful stop before the actor is killed: servers closed, process stopped, memory freed."""
+    async def _oob_stop(self, drain: float = 0.0, hand_over: bool = False) -> None:
+        """Graceful stop before the actor is killed. With `drain`: health turns unhealthy, the
+        servers stop accepting and finish in-flight requests (`drain` seconds at most); with
+        `hand_over`, new connections go to the successor sharing the port first."""
         process = getattr(self, "_oob_process", None)
+        servers, self._oob_servers = getattr(self, "_oob_servers", []), []
+        results = await asyncio.gather(*(r.drain(drain, hand_over) for r in servers), return_exceptions=True)
+        for error in results:
+            if isinstance(error, BaseException):
+                log.debug("server stop failed: %s", error)
         if process is not None:
             await process.stop()
-        for running in getattr(self, "_oob_servers", []):
-            try:
-                await running.stop()
-            except Exception:
-                log.debug("server stop failed", exc_info=True)
-        self._oob_servers = []
         ctx = getattr(self, "_oob_context", None)
         if ctx is not None and ctx._links is not None:
             ctx._links.close()
+
+    async def _oob_reclaim(self) -> None:
+        """A successor that shared our ports is going away (its start failed): new connections
+        come back here before it closes them."""
+        for running in self._oob_servers:
+            running.steer(0)
 
     async def _oob_log_files(self) -> list[str]:
         return [p for p in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in (1, 2)) if os.path.isfile(p)]
@@ -186,33 +192,34 @@ class OobMixin:
         return await self._oob_context._links.push(link)
 
 
-def _prepare(cfg: dict) -> Context:
+def _prepare(cfg: ReplicaConfig) -> Context:
     for stream in (sys.stdout, sys.stderr):  # what the user prints reaches `oob logs` at once
         try:
             stream.reconfigure(line_buffering=True)
         except (AttributeError, ValueError):
             pass
-    os.environ.update(cfg.get("env", {}))
-    os.environ.update(cfg.get("secrets", {}))
-    for path in reversed(cfg.get("sys_path", [])):
+    os.environ.update(cfg.env)
+    os.environ.update(cfg.secrets)
+    for path in reversed(cfg.sys_path):
         if path not in sys.path:
             sys.path.insert(0, path)
-    if cfg.get("module") and cfg["module"] not in sys.modules:
+    if cfg.module and cfg.module not in sys.modules:
         # The class came by value; its module's top-level code (logging set-up, environment,
         # registrations) still runs here, as it would had the worker imported the class.
         try:
-            importlib.import_module(cfg["module"])
+            importlib.import_module(cfg.module)
         except ImportError:
             pass  # not importable here (a remote node without the folder): the class is enough
-    ctx = Context(cfg["deployment"], cfg["actor"], cfg["replica"], cfg["replicas"],
-                  endpoints={k: list(v) for k, v in cfg["endpoints"].items()})
+    ctx = Context(cfg.deployment, cfg.actor, cfg.replica, cfg.replicas,
+                  endpoints={k: list(v) for k, v in cfg.endpoints.items()})
     from .links import allocate_buffers
-    ctx.buffers.update(allocate_buffers(cfg))
+    ctx._owners = allocate_buffers(cfg)
+    ctx.buffers.update({name: owner.array for name, owner in ctx._owners.items()})
     set_current(ctx)
     return ctx
 
 
-async def _guarded_start(self, cfg: dict, user_start) -> None:
+async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
     """Run the user's start-up, then ours. A failure keeps the replica alive but failed, so
     apply can read its log and report one clear error before removing it."""
     self._oob_cfg = cfg
@@ -234,7 +241,7 @@ def make_actor_class(user_cls: type) -> type:
     """A subclass of the user's class whose handle has the user's methods plus oob's."""
     user_init = user_cls.__init__
 
-    async def __init__(self, _oob_cfg: dict, *args, **kwargs):
+    async def __init__(self, _oob_cfg: ReplicaConfig, *args, **kwargs):
         async def start():
             result = user_init(self, *args, **kwargs)
             if inspect.isawaitable(result):
@@ -335,13 +342,13 @@ class CommandActor:
     async def __init__(self):
         cfg = self._oob_cfg_pending
         ports = {}
-        for server in cfg["servers"]:
-            ports[server["name"]] = _remembered_port(cfg, server) or free_port(server["host"])
-            if not server["port"]:
-                _remember_port(cfg, server["name"], ports[server["name"]])
+        for server in cfg.servers:
+            ports[server.name] = _remembered_port(cfg, server) or free_port(server.host)
+            if not server.port:
+                _remember_port(cfg, server.name, ports[server.name])
         first = next(iter(ports.values()), None)
-        argv = [a.replace("{port}", str(first)) if first is not None else a for a in cfg["command"]]
-        self._oob_process = Supervised(argv, cfg["restarts"], ports)
+        argv = [a.replace("{port}", str(first)) if first is not None else a for a in cfg.command]
+        self._oob_process = Supervised(argv, cfg.restarts, ports)
         try:
             await self._oob_process.start()
         except OSError as exc:
@@ -353,7 +360,7 @@ class CommandActor:
 
 
 def make_command_class() -> type:
-    async def __init__(self, _oob_cfg: dict):
+    async def __init__(self, _oob_cfg: ReplicaConfig):
         self._oob_cfg_pending = _oob_cfg
         await _guarded_start(self, _oob_cfg, lambda: CommandActor.__init__(self))
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..contract import ReplicaInfo, namespace_of, split_name
 from ..errors import ClusterError
 from ..plan import Observed, ReplicaState
 
@@ -129,7 +130,7 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
     a host that does not answer, or a port that is not a Ray GCS (no gRPC there)."""
     import grpc
     host, port = probe_tcp(address, timeout)
-    from .servers import host_port
+    from ..contract import host_port
     channel = grpc.insecure_channel(host_port(host, port))
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
@@ -180,7 +181,7 @@ def session(name: str, address: str | None, spec_address: str | None = None, req
                                "--address / set RAY_ADDRESS")
         yield None
         return
-    connect(found, f"oob-{name}")
+    connect(found, namespace_of(name))
     import ray
     try:
         yield found
@@ -194,9 +195,6 @@ def replica_names(namespace: str) -> list[str]:
                   if a["namespace"] == namespace and not a["name"].startswith("_oob"))
 
 
-def split_name(name: str) -> tuple[str, int]:
-    actor, _, index = name.rpartition("-")
-    return (actor, int(index)) if index.isdigit() else (name, 0)
 
 
 def handle(name: str, namespace: str):
@@ -204,7 +202,7 @@ def handle(name: str, namespace: str):
     return ray.get_actor(name, namespace=namespace)
 
 
-def infos(namespace: str, names: list[str] | None = None, timeout: float = INFO_TIMEOUT) -> dict[str, dict | None]:
+def infos(namespace: str, names: list[str] | None = None, timeout: float = INFO_TIMEOUT) -> dict[str, ReplicaInfo | None]:
     """`_oob_info` of every replica (None for one that does not answer: dead or restarting)."""
     import ray
     names = replica_names(namespace) if names is None else names
@@ -239,9 +237,9 @@ def observe(namespace: str) -> Observed:
     for name, record in records.items():
         actor, index = split_name(name)
         info = answers.get(name)
-        if info is not None and not info.get("error"):
-            replicas.append(ReplicaState(actor, index, info["config_hash"], info["pid"], info["node_id"], True,
-                                         info["endpoints"], info.get("gpu_uuid"), info.get("code_hash", "")))
+        if info is not None and not info.error:
+            replicas.append(ReplicaState(actor, index, info.config_hash, info.pid, info.node_id, True,
+                                         info.endpoints, info.gpu_uuid, info.code_hash))
         elif info is None and record.state in ("ALIVE", "RESTARTING"):
             known = get_meta(namespace, f"replica/{name}") or {}
             replicas.append(ReplicaState(actor, index, known.get("config_hash", ""), record.pid or None,
@@ -281,9 +279,16 @@ def forget(namespace: str) -> None:
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
-def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
-    """Stop replicas (servers, processes, shared memory; `timeout` seconds for it), kill them
-    and wait until Ray no longer lists them."""
+def named_actors(namespace: str) -> set[str]:
+    """Every named actor of the namespace, oob's own stand-ins included."""
+    import ray
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace}
+
+
+def kill(names: list[str], namespace: str, timeout: float = 15.0, drain: float = 1.0, hand_over: bool = False) -> None:
+    """Stop replicas (servers drained for `drain` seconds, processes, shared memory; `timeout`
+    seconds for all of it), kill them and wait until Ray no longer lists them (their names are
+    free again). hand_over: a successor shares their ports; new connections go to it first."""
     import ray
     handles = {}
     for name in names:
@@ -294,7 +299,7 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
     # A replica still in __init__ cannot take the stop call before __init__ ends: kill it now.
     from .state import actor_records
     alive = {n for n, r in actor_records(namespace).items() if r.state == "ALIVE"}
-    stops = [h._oob_stop.remote() for n, h in handles.items() if n in alive]
+    stops = [h._oob_stop.remote(drain, hand_over) for n, h in handles.items() if n in alive]
     if stops:
         ray.wait(stops, num_returns=len(stops), timeout=timeout)
     for h in handles.values():
@@ -302,7 +307,7 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + max(timeout, 3.0)
     pending = set(handles)
     while pending and time.monotonic() < deadline:
-        pending &= set(replica_names(namespace))
+        pending &= named_actors(namespace)
         if pending:
             time.sleep(0.05)
 
@@ -313,7 +318,7 @@ def cleanup_shm(deployment: str) -> None:
     if is_client():
         return
     from ..transports import get_transport
-    from .links import segment_prefix
+    from ..contract import segment_prefix
     get_transport("shm").cleanup(segment_prefix(deployment))
 
 
@@ -326,8 +331,8 @@ def remove_placement(pg_name: str) -> None:
 
 
 def delete_all(name: str) -> int:
-    namespace = f"oob-{name}"
-    names = replica_names(namespace)
+    namespace = namespace_of(name)
+    names = sorted(named_actors(namespace))  # stand-ins an interrupted apply left too
     kill(names, namespace)
     placement = get_meta(namespace, "placement")
     if placement:

@@ -13,7 +13,8 @@ from ..errors import ClusterError, OobError
 from ..models import Spec
 from ..plan import Plan, make_plan
 from . import cluster, remote, state
-from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session, split_name
+from ..contract import Ref, ReplicaInfo, namespace_of, replica_name, split_name
+from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session
 
 
 def plan_for(spec: Spec, address: str | None) -> Plan:
@@ -32,11 +33,11 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
 
 def declared(meta: dict | None) -> list[str]:
     """Every replica the applied spec declares, in spec order."""
-    return [f"{actor}-{i}" for actor, body in (meta or {}).get("actors", {}).items()
+    return [replica_name(actor, i) for actor, body in (meta or {}).get("actors", {}).items()
             for i in range(body.get("replicas", 1))]
 
 
-def _replica_row(name: str, record: state.ActorRecord | None, info: dict | None) -> dict:
+def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo | None) -> dict:
     actor, index = split_name(name)
     row = {"name": name, "actor": actor, "replica": index, "restarts": record.restarts if record else 0,
            "healthy": False, "pid": record.pid if record and record.pid else None, "node_id": None, "endpoints": {}}
@@ -47,18 +48,20 @@ def _replica_row(name: str, record: state.ActorRecord | None, info: dict | None)
     elif info is None:
         row["state"] = "not answering"
     else:
-        process = info.get("process")
-        row.update(state="alive", healthy=True, pid=info["pid"], node_id=info["node_id"],
-                   endpoints=info["endpoints"], process=process, versions=info.get("versions", {}))
-        if info.get("error"):
-            row.update(state=f"failed: {info['error']}", healthy=False)
+        process = info.process
+        row.update(state="alive", healthy=True, pid=info.pid, node_id=info.node_id,
+                   endpoints=info.endpoints, process=process, versions=info.versions)
+        if info.error:
+            row.update(state=f"failed: {info.error}", healthy=False)
+        elif info.draining:
+            row.update(state="draining", healthy=False)
         elif process and not process["alive"]:
             row.update(state=f"process exited ({process['last_exit']})", healthy=False)
     return row
 
 
 def status(name: str, address: str | None) -> dict:
-    namespace = f"oob-{name}"
+    namespace = namespace_of(name)
     with session(name, address):
         meta = get_meta(namespace, "spec")
         records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
@@ -70,8 +73,8 @@ def status(name: str, address: str | None) -> dict:
         replicas = [_replica_row(n, records.get(n), details.get(n)) for n in names]
         links = []
         for row in replicas:
-            info = details.get(row["name"]) or {}
-            for lname, stats in info.get("links", {}).items():
+            info = details.get(row["name"])
+            for lname, stats in (info.links if info else {}).items():
                 link = next((x for x in (meta or {}).get("links", []) if x["name"] == lname), {})
                 links.append({"name": lname, "from": link.get("from", f"{row['actor']}.?"), "to": link.get("to", []),
                               "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
@@ -87,7 +90,7 @@ def deployments(address: str | None) -> list[dict]:
             for name in cluster.deployment_names():
                 if name in out:
                     continue
-                namespace = f"oob-{name}"
+                namespace = namespace_of(name)
                 want = declared(get_meta(namespace, "spec"))
                 records = state.actor_records(namespace)
                 alive = [n for n in want if n in records and records[n].state == "ALIVE"]
@@ -98,7 +101,7 @@ def deployments(address: str | None) -> list[dict]:
 
 def sync(name: str, link: str, address: str | None) -> dict:
     import ray
-    namespace = f"oob-{name}"
+    namespace = namespace_of(name)
     with session(name, address):
         meta = get_meta(namespace, "spec")
         if meta is None:
@@ -107,11 +110,11 @@ def sync(name: str, link: str, address: str | None) -> dict:
         if entry is None:
             known = ", ".join(x["name"] for x in meta.get("links", [])) or "none"
             raise OobError(f"deployment '{name}' has no link '{link}' (links: {known})")
-        source = entry["from"].split(".", 1)[0]
+        source = replica_name(Ref.parse(entry["from"]).actor, 0)
         try:
-            return ray.get(handle(f"{source}-0", namespace)._oob_push.remote(link))
+            return ray.get(handle(source, namespace)._oob_push.remote(link))
         except ValueError:
-            raise ClusterError(f"the source of '{link}', {source}-0, is not running") from None
+            raise ClusterError(f"the source of '{link}', {source}, is not running") from None
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None) or exc
             raise OobError(f"push of '{link}' failed: {str(cause).strip().splitlines()[-1]}") from None
@@ -167,7 +170,7 @@ class _Source:
 
 
 def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Iterator[str]:
-    namespace = f"oob-{name}"
+    namespace = namespace_of(name)
     with session(name, address):
         records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
         meta = get_meta(namespace, "spec")

@@ -17,6 +17,7 @@ class Context:
     buffers: dict[str, Any] = field(default_factory=dict)  # name -> numpy / cupy array
     versions: dict[str, int] = field(default_factory=dict)  # buffer -> version of the last push received
     _links: Any = None  # runtime.links.Links, set by the actor
+    _owners: dict[str, Any] = field(default_factory=dict)  # buffer -> its allocation (closed on stop)
 
     def update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
         """A re-apply scaled this actor or its peers: the live view changes; True if it did."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+from ..contract import replica_name
 from ..models import Spec
 from . import cluster
 from . import commands
@@ -19,7 +20,7 @@ class Deployment:
 
     def handle(self, actor: str, replica: int = 0):
         """The Ray actor handle of one replica: the user's own methods, `.remote()` as usual."""
-        return cluster.handle(f"{actor}-{replica}", self.namespace)
+        return cluster.handle(replica_name(actor, replica), self.namespace)
 
     def status(self) -> dict:
         return commands.status(self.name, None)

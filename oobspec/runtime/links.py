@@ -9,35 +9,24 @@ import asyncio
 import time
 from typing import Any
 
+from ..contract import LinkRole, ReplicaConfig, segment_name
 from ..errors import OobError
 
 
-def segment_prefix(deployment: str) -> str:
-    """Every shm segment of a deployment starts with this, and no other deployment's does:
-    '_' cannot occur in deployment names, so "web" never matches "web-2"'s segments."""
-    return f"oob-{deployment}-_"
-
-
-def shm_name(cfg: dict, buffer: str, replica: int | None = None) -> str:
-    replica = cfg["replica"] if replica is None else replica
-    return f"{segment_prefix(cfg['deployment'])}{cfg['actor']}_{replica}_{buffer}"
-
-
-def allocate_buffers(cfg: dict) -> dict[str, Any]:
-    """Every declared buffer; cpu link targets live in named shared memory."""
-    if not cfg.get("buffers"):
+def allocate_buffers(cfg: ReplicaConfig) -> dict[str, Any]:
+    """Every declared buffer (name -> its owner; `.array` is the array); cpu link targets live
+    in named shared memory."""
+    if not cfg.buffers:
         return {}  # no numpy (or cupy) import for actors without buffers
     from ..transports import allocate
-    owners = cfg.setdefault("_buffer_owners", {})
-    arrays = {}
-    for name, buf in cfg.get("buffers", {}).items():
-        shared = shm_name(cfg, name) if buf["device"] == "cpu" and buf.get("link_target") else None
-        if shared:
+    owners = {}
+    for name, buf in cfg.buffers.items():
+        shared = None
+        if buf.device == "cpu" and name in cfg.link_targets:
+            shared = segment_name(cfg.deployment, cfg.actor, cfg.replica, name)
             _unlink_stale(shared)
-        owner = allocate(buf["shape"], buf["dtype"], buf["device"], shared_name=shared)
-        owners[name] = owner
-        arrays[name] = owner.array
-    return arrays
+        owners[name] = allocate(buf.shape, buf.dtype, buf.device, shared_name=shared)
+    return owners
 
 
 def _unlink_stale(name: str) -> None:
@@ -50,9 +39,9 @@ def _unlink_stale(name: str) -> None:
 
 
 class Links:
-    def __init__(self, ctx, cfg: dict, owner):
+    def __init__(self, ctx, cfg: ReplicaConfig, owner):
         self.ctx, self.cfg = ctx, cfg
-        self.links: dict[str, dict] = cfg.get("links", {})
+        self.links: dict[str, LinkRole] = cfg.links
         self.receivers: dict[tuple[str, str], Any] = {}  # (link, transport) -> Receiver / nccl Group
         self.senders: dict[str, list[dict]] = {}  # link -> [{handle, transport, sender, descriptor, key}]
         self.groups: dict[str, Any] = {}  # link -> nccl Group (source side)
@@ -61,14 +50,14 @@ class Links:
         self._uuid: str | None = None
         self._lock = asyncio.Lock()
 
-    def _link(self, name: str) -> dict:
+    def _link(self, name: str) -> LinkRole:
         if name not in self.links:
             known = ", ".join(self.links) or "none"
-            raise OobError(f"actor {self.cfg['actor']} has no link '{name}' (links: {known})")
+            raise OobError(f"actor {self.cfg.actor} has no link '{name}' (links: {known})")
         return self.links[name]
 
     def gpu_uuid(self) -> str | None:
-        if self._uuid is None and any(b["device"] == "gpu" for b in self.cfg.get("buffers", {}).values()):
+        if self._uuid is None and any(b.device == "gpu" for b in self.cfg.buffers.values()):
             from ..transports import get_transport
             self._uuid = get_transport("cuda_ipc").gpu_uuid()
         return self._uuid
@@ -78,14 +67,14 @@ class Links:
     async def receiver(self, link: str, transport: str, setup: dict | None) -> dict:
         from ..transports import get_transport
         spec = self._link(link)
-        buffer = spec["target_buffer"]
+        buffer = spec.target_buffer
         key = (link, transport)
         if transport == "nccl":
             nccl = get_transport("nccl")
             self.receivers[key] = await asyncio.to_thread(nccl.Group, setup["unique_id"], setup["world"], setup["rank"])
             return {}
         if key not in self.receivers:
-            owner = self.cfg["_buffer_owners"][buffer]
+            owner = self.ctx._owners[buffer]
             module = get_transport(transport)
             self.receivers[key] = module.Receiver(owner if transport == "shm" else owner.array)
         return self.receivers[key].descriptor()
@@ -96,12 +85,12 @@ class Links:
         payload = message.get("payload") if isinstance(message, dict) else None
         receiver = self.receivers.get((link, transport))
         if receiver is None:
-            raise OobError(f"link '{link}' is not set up on {self.cfg['actor']}-{self.cfg['replica']}")
+            raise OobError(f"link '{link}' is not set up on {self.cfg.name}")
         if transport == "nccl":
-            await asyncio.to_thread(receiver.broadcast, self.ctx.buffers[spec["target_buffer"]])
+            await asyncio.to_thread(receiver.broadcast, self.ctx.buffers[spec.target_buffer])
         elif transport != "shm":  # shm: the source already wrote into our segment
             await asyncio.to_thread(receiver.receive, payload)
-        self.ctx.versions[spec["target_buffer"]] = version
+        self.ctx.versions[spec.target_buffer] = version
 
     # --- source side ---
 
@@ -109,7 +98,7 @@ class Links:
         """targets: [{key, handle, transport, descriptor, setup}] — called by apply, idempotent."""
         from ..transports import get_transport
         spec = self._link(link)
-        source = self.ctx.buffers[spec["source_buffer"]]
+        source = self.ctx.buffers[spec.source_buffer]
         old = {t["key"]: t for t in self.senders.get(link, [])}
         fresh = []
         for target in targets:
@@ -137,13 +126,12 @@ class Links:
 
     async def push(self, link: str) -> dict:
         spec = self._link(link)
-        if spec["role"] != "source" or self.cfg["replica"] != 0:
-            raise OobError(f"link '{link}' pushes from replica 0 of {spec['from'].split('.')[0]}, "
-                           f"not from {self.cfg['actor']}-{self.cfg['replica']}")
+        if spec.role != "source" or self.cfg.replica != 0:
+            raise OobError(f"link '{link}' pushes from replica 0 of {spec.source.actor}, not from {self.cfg.name}")
         if link not in self.senders:
             raise OobError(f"link '{link}' is not connected yet (apply sets it up once every replica is ready)")
         async with self._lock:  # one push of a link at a time: versions stay in order
-            source = self.ctx.buffers[spec["source_buffer"]]
+            source = self.ctx.buffers[spec.source_buffer]
             version = self.version[link] + 1
             targets = self.senders[link]
             start = time.perf_counter()
@@ -168,7 +156,7 @@ class Links:
 
     def stats(self) -> dict:
         return {name: {"last_push": self.last.get(name), "transports": sorted({t["transport"] for t in self.senders.get(name, [])})}
-                for name, spec in self.links.items() if spec["role"] == "source"}
+                for name, spec in self.links.items() if spec.role == "source"}
 
     def close(self) -> None:
         for targets in self.senders.values():
@@ -181,6 +169,6 @@ class Links:
             if close:
                 close()
         self.receivers.clear()
-        for owner in self.cfg.get("_buffer_owners", {}).values():
+        for owner in self.ctx._owners.values():
             owner.close()
-        self.cfg["_buffer_owners"] = {}
+        self.ctx._owners = {}

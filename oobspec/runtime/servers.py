@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..contract import host_port
+
 log = logging.getLogger("oobspec")
 
 
@@ -39,13 +41,13 @@ def dumps(value: Any) -> bytes:
     return _encoder.encode(value).encode()
 
 
-def token_from_env(auth: dict | None) -> str | None:
+def token_from_env(auth) -> str | None:
     """The bearer token an auth block asks for, read from this process's environment."""
-    if not auth:
+    if auth is None:
         return None
-    token = os.environ.get(auth["token_env"])
+    token = os.environ.get(auth.token_env)
     if not token:
-        raise RuntimeError(f"auth needs the environment variable {auth['token_env']}, which is not set "
+        raise RuntimeError(f"auth needs the environment variable {auth.token_env}, which is not set "
                            "in the actor (set it where you run `oob apply`)")
     return token
 
@@ -126,7 +128,7 @@ def _to_bool(text: str) -> bool:
 # --- HTTP ---------------------------------------------------------------------------------
 
 
-def _http_app(instance, server: dict):
+def _http_app(instance, server, draining: Callable[[], bool]):
     from aiohttp import web
 
     def error(status: int, message: str) -> web.Response:
@@ -146,7 +148,7 @@ def _http_app(instance, server: dict):
             return response
         return error(404, "Not Found")
 
-    token = token_from_env(server.get("auth"))
+    token = token_from_env(server.auth)
     expected = f"Bearer {token}".encode() if token else None
 
     def make_handler(call: str):
@@ -204,34 +206,117 @@ def _http_app(instance, server: dict):
 
         return handle
 
-    app = web.Application(client_max_size=server.get("max_body", 1024**2))
-    for route in server.get("routes", []):
-        app.router.add_route(route["method"], route["path"], make_handler(route["call"]))
+    async def healthz(request: web.Request) -> web.Response:
+        # No auth: load balancers and oob's own hand-over probe it.
+        if draining():
+            return web.Response(status=503, body=dumps({"status": "draining"}), content_type="application/json")
+        return web.Response(body=dumps({"status": "ok"}), content_type="application/json")
+
+    app = web.Application(client_max_size=server.max_body)
+    app.router.add_get("/-/healthz", healthz)
+    for route in server.routes:
+        app.router.add_route(route.method, route.path, make_handler(route.call))
     catch_all = app.router.add_route("*", "/{_oob_path:.*}", fallback).resource
     return app
 
 
 class Running:
-    """A started server: its bound port and how to stop it."""
+    """A started server: its bound port, how it hands its port over and how it stops."""
 
-    def __init__(self, name: str, protocol: str, host: str, port: int, stop):
-        self.name, self.protocol, self.host, self.port, self._stop = name, protocol, host, port, stop
+    def __init__(self, name: str, protocol: str, host: str, port: int, stop, *, sock: socket.socket | None = None):
+        self.name, self.protocol, self.host, self.port = name, protocol, host, port
+        self._stop, self._sock = stop, sock
+        self.draining = False
 
-    async def stop(self) -> None:
+    def steer(self, index: int) -> None:
+        """Send new connections on this port to the `index`-th socket bound to it (0: the one
+        bound first, 1: its successor). Without it, a socket that closes resets connections the
+        kernel had just queued on it; with it, the queue empties before the close."""
+        if self._sock is not None:
+            steer(self._sock, index)
+
+    async def drain(self, seconds: float, hand_over: bool = True) -> None:
+        """Hand new connections over (to the successor sharing the port), turn unhealthy, stop
+        accepting, finish what is in flight (`seconds` at most)."""
+        if hand_over:
+            self.steer(1)
+            await asyncio.sleep(SETTLE)  # what the kernel queued here before the steering is accepted
+        self.draining = True  # /-/healthz: 503 from here on, for whoever still talks to this one
+        await self.stop(seconds)
+
+    async def stop(self, seconds: float = 1.0) -> None:
         if self._stop is not None:
-            await self._stop()
-            self._stop = None
+            stop, self._stop = self._stop, None
+            await stop(seconds)
 
 
-async def start_http(instance, server: dict) -> Running:
+SETTLE = 0.2  # seconds a draining server keeps accepting after it steered new connections away
+SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h
+
+
+def steer(sock: socket.socket, index: int) -> None:
+    """Attach a one-instruction classic BPF program to the socket's SO_REUSEPORT group:
+    "return index". The kernel picks the group's socket by that index, and falls back to its
+    hash when the index is out of range (the other socket is gone)."""
+    import ctypes
+    import struct
+    code = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, index))  # BPF_RET | BPF_K
+    program = struct.pack("HxxxxxxP", 1, ctypes.addressof(code))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program)
+    except OSError:  # not Linux, or a kernel without it: the hand-over merely loses its guarantee
+        log.debug("could not steer the port's connections", exc_info=True)
+
+
+def listening_socket(host: str, port: int, exclusive: bool) -> socket.socket:
+    """A bound socket with SO_REUSEPORT, so a successor can bind the same port while this one
+    serves. exclusive: refuse a port somebody else holds (a reuse-port socket would share it
+    without a word); a hand-over shares the port its predecessor holds on purpose."""
+    family, _type, _proto, _name, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE)[0]
+    if exclusive and port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)  # OSError (address in use) when any socket holds it
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds "::"
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_http(instance, server, exclusive: bool = True) -> Running:
     from aiohttp import web
 
-    runner = web.AppRunner(_http_app(instance, server), access_log=None, handle_signals=False)
+    holder: list[Running] = []
+    runner = web.AppRunner(_http_app(instance, server, lambda: bool(holder) and holder[0].draining),
+                           access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, server["host"], server["port"], reuse_address=True)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return Running(server["name"], "http", server["host"], port, runner.cleanup)
+    sock = listening_socket(server.host, server.port, exclusive)
+    site = web.SockSite(runner, sock, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+
+    async def stop(seconds: float) -> None:
+        await site.stop()  # no new connections
+        if runner.server is not None:
+            runner.server.pre_shutdown()
+            await runner.server.shutdown(seconds)  # in-flight requests finish, `seconds` at most
+        await runner.cleanup()
+
+    running = Running(server.name, "http", server.host, sock.getsockname()[1], stop, sock=sock)
+    holder.append(running)
+    return running
 
 
 # --- gRPC ---------------------------------------------------------------------------------
@@ -288,34 +373,41 @@ def _json_method(instance, call: str):
     return grpc.unary_unary_rpc_method_handler(handle)
 
 
-async def start_grpc(instance, server: dict, import_object) -> Running:
+async def start_grpc(instance, server, import_object, exclusive: bool = True) -> Running:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
-    token = token_from_env(server.get("auth"))
+    token = token_from_env(server.auth)
+    if exclusive and server.port:  # gRPC binds with SO_REUSEPORT: make sure nobody else holds the port
+        listening_socket(server.host, server.port, exclusive=True).close()
     grpc_server = grpc.aio.server(interceptors=[_auth_interceptor(token)] if token else None,
-                                  options=[("grpc.so_reuseport", 0)])
+                                  options=[("grpc.so_reuseport", 1)])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-    if server.get("service") and server.get("methods"):
-        handlers = {m: _json_method(instance, m) for m in server["methods"]}
-        grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server["service"], handlers),))
-    if server.get("proto"):
-        import_object(server["proto"])(instance, grpc_server)
-    port = grpc_server.add_insecure_port(host_port(server["host"], server["port"]))
+    if server.service and server.methods:
+        handlers = {m: _json_method(instance, m) for m in server.methods}
+        grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server.service, handlers),))
+    if server.proto:
+        import_object(server.proto)(instance, grpc_server)
+    port = grpc_server.add_insecure_port(host_port(server.host, server.port))
     if port == 0:
-        raise OSError(f"cannot bind {server['host']}:{server['port']}")
+        raise OSError(f"cannot bind {server.host}:{server.port}")
     await grpc_server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    if server.get("service"):
-        await health.set(server["service"], health_pb2.HealthCheckResponse.SERVING)
+    if server.service:
+        await health.set(server.service, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop():
+    async def stop(seconds: float) -> None:
+        # First the listener closes and clients get GOAWAY (their next call goes, on a new
+        # connection, to whoever else holds the port); then health turns NOT_SERVING for the
+        # calls still in flight here, which finish, `seconds` at most.
+        stopping = asyncio.ensure_future(grpc_server.stop(grace=seconds))
+        await asyncio.sleep(0.05)
         await health.enter_graceful_shutdown()
-        await grpc_server.stop(grace=1)
+        await stopping
 
-    return Running(server["name"], "grpc", server["host"], port, stop)
+    return Running(server.name, "grpc", server.host, port, stop)
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -348,8 +440,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind(address)
         return s.getsockname()[1]
-
-
-def host_port(host: str, port: int) -> str:
-    """HOST:PORT as a URL or a gRPC target writes it: an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -7,29 +7,31 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..contract import Ref, ReplicaInfo, Topology, replica_name
 from ..models import Spec
-from ..plan import Topology, choose_transport
+from ..plan import choose_transport
 from . import cluster
 
 
-def setup_links(spec: Spec, namespace: str, info: dict, progress: Callable[[str], None]) -> None:
+def setup_links(spec: Spec, namespace: str, info: dict[tuple[str, int], ReplicaInfo], progress: Callable[[str], None]) -> None:
     import ray
-    handles = lambda a, i: cluster.handle(f"{a}-{i}", namespace)  # noqa: E731
+    handles = lambda a, i: cluster.handle(replica_name(a, i), namespace)  # noqa: E731
     for link in spec.links:
-        src_actor = link.from_.split(".", 1)[0]
+        source = Ref.parse(link.from_)
+        src_actor = source.actor
         src_info = info[(src_actor, 0)]
-        src_topo = Topology(src_info["node_id"], src_info.get("gpu_uuid"))
-        device = spec.actors[src_actor].buffers[link.from_.split(".", 1)[1]].device
+        src_topo = Topology(src_info.node_id, src_info.gpu_uuid)
+        device = spec.actors[src_actor].buffers[source.member].device
         targets = []
         for target in link.to:
-            t_actor = target.split(".", 1)[0]
+            t_actor = Ref.parse(target).actor
             for i in range(spec.actors[t_actor].replicas):
                 peer = info[(t_actor, i)]
                 transport = link.transport
                 if transport == "auto":
-                    transport = choose_transport(device, src_topo, Topology(peer["node_id"], peer.get("gpu_uuid")))
-                targets.append({"key": f"{t_actor}-{i}", "handle": handles(t_actor, i), "transport": transport,
-                                "uuid": peer.get("gpu_uuid")})
+                    transport = choose_transport(device, src_topo, Topology(peer.node_id, peer.gpu_uuid))
+                targets.append({"key": replica_name(t_actor, i), "handle": handles(t_actor, i), "transport": transport,
+                                "uuid": peer.gpu_uuid})
         source = handles(src_actor, 0)
         nccl = [t for t in targets if t["transport"] == "nccl"]
         if nccl:

@@ -15,8 +15,6 @@ def is_gpu(device: str) -> bool:
 
 
 def choose(device: str, source: Topology, target: Topology) -> str:
-    same_node = source.node_id == target.node_id
-    if is_gpu(device):
-        # Peer GPUs on one node still use IPC: one direct copy, no communicator to set up.
-        return "cuda_ipc" if same_node else "nccl"
-    return "shm" if same_node else "object_store"
+    """The planner's choice (oobspec.plan.choose_transport), for a device name checked here."""
+    from ..plan import choose_transport
+    return choose_transport("gpu" if is_gpu(device) else "cpu", source, target)

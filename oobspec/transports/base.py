@@ -1,27 +1,16 @@
 """What every transport shares: the error type, the Sender/Receiver contract, Topology."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-try:
-    from oobspec.errors import OobError
-except ImportError:  # the package-wide error module may not exist yet
-    OobError = Exception
+from ..contract import Topology  # noqa: F401  (re-exported: where one replica's buffer lives)
+from ..errors import OobError
 
 
 class TransportError(OobError):
     """A transport cannot set up or complete a copy."""
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where one replica's buffer lives."""
-
-    node_id: str
-    gpu_uuid: str | None = None
 
 
 class Receiver(Protocol):

@@ -1,0 +1,162 @@
+"""The contract across the Ray boundary: what the driver sends a replica, what a replica
+reports back, and the names both sides derive (replicas, stand-ins, segments, URLs).
+
+Defined once, here; apply, the actor, its servers and links, observation and status all use
+these types. Nothing here imports ray.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .models import Buffer, GrpcServer, HttpServer, TcpServer
+
+ServerConfig = Union[HttpServer, GrpcServer, TcpServer]  # the spec's server, its port resolved
+
+
+@dataclass(frozen=True)
+class Ref:
+    """`<actor>.<member>`: a server in `connect`, a buffer in a link's `from` / `to`."""
+
+    actor: str
+    member: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Ref":
+        actor, _, member = text.partition(".")
+        return cls(actor, member)
+
+    def __str__(self) -> str:
+        return f"{self.actor}.{self.member}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where one replica runs: what `auto` transport selection needs to know."""
+
+    node_id: str
+    gpu_uuid: str | None = None
+
+
+# --- names: one place each ---------------------------------------------------------------------
+
+
+def namespace_of(deployment: str) -> str:
+    return f"oob-{deployment}"
+
+
+def replica_name(actor: str, index: int) -> str:
+    return f"{actor}-{index}"
+
+
+SURGE_PREFIX = "_oob-surge-"
+
+
+def surge_name(actor: str, index: int) -> str:
+    """The stand-in that serves a replica's ports while the replica itself is replaced
+    (`_oob` names are oob's own bookkeeping, left out of status and plans)."""
+    return f"{SURGE_PREFIX}{replica_name(actor, index)}"
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """`web-1` -> ("web", 1); also for a stand-in's name."""
+    if name.startswith(SURGE_PREFIX):
+        name = name[len(SURGE_PREFIX):]
+    actor, _, index = name.rpartition("-")
+    return actor, int(index)
+
+
+def segment_prefix(deployment: str) -> str:
+    """Every shm segment of a deployment starts with this, and no other deployment's does:
+    '_' cannot occur in deployment names, so "web" never matches "web-2"'s segments."""
+    return f"oob-{deployment}-_"
+
+
+def segment_name(deployment: str, actor: str, replica: int, buffer: str) -> str:
+    return f"{segment_prefix(deployment)}{actor}_{replica}_{buffer}"
+
+
+def host_port(host: str, port: int | str) -> str:
+    """HOST:PORT as a URL or a gRPC target writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def server_url(protocol: str, host: str, port: int | str) -> str:
+    """`http://HOST:PORT` for http, `HOST:PORT` for grpc and tcp."""
+    return f"http://{host_port(host, port)}" if protocol == "http" else host_port(host, port)
+
+
+# --- driver -> replica ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkRole:
+    """One link as a replica takes part in it: as its source, a target, or both."""
+
+    name: str
+    source: Ref
+    targets: tuple[Ref, ...]
+    transport: str
+    role: str  # "source" | "target"
+    source_buffer: str | None = None  # set on the source
+    target_buffer: str | None = None  # set on a target
+
+
+@dataclass
+class ReplicaConfig:
+    """Everything a replica is started with (the first argument of its `__init__`)."""
+
+    deployment: str
+    namespace: str
+    actor: str
+    replica: int
+    replicas: int
+    config_hash: str
+    code_hash: str = ""
+    restarts: int = 0
+    command: list[str] | None = None
+    servers: list[ServerConfig] = field(default_factory=list)  # port: port + replica, or 0
+    endpoints: dict[str, list[str]] = field(default_factory=dict)  # connect key -> peers' URLs
+    buffers: dict[str, Buffer] = field(default_factory=dict)
+    link_targets: frozenset[str] = frozenset()  # buffers that links write into (shared memory on cpu)
+    links: dict[str, LinkRole] = field(default_factory=dict)
+    sys_path: list[str] = field(default_factory=list)
+    module: str | None = None  # the user's module, imported so its top-level code runs
+    secrets: dict[str, str] = field(default_factory=dict)  # auth tokens: never in runtime_env (logged)
+    env: dict[str, str] = field(default_factory=dict)  # OOB_* variables
+    shared_ports: frozenset[int] = frozenset()  # held by the predecessor: shared, not checked free
+    surge: bool = False  # a stand-in: serves the ports during a hand-over, takes no part in links
+
+    @property
+    def name(self) -> str:
+        return surge_name(self.actor, self.replica) if self.surge else replica_name(self.actor, self.replica)
+
+    def server(self, name: str) -> ServerConfig:
+        return next(s for s in self.servers if s.name == name)
+
+
+# --- replica -> driver -----------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaInfo:
+    """What a replica reports (`_oob_info`): identity, versions, where it serves, how it is."""
+
+    actor: str
+    replica: int
+    config_hash: str
+    code_hash: str
+    pid: int
+    node_id: str
+    endpoints: dict[str, str]  # server name -> URL
+    error: str | None = None  # its start-up failed (it is kept alive only to report this)
+    gpu_uuid: str | None = None
+    process: dict | None = None  # a command actor's program: argv, pid, alive, starts, last_exit
+    links: dict[str, Any] = field(default_factory=dict)  # link -> push stats
+    versions: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+
+    def record(self) -> dict:
+        """What apply keeps of it in the cluster's KV: enough to plan while it is too busy to answer."""
+        return {"config_hash": self.config_hash, "code_hash": self.code_hash, "endpoints": self.endpoints,
+                "gpu_uuid": self.gpu_uuid}

@@ -1,0 +1,172 @@
+"""What each replica is started with: its config (the typed contract), runtime_env, Ray
+options and actor class. Pure reading of the spec, plus the endpoints seen so far."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..contract import LinkRole, Ref, ReplicaConfig, replica_name, surge_name
+from ..errors import ApplyError
+from ..models import Spec, memory_bytes
+from ..plan import config_hash
+from .context import env_key
+
+
+class Builder:
+    def __init__(self, spec: Spec, progress: Callable[[str], None]):
+        self.spec, self.progress = spec, progress
+        source = spec._source
+        self.base_dir = source.base_dir if source else Path.cwd()
+        self.endpoints: dict[str, dict[str, list[str]]] = {}  # actor -> server -> urls, as known now
+        self.code: dict[str, str] = {}  # actor -> digest of its class's source
+        self.shipped: dict | None = None  # runtime_env of uploaded code, on a remote cluster
+        self.by_reference: set[str] = set()  # actors whose module could not travel by value
+        self.placement = None
+        self.bundle_index: dict[tuple[str, int], int] = {}
+        self._classes: dict[str, object] = {}
+
+    def peer_endpoints(self, name: str) -> dict[str, list[str]]:
+        out = {}
+        for key, text in self.spec.actors[name].connect.items():
+            ref = Ref.parse(text)
+            out[key] = list(self.endpoints.get(ref.actor, {}).get(ref.member, []))
+        return out
+
+    def links_of(self, name: str) -> dict[str, LinkRole]:
+        out = {}
+        for link in self.spec.links:
+            source, targets = Ref.parse(link.from_), tuple(Ref.parse(t) for t in link.to)
+            mine = [t for t in targets if t.actor == name]
+            if source.actor == name:
+                out[link.name] = LinkRole(link.name, source, targets, link.transport, "source", source_buffer=source.member,
+                                          target_buffer=mine[0].member if mine else None)
+            elif mine:
+                out[link.name] = LinkRole(link.name, source, targets, link.transport, "target",
+                                          target_buffer=mine[0].member)
+        return out
+
+    def config(self, name: str, index: int, shared_ports: frozenset[int] = frozenset(),
+               surge: bool = False) -> ReplicaConfig:
+        actor = self.spec.actors[name]
+        endpoints = self.peer_endpoints(name)
+        targets = {t for link in self.spec.links for t in link.to}
+        return ReplicaConfig(
+            deployment=self.spec.name, namespace=self.spec.namespace, actor=name, replica=index,
+            replicas=actor.replicas, config_hash=config_hash(self.spec, name), code_hash=self.code.get(name, ""),
+            restarts=actor.restarts, command=list(actor.command) if actor.command else None,
+            servers=[s.model_copy(update={"port": s.port + index if s.port else 0, "when": None}) for s in actor.servers],
+            endpoints=endpoints, buffers=dict(actor.buffers),
+            # A stand-in takes no part in links: its buffers are its own, not the replica's segments.
+            link_targets=frozenset() if surge else frozenset(b for b in actor.buffers if f"{name}.{b}" in targets),
+            links={} if surge else self.links_of(name),
+            sys_path=[str(self.base_dir), os.getcwd()],
+            module=actor.class_.partition(":")[0] if actor.class_ else None,
+            # Auth tokens travel as constructor arguments, not runtime_env: Ray's runtime-env
+            # agent logs env_vars, and a secret must never reach a log.
+            secrets={s.auth.token_env: os.environ[s.auth.token_env] for s in actor.servers
+                     if s.auth and s.auth.token_env in os.environ and s.auth.token_env not in actor.env},
+            env=self.replica_env(name, index, endpoints), shared_ports=shared_ports, surge=surge)
+
+    def replica_env(self, name: str, index: int, endpoints: dict) -> dict[str, str]:
+        """OOB_* variables, set in the replica's environment before the user's __init__ runs."""
+        out = {"OOB_REPLICA": str(index), "OOB_REPLICAS": str(self.spec.actors[name].replicas),
+               "OOB_DEPLOYMENT": self.spec.name}
+        for key, urls in endpoints.items():
+            out[f"OOB_{env_key(key)}_URL"] = urls[0] if urls else ""
+            out[f"OOB_{env_key(key)}_URLS"] = ",".join(urls)
+        return out
+
+    def runtime_env(self, name: str) -> dict:
+        """The same for every replica of an actor (and for every actor without `env`), so Ray
+        sets it up once and can reuse its workers; per-replica variables travel in the config."""
+        actor = self.spec.actors[name]
+        env = dict(self.spec.ray.runtime_env or {})
+        env_vars = dict(env.get("env_vars") or {})
+        env_vars.update(actor.env)
+        if name in self.by_reference:  # its module did not travel by value: the workers import it
+            paths = [str(self.base_dir), os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        if env_vars:
+            env["env_vars"] = env_vars
+        if self.shipped:  # a cluster that is not this machine: the spec's folder and oobspec travel
+            env.setdefault("working_dir", self.shipped["working_dir"])
+            env["py_modules"] = list(env.get("py_modules") or []) + self.shipped["py_modules"]
+        # No runtime_env at all when none is needed: Ray then starts the actor in a plain worker.
+        return env
+
+    def actor_class(self, name: str):
+        if name not in self._classes:
+            self._classes[name] = self._make_class(name)
+        return self._classes[name]
+
+    def _make_class(self, name: str):
+        import ray
+        from ..imports import import_object, import_path, ship_by_value
+        from .actor import make_actor_class, make_command_class
+        actor = self.spec.actors[name]
+        if actor.command is not None:
+            return ray.remote(make_command_class())
+        with import_path(self.base_dir):
+            try:
+                user_cls = import_object(actor.class_)
+            except ImportError as exc:
+                raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
+        actor_cls = make_actor_class(user_cls)
+        # The user's module travels inside the pickled class: workers need no PYTHONPATH (and
+        # no runtime_env), and a handle taken in any process has the real method signatures.
+        if not ship_by_value(actor_cls):
+            self.by_reference.add(name)
+            self.progress(f"actor {name}: its module cannot be pickled by value; the workers import it "
+                          "from the spec's folder (handles in other processes need it importable too)")
+        return ray.remote(actor_cls)
+
+    def options(self, name: str, index: int, surge: bool = False) -> dict:
+        actor = self.spec.actors[name]
+        res = actor.resources
+        # Named actors that are not detached die with their last handle; the embedded mode
+        # tears them down itself, and its Ray goes with the foreground process anyway.
+        opts = {"name": surge_name(name, index) if surge else replica_name(name, index), "namespace": self.spec.namespace,
+                "max_restarts": 0 if surge else actor.restarts, "runtime_env": self.runtime_env(name),
+                "max_concurrency": 1000, "lifetime": "detached"}
+        if res.cpus is not None:
+            opts["num_cpus"] = res.cpus
+        if res.gpus:
+            opts["num_gpus"] = res.gpus
+        if res.memory is not None:
+            opts["memory"] = memory_bytes(res.memory)
+        if res.custom:
+            opts["resources"] = dict(res.custom)
+        if self.placement is not None and not surge:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.placement, placement_group_bundle_index=self.bundle_index[(name, index)])
+            opts.setdefault("num_cpus", 0.01)
+        return opts
+
+    def start(self, name: str, index: int, cfg: ReplicaConfig):
+        """Create the replica (or its stand-in); returns its handle."""
+        actor = self.spec.actors[name]
+        return self.actor_class(name).options(**self.options(name, index, cfg.surge)).remote(
+            cfg, *actor.args, **actor.kwargs)
+
+    def bundles(self) -> list[dict]:
+        out, self.bundle_index = [], {}
+        for name, actor in self.spec.actors.items():
+            for i in range(actor.replicas):
+                res = actor.resources
+                bundle = {"CPU": res.cpus or 0.01}
+                if res.gpus:
+                    bundle["GPU"] = res.gpus
+                if res.memory is not None:
+                    bundle["memory"] = memory_bytes(res.memory)
+                bundle.update(res.custom)
+                self.bundle_index[(name, i)] = len(out)
+                out.append(bundle)
+        return out
+
+    def resources_text(self, name: str) -> str:
+        res = self.spec.actors[name].resources
+        parts = [f"{res.cpus:g} CPU" if res.cpus else "", f"{res.gpus:g} GPU" if res.gpus else "",
+                 f"{res.memory} memory" if res.memory else ""] + [f"{v:g} {k}" for k, v in res.custom.items()]
+        return ", ".join(p for p in parts if p) or "a worker slot"
