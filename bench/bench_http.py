@@ -81,15 +81,13 @@ SPEC = """\
 version: 1
 name: bench-http
 actors:
-  hits:
+  hits: &hits
     class: bench_http:Hits
     servers:
-      - name: http
-        protocol: http
-        host: 127.0.0.1
-        port: 0
-        routes:
-          - {method: GET, path: /, call: hit}
+      - {name: http, protocol: http, host: 127.0.0.1, port: 0, routes: [{method: GET, path: /, call: hit}]}
+  quiet:
+    <<: *hits
+    env: {OOB_METRICS: "0"}
 """
 
 
@@ -124,7 +122,7 @@ def _aiohttp_client(url: str, connections: int, seconds: float) -> None:
 
 def load(url: str, connections: int, seconds: float, tool: str) -> dict:
     if tool == "wrk":
-        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", url]
+        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency", url]
     else:
         cmd = [sys.executable, __file__, "--_client", url, str(connections), str(seconds)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
@@ -137,7 +135,17 @@ def load(url: str, connections: int, seconds: float, tool: str) -> dict:
     bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out.stdout)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
     errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    return {"rps": rps, "requests": reqs, "errors": errors}
+    return {"rps": rps, "requests": reqs, "errors": errors,
+            "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out.stdout, re.M)),
+            "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out.stdout, re.M))}
+
+
+def _ms(match) -> float:
+    """wrk's `1.23ms` / `456.00us` / `1.02s` in milliseconds (nan when wrk did not say)."""
+    if match is None:
+        return float("nan")
+    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", match.group(1)).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
 def cpu_seconds(pids) -> float:
@@ -150,15 +158,17 @@ def cpu_seconds(pids) -> float:
     return total
 
 
-def measure(url: str, pids, args) -> tuple[float, float]:
-    """(requests/s, server CPU microseconds per request) for one timed run after a warm-up."""
+def measure(url: str, pids, args) -> tuple[float, float, float, float]:
+    """(requests/s, server CPU microseconds per request, p50 ms, p99 ms) for one timed run
+    after a warm-up."""
     load(url, args.connections, args.warmup, args.tool)  # warm-up, discarded
     before = cpu_seconds(pids)
     result = load(url, args.connections, args.duration, args.tool)
     used = cpu_seconds(pids) - before
     if result["errors"]:
         print(f"    ! {result['errors']} errors at {url}", flush=True)
-    return result["rps"], used / max(1, result["requests"]) * 1e6
+    return (result["rps"], used / max(1, result["requests"]) * 1e6, result.get("p50", float("nan")),
+            result.get("p99", float("nan")))
 
 
 def actor_pid(handle) -> int:
@@ -217,15 +227,18 @@ def main() -> None:
     print(f"load: {args.tool} in its own process, {args.connections} keep-alive connections, {args.warmup:g} s "
           f"warm-up + {args.duration:g} s timed per run, {args.rounds} rounds, {os.cpu_count()} CPUs", flush=True)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    rps: dict[str, list[float]] = {"oobspec": [], "hand-written": [], "Ray Serve": []}
+    rps: dict[str, list[float]] = {"oobspec": [], "oob, no metrics": [], "hand-written": [], "Ray Serve": []}
     cpu: dict[str, list[float]] = {k: [] for k in rps}
+    latency: dict[str, list[tuple[float, float]]] = {k: [] for k in rps}
     pids: dict[str, list[int]] = {}
 
     def run(name: str, url: str, r: int) -> None:
-        x, c = measure(url, pids[name], args)
+        x, c, p50, p99 = measure(url, pids[name], args)
         rps[name].append(x)
         cpu[name].append(c)
-        print(f"  round {r + 1}  {name:<13} {x:8.0f} req/s  {c:7.1f} us CPU/request", flush=True)
+        latency[name].append((p50, p99))
+        print(f"  round {r + 1}  {name:<15} {x:8.0f} req/s  {c:7.1f} us CPU/request  p50 {p50:.2f} ms  "
+              f"p99 {p99:.2f} ms", flush=True)
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -233,8 +246,10 @@ def main() -> None:
             spec_path.write_text(SPEC)
             spec = oobspec.load(spec_path)
             with oobspec.deploy(spec) as dep:
-                urls = {"oobspec": dep.endpoints["hits"]["http"][0] + "/"}
+                urls = {"oobspec": dep.endpoints["hits"]["http"][0] + "/",
+                        "oob, no metrics": dep.endpoints["quiet"]["http"][0] + "/"}
                 pids["oobspec"] = [actor_pid(dep.handle("hits", 0))]
+                pids["oob, no metrics"] = [actor_pid(dep.handle("quiet", 0))]
                 hand = ray.remote(HandServer).remote()
                 urls["hand-written"] = f"http://127.0.0.1:{ray.get(hand.serve.remote())}/"
                 pids["hand-written"] = [actor_pid(hand)]
@@ -242,7 +257,8 @@ def main() -> None:
                     assert get_json(url) == {"count": 1}, name
                     load(url, args.connections, 2.0, args.tool)  # first warm-up
                 for r in range(args.rounds):
-                    for name in (["oobspec", "hand-written"] if r % 2 == 0 else ["hand-written", "oobspec"]):
+                    sides = ["oobspec", "hand-written", "oob, no metrics"]
+                    for name in (sides if r % 2 == 0 else sides[::-1]):
                         run(name, urls[name], r)
                 ray.get(hand.close.remote())
                 ray.kill(hand)
@@ -278,8 +294,10 @@ def main() -> None:
     print("\nmedian over rounds (min-max):")
     for k, v in rps.items():
         if v:
-            print(f"  {k:<13} {med[k]:8.0f} req/s ({min(v):.0f}-{max(v):.0f})   "
-                  f"{statistics.median(cpu[k]):7.1f} us server CPU/request ({min(cpu[k]):.0f}-{max(cpu[k]):.0f})")
+            print(f"  {k:<15} {med[k]:8.0f} req/s ({min(v):.0f}-{max(v):.0f})   "
+                  f"{statistics.median(cpu[k]):7.1f} us server CPU/request ({min(cpu[k]):.0f}-{max(cpu[k]):.0f})   "
+                  f"p50 {statistics.median(p for p, _ in latency[k]):.2f} ms  "
+                  f"p99 {statistics.median(q for _, q in latency[k]):.2f} ms")
     # Headline: the median of per-round ratios (each pair measured back to back, so drift in
     # the machine's other load hits both sides of a pair alike).
     paired = sorted(a / b for a, b in zip(rps["oobspec"], rps["hand-written"]))
@@ -287,6 +305,9 @@ def main() -> None:
     print(f"  oobspec / hand-written  {statistics.median(paired):6.2f}x req/s  (goal >= 0.9)  per-round pairs "
           f"{' '.join(f'{x:.2f}' for x in paired)}; ratio of medians {med['oobspec'] / med['hand-written']:.2f}; "
           f"server CPU/request {cpu_ratio:.2f}x")
+    quiet = sorted(a / b for a, b in zip(rps["oobspec"], rps["oob, no metrics"]))
+    print(f"  metrics on / off        {statistics.median(quiet):6.2f}x req/s  per-round pairs "
+          f"{' '.join(f'{x:.2f}' for x in quiet)}")
     if "Ray Serve" in med:
         print(f"  oobspec / Ray Serve     {med['oobspec'] / med['Ray Serve']:6.1f}x req/s  (goal >= 20)")
 

@@ -223,9 +223,19 @@ class _Checker:
                             bound.setdefault(port, []).append((server.host, mine, spath + ("port",)))
                             continue
                         break
+                tls = getattr(server, "tls", None)
                 if server.host in ("0.0.0.0", "::") and server.auth is None:
                     self.add("OOB303", f"{who} listens on {server.host} (every interface) without auth",
                              spath + ("host",), severity="warning", hint="add auth: {token_env: NAME} or bind 127.0.0.1")
+                elif server.host in ("0.0.0.0", "::") and server.protocol != "tcp" and tls is None:
+                    self.add("OOB310", f"{who} listens on {server.host} (every interface) without TLS: its bearer "
+                             "token travels in clear text", spath + ("host",), severity="warning",
+                             hint="add tls: {cert: FILE, key: FILE}")
+                if tls is not None and self.base_dir is not None:
+                    for part in ("cert", "key"):
+                        if not (self.base_dir / getattr(tls, part)).is_file():
+                            self.add("OOB311", f"{who}: tls {part} file '{getattr(tls, part)}' not found (paths are "
+                                     "relative to the spec's folder)", spath + ("tls", part))
                 if self.remote and server.host in ("127.0.0.1", "localhost", "::1"):
                     self.add("OOB309", f"{who} binds {server.host} on a remote cluster: reachable only from its own "
                              "node", spath + ("host",) if "host" in server.model_fields_set else spath,

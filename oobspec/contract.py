@@ -81,9 +81,11 @@ def host_port(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def server_url(protocol: str, host: str, port: int | str) -> str:
-    """`http://HOST:PORT` for http, `HOST:PORT` for grpc and tcp."""
-    return f"http://{host_port(host, port)}" if protocol == "http" else host_port(host, port)
+def server_url(protocol: str, host: str, port: int | str, tls: bool = False) -> str:
+    """`http://HOST:PORT` (`https://` with TLS) for http, `HOST:PORT` for grpc and tcp."""
+    if protocol == "http":
+        return f"{'https' if tls else 'http'}://{host_port(host, port)}"
+    return host_port(host, port)
 
 
 # --- driver -> replica ----------------------------------------------------------------------
@@ -123,6 +125,7 @@ class ReplicaConfig:
     sys_path: list[str] = field(default_factory=list)
     module: str | None = None  # the user's module, imported so its top-level code runs
     secrets: dict[str, str] = field(default_factory=dict)  # auth tokens: never in runtime_env (logged)
+    tls: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # server -> (cert, key) PEM, read at apply
     env: dict[str, str] = field(default_factory=dict)  # OOB_* variables
     shared_ports: frozenset[int] = frozenset()  # held by the predecessor: shared, not checked free
     surge: bool = False  # a stand-in: serves the ports during a hand-over, takes no part in links

@@ -110,6 +110,24 @@ class Route(Strict):
                     "bytes: application/octet-stream).")]
 
 
+class Tls(Strict):
+    cert: Annotated[str, Field(description="PEM certificate (chain) file, relative to the spec's folder.")]
+    key: Annotated[str, Field(description="PEM private key file, relative to the spec's folder.")]
+
+
+class Served(Strict):
+    """What HTTP and gRPC servers (run by oob, not by a command) share."""
+
+    tls: Annotated[Union[Tls, None], Field(
+        description="Serve TLS (https / a secure gRPC port) with this certificate and key.")] = None
+    max_inflight: Annotated[int, Field(
+        ge=1, description="Requests handled at once; the one past it gets 503 with Retry-After "
+                          "(gRPC RESOURCE_EXHAUSTED) at once, never a wait.")] = 1024
+    timeout: Annotated[Union[float, None], Field(
+        gt=0, description="Seconds a request may take; past it 504 (gRPC DEADLINE_EXCEEDED). "
+                          "null: no limit.")] = None
+
+
 class ServerBase(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                                description="Server name, unique within the actor; `<actor>.<name>` in `connect`.")]
@@ -120,13 +138,19 @@ class ServerBase(Strict):
     when: WhenField = None
 
 
-class HttpServer(ServerBase):
+class HttpServer(Served, ServerBase):
     protocol: Annotated[Literal["http"], Field(description="aiohttp server inside the actor.")] = "http"
-    routes: Annotated[list[Route], Field(description="HTTP routes, each calling a method of the actor.")] = []
+    routes: Annotated[list[Route], Field(description="HTTP routes, each calling a method of the actor. "
+                                                     "GET /-/healthz is always there (no auth): 200 ready, "
+                                                     "503 draining.")] = []
     max_body: Annotated[int, Field(ge=1, description="Largest request body accepted, in bytes (larger: 413).")] = 1024**2
+    header_timeout: Annotated[float, Field(
+        gt=0, description="Seconds a client has to send a request's headers once it connects or "
+                          "after its last response; then the connection is closed (a slow client "
+                          "cannot hold it forever).")] = 10
 
 
-class GrpcServer(ServerBase):
+class GrpcServer(Served, ServerBase):
     protocol: Annotated[Literal["grpc"], Field(description="grpc.aio server inside the actor.")]
     service: Annotated[Union[str, None], Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$",

@@ -282,7 +282,8 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                 url = state.endpoints.get(server.name) if state and state.config_hash == config_hash(spec, name) else None
                 port = server.port + i if server.port else "auto"
                 servers.append(ServerRow(name, i, server.name, server.protocol,
-                                         url or server_url(server.protocol, server.host, port)))
+                                         url or server_url(server.protocol, server.host, port,
+                                                           getattr(server, "tls", None) is not None)))
 
     links = []
     topology = dict(topology or {})

@@ -152,6 +152,12 @@ class Chatty:
     async def get(self) -> str:
         return self.greeting
 
+    async def nap(self, seconds: float = 1.0) -> str:
+        """Takes its time without blocking the replica (a slow request in flight)."""
+        import asyncio
+        await asyncio.sleep(seconds)
+        return "rested"
+
     def block(self, seconds: float = 30) -> str:
         """Synchronous and long: the replica answers nothing else meanwhile."""
         import time

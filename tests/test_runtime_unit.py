@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import types
 import typing
 import uuid
@@ -85,10 +86,15 @@ class Svc(Echo):
     async def made(self) -> web.Response:
         return web.Response(status=201, text="made")
 
+    async def nap(self, seconds: float = 1.0) -> str:
+        await asyncio.sleep(seconds)
+        return "rested"
+
 
 ROUTES = [("GET", "/hello/{name}", "hello"), ("POST", "/add", "add"), ("GET", "/scale", "scale"),
           ("GET", "/blob", "blob"), ("GET", "/boom", "boom"), ("GET", "/count", "sync_count"),
-          ("POST", "/echo/{first}", "echo"), ("GET", "/numbers", "numbers"), ("POST", "/made", "made")]
+          ("POST", "/echo/{first}", "echo"), ("GET", "/numbers", "numbers"), ("POST", "/made", "made"),
+          ("GET", "/nap", "nap")]
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -427,6 +433,164 @@ def test_grpc_hand_over_keeps_health_serving_on_the_port():
         await new.stop()
         return statuses
     assert set(asyncio.run(go())) == {health_pb2.HealthCheckResponse.SERVING}
+
+
+# --- servers.py: operations (load shedding, timeouts, slow clients, TLS) -----------------------
+
+
+def nap_server(**fields) -> HttpServer:
+    return HttpServer(name="http", routes=[{"path": "/nap", "call": "nap"}], **fields)
+
+
+def test_http_max_inflight_refuses_exactly_the_overflow_at_once():
+    async def go():
+        running = await start_http(Svc(), nap_server())  # max_inflight: 1024, the default
+        url = f"http://127.0.0.1:{running.port}/nap?seconds=2"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def one():
+                t = time.monotonic()
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    return r.status, r.headers.get("Retry-After"), time.monotonic() - t
+            replies = await asyncio.gather(*(one() for _ in range(1100)))
+        await running.stop()
+        return replies
+    replies = asyncio.run(go())
+    refused = [r for r in replies if r[0] == 503]
+    assert len(refused) == 76 and all(r[1] == "1" and r[2] < 1.5 for r in refused)  # at once, not after a wait
+    assert sum(r[0] == 200 for r in replies) == 1024
+
+
+def test_http_timeout_answers_504_and_keeps_serving():
+    replies = call_http([("GET", "/nap?seconds=5", {}), ("GET", "/hello/x", {})], timeout=0.3)
+    assert (replies[0].status, replies[0].json()["error"]) == (504, "no answer within the server's timeout (0.3s)")
+    assert (replies[1].status, replies[1].body) == (200, b"hi x")
+
+
+def test_a_slow_client_is_cut_off_after_the_header_timeout_while_others_are_served():
+    async def go():
+        running = await start_http(Svc(), http_entry(header_timeout=1))
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"GET /hello/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers never finished
+        t = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(f"http://127.0.0.1:{running.port}/hello/y") as r:
+                    assert (r.status, await r.text()) == (200, "hi y")
+        closed = await asyncio.wait_for(reader.read(), 10)  # EOF once the server gives up on it
+        took = time.monotonic() - t
+        writer.close()
+        await running.stop()
+        return closed, took
+    closed, took = asyncio.run(go())
+    assert closed == b"" and 0.5 < took < 5
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as a test makes them."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "oobspec test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "srv.pem", tmp_path / "srv.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_with_the_ca_and_plain_http_refused(tmp_path):
+    import ssl
+    cert, key = self_signed(tmp_path)
+
+    async def go():
+        running = await start_http(Svc(), http_entry(), tls=(cert.read_bytes(), key.read_bytes()))
+        trusted = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"https://127.0.0.1:{running.port}/hello/x", ssl=trusted) as r:
+                assert (r.status, await r.text()) == (200, "hi x")
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"http://127.0.0.1:{running.port}/hello/x") as r:
+                    await r.read()
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not trusted without the CA
+                async with session.get(f"https://127.0.0.1:{running.port}/hello/x") as r:
+                    await r.read()
+        await running.stop()
+    asyncio.run(go())
+
+
+def test_grpc_tls_load_shedding_and_timeout(tmp_path):
+    cert, key = self_signed(tmp_path)
+
+    async def go():
+        model = GrpcServer(name="rpc", protocol="grpc", service="demo.Svc", methods=["nap", "add"], max_inflight=2,
+                           timeout=1.0)
+        running = await start_grpc(Svc(), model, import_object, tls=(cert.read_bytes(), key.read_bytes()))
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}", credentials) as ch:
+            add, nap = ch.unary_unary("/demo.Svc/add"), ch.unary_unary("/demo.Svc/nap")
+            assert json.loads(await add(b'{"a": 1, "b": 2}', timeout=5)) == {"sum": 3}
+            slow = [asyncio.ensure_future(nap(b'{"seconds": 0.5}', timeout=5)) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            assert await grpc_code(add, b'{"a": 1}') == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                         "Concurrent RPC limit exceeded!")
+            assert [json.loads(r) for r in await asyncio.gather(*slow)] == ["rested", "rested"]
+            assert await grpc_code(nap, b'{"seconds": 3}') == (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                               "no answer within the server's timeout (1s)")
+            assert json.loads(await add(b'{"a": 2}', timeout=5)) == {"sum": 2}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as plain:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await plain.unary_unary("/demo.Svc/add")(b'{"a": 1}', timeout=3)
+        await running.stop()
+    asyncio.run(go())
+
+
+def test_metrics_are_counted_here_and_reach_ray_as_prometheus_histograms(monkeypatch):
+    """The counting and the flush, with Ray's Counter replaced by a recorder (no Ray here)."""
+    import ray
+    import ray.util.metrics
+    from oobspec.runtime import metrics as metrics_module
+    recorded = []
+
+    class Recorder:
+        def __init__(self, name, description="", tag_keys=()):
+            self.name = name
+
+        def inc(self, value, tags):
+            recorded.append((self.name, value, tags.get("le"), tags.get("code")))
+
+    monkeypatch.setattr(ray.util.metrics, "Counter", Recorder)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    m = metrics_module.Metrics("d", "web", 0)
+    assert m.enabled
+    async def serve():  # on a replica's loop: counted here, handed over a second later at most
+        for seconds in (0.0002, 0.003, 0.003, 7.0):
+            m.request("http", "/get", 200, seconds)
+        m.request("http", "/get", 503, 0.0)
+        assert recorded == []
+        await asyncio.sleep(metrics_module.FLUSH_SECONDS + 0.2)
+    asyncio.run(serve())
+    ok = {(le, v) for name, v, le, code in recorded if name == "oob_request_seconds_bucket" and code == "200"}
+    assert ("0.0005", 1) in ok and ("0.005", 3) in ok and ("10", 4) in ok and ("+Inf", 4) in ok
+    assert ("0.001", 1) in ok and ("0.0025", 1) in ok and ("5", 3) in ok  # cumulative, as Prometheus wants
+    assert ("oob_requests_total", 4, None, "200") in recorded and ("oob_requests_total", 1, None, "503") in recorded
+    assert ("oob_request_seconds_count", 4, None, "200") in recorded
+    recorded.clear()
+    m.flush()  # nothing new: nothing sent
+    assert recorded == []
+    monkeypatch.setenv("OOB_METRICS", "0")
+    assert not metrics_module.Metrics("d", "web", 0).enabled
 
 
 # --- servers.py: gRPC -------------------------------------------------------------------------

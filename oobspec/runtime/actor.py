@@ -20,6 +20,7 @@ from typing import Any
 
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, env_key, set_current
+from .metrics import Metrics
 from .servers import Running, free_port, start_grpc, start_http, wait_connectable
 
 log = logging.getLogger("oobspec")
@@ -60,6 +61,7 @@ class OobMixin:
         ctx = self._oob_context
         from .links import Links
         ctx._links = Links(ctx, cfg, self)
+        ctx._links.metrics = self._oob_metrics
         for server in cfg.servers:
             if cfg.command is not None or server.protocol == "tcp":
                 continue  # the command (or the user's own code) serves it; we only health-check
@@ -78,9 +80,10 @@ class OobMixin:
     async def _oob_bind(self, server, port: int, exclusive: bool) -> Running:
         from ..imports import import_object
         server = server.model_copy(update={"port": port})
+        tls, metrics = self._oob_cfg.tls.get(server.name), self._oob_metrics
         if server.protocol == "http":
-            return await start_http(self, server, exclusive)
-        return await start_grpc(self, server, import_object, exclusive)
+            return await start_http(self, server, exclusive, tls=tls, metrics=metrics)
+        return await start_grpc(self, server, import_object, exclusive, tls=tls, metrics=metrics)
 
     async def _oob_ready(self, timeout: float = READY_TIMEOUT) -> ReplicaInfo:
         """Returns once every server of this replica accepts connections."""
@@ -110,7 +113,8 @@ class OobMixin:
             if host in ("0.0.0.0", "::"):
                 import ray
                 host = ray.util.get_node_ip_address()
-            out[server.name] = server_url(server.protocol, host, self._oob_port(server.name))
+            out[server.name] = server_url(server.protocol, host, self._oob_port(server.name),
+                                          getattr(server, "tls", None) is not None)
         return out
 
     async def _oob_info(self) -> ReplicaInfo:
@@ -159,6 +163,7 @@ class OobMixin:
         ctx = getattr(self, "_oob_context", None)
         if ctx is not None and ctx._links is not None:
             ctx._links.close()
+        self._oob_metrics.flush()  # the last requests' counts reach Ray before the process goes
 
     async def _oob_reclaim(self) -> None:
         """A successor that shared our ports is going away (its start failed): new connections
@@ -225,7 +230,10 @@ async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
     self._oob_cfg = cfg
     self._oob_servers = []
     self._oob_failed = None
+    self._oob_metrics = Metrics(cfg.deployment, cfg.actor, cfg.replica)
     try:
+        if _was_restarted():
+            self._oob_metrics.restarted()
         self._oob_context = _prepare(cfg)
         await user_start()
         await OobMixin._oob_start(self, cfg)
@@ -235,6 +243,14 @@ async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_PACKAGE)]
         print("".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(exc)),
               file=sys.stderr, flush=True)
+
+
+def _was_restarted() -> bool:
+    try:
+        import ray
+        return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not in a Ray actor (tests)
+        return False
 
 
 def make_actor_class(user_cls: type) -> type:

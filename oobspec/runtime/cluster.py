@@ -333,7 +333,11 @@ def remove_placement(pg_name: str) -> None:
 def delete_all(name: str) -> int:
     namespace = namespace_of(name)
     names = sorted(named_actors(namespace))  # stand-ins an interrupted apply left too
-    kill(names, namespace)
+    # In-flight requests finish first: each server stops accepting, then waits for them up to
+    # the actors' `drain` (the longest of the applied spec's).
+    spec = get_meta(namespace, "spec") or {}
+    drain = max([float(a.get("drain", 10)) for a in spec.get("actors", {}).values()] or [1.0])
+    kill(names, namespace, timeout=drain + 5.0, drain=drain)
     placement = get_meta(namespace, "placement")
     if placement:
         remove_placement(placement["name"])

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..contract import LinkRole, ReplicaConfig, segment_name
 from ..errors import OobError
+from .metrics import off
 
 
 def allocate_buffers(cfg: ReplicaConfig) -> dict[str, Any]:
@@ -49,6 +50,7 @@ class Links:
         self.last: dict[str, dict] = {}
         self._uuid: str | None = None
         self._lock = asyncio.Lock()
+        self.metrics = off()  # the replica's, once it has them
 
     def _link(self, name: str) -> LinkRole:
         if name not in self.links:
@@ -149,6 +151,7 @@ class Links:
             self.version[link] = version
             nbytes = int(source.nbytes) * len(targets)
             transports = sorted({t["transport"] for t in targets})
+            self.metrics.push(link, seconds, nbytes)
             self.last[link] = {"version": version, "bytes": nbytes, "seconds": seconds,
                                "gbps": nbytes / seconds / 1e9 if seconds else 0.0, "targets": len(targets),
                                "transport": "/".join(transports), "at": time.time()}

@@ -66,7 +66,22 @@ class Builder:
             # agent logs env_vars, and a secret must never reach a log.
             secrets={s.auth.token_env: os.environ[s.auth.token_env] for s in actor.servers
                      if s.auth and s.auth.token_env in os.environ and s.auth.token_env not in actor.env},
+            tls=self.tls_of(name),
             env=self.replica_env(name, index, endpoints), shared_ports=shared_ports, surge=surge)
+
+    def tls_of(self, name: str) -> dict[str, tuple[bytes, bytes]]:
+        """Certificates and keys travel as PEM in the config (like tokens): a replica on any node
+        has them, and nothing is read from a path that only this machine has."""
+        out = {}
+        for server in self.spec.actors[name].servers:
+            tls = getattr(server, "tls", None)
+            if tls is not None:
+                try:
+                    out[server.name] = ((self.base_dir / tls.cert).read_bytes(), (self.base_dir / tls.key).read_bytes())
+                except OSError as exc:
+                    raise ApplyError(f"actor {name}: server {server.name}: cannot read its tls files: "
+                                     f"{exc.strerror}: {exc.filename}") from None
+        return out
 
     def replica_env(self, name: str, index: int, endpoints: dict) -> dict[str, str]:
         """OOB_* variables, set in the replica's environment before the user's __init__ runs."""

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import socket
+import time
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..contract import host_port
+from .metrics import Metrics, off
 from .ports import SETTLE, free_port, listening_socket, steer, wait_connectable  # noqa: F401 (re-exported)
 
 log = logging.getLogger("oobspec")
@@ -129,8 +131,19 @@ def _to_bool(text: str) -> bool:
 # --- HTTP ---------------------------------------------------------------------------------
 
 
-def _http_app(instance, server, draining: Callable[[], bool]):
+class _Limit:
+    """Requests in flight on one server: the one past `max_inflight` is refused at once."""
+
+    __slots__ = ("inflight", "most")
+
+    def __init__(self, most: int):
+        self.inflight, self.most = 0, most
+
+
+def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
     from aiohttp import web
+
+    limit, timeout = _Limit(server.max_inflight), server.timeout
 
     def error(status: int, message: str) -> web.Response:
         return web.Response(status=status, body=dumps({"error": message, "status": status}),
@@ -152,12 +165,38 @@ def _http_app(instance, server, draining: Callable[[], bool]):
     token = token_from_env(server.auth)
     expected = f"Bearer {token}".encode() if token else None
 
-    def make_handler(call: str):
-        method = getattr(instance, call)
+    def busy() -> web.Response:
+        response = error(503, f"busy: {limit.most} requests in flight")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    def make_handler(route):
+        method = getattr(instance, route.call)
         sig = Signature.of(method)
         converters = tuple(sig.converters.items())
+        label = route.path
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            if limit.inflight >= limit.most:
+                metrics.request(server.name, label, 503, 0.0)
+                return busy()
+            limit.inflight += 1
+            start = time.perf_counter()
+            try:
+                if timeout is None:
+                    response = await serve(request)
+                else:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            response = await serve(request)
+                    except TimeoutError:
+                        response = error(504, f"no answer within the server's timeout ({timeout:g}s)")
+            finally:
+                limit.inflight -= 1
+            metrics.request(server.name, label, response.status, time.perf_counter() - start)
+            return response
+
+        async def serve(request: web.Request) -> web.StreamResponse:
             if expected is not None:
                 got = request.headers.get("Authorization", "").encode()
                 if not hmac.compare_digest(got, expected):
@@ -193,7 +232,7 @@ def _http_app(instance, server, draining: Callable[[], bool]):
                 if sig.is_async:
                     result = await result
             except Exception as exc:
-                log.exception("%s raised", call)
+                log.exception("%s raised", route.call)
                 return error(500, f"{type(exc).__name__}: {exc}")
             if result is None or type(result) in _JSON_TYPES:  # the common case first: no ABC checks
                 return web.Response(body=dumps(result), content_type="application/json")
@@ -216,9 +255,23 @@ def _http_app(instance, server, draining: Callable[[], bool]):
     app = web.Application(client_max_size=server.max_body)
     app.router.add_get("/-/healthz", healthz)
     for route in server.routes:
-        app.router.add_route(route.method, route.path, make_handler(route.call))
+        app.router.add_route(route.method, route.path, make_handler(route))
     catch_all = app.router.add_route("*", "/{_oob_path:.*}", fallback).resource
     return app
+
+
+def _ssl_context(cert: bytes, key: bytes):
+    """A server TLS context from PEM bytes (`load_cert_chain` reads files: private ones, briefly)."""
+    import ssl
+    import tempfile
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as folder:  # mode 0700: nobody else reads the key
+        paths = [os.path.join(folder, name) for name in ("cert.pem", "key.pem")]
+        for path, data in zip(paths, (cert, key)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                f.write(data)
+        context.load_cert_chain(*paths)
+    return context
 
 
 class Running:
@@ -251,15 +304,19 @@ class Running:
             await stop(seconds)
 
 
-async def start_http(instance, server, exclusive: bool = True) -> Running:
+async def start_http(instance, server, exclusive: bool = True, *, tls: tuple[bytes, bytes] | None = None,
+                     metrics: Metrics | None = None) -> Running:
+    """tls: (certificate, key) PEM. The keep-alive timeout is the header timeout too: aiohttp
+    closes a connection whose request headers are not complete by then (a slow client cannot
+    hold it), counting from its start and from each response."""
     from aiohttp import web
 
     holder: list[Running] = []
-    runner = web.AppRunner(_http_app(instance, server, lambda: bool(holder) and holder[0].draining),
-                           access_log=None, handle_signals=False)
+    app = _http_app(instance, server, lambda: bool(holder) and holder[0].draining, metrics or off())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=server.header_timeout)
     await runner.setup()
     sock = listening_socket(server.host, server.port, exclusive)
-    site = web.SockSite(runner, sock, backlog=1024)
+    site = web.SockSite(runner, sock, backlog=1024, ssl_context=_ssl_context(*tls) if tls else None)
     try:
         await site.start()
     except BaseException:
@@ -333,15 +390,57 @@ def _json_method(instance, call: str):
     return grpc.unary_unary_rpc_method_handler(handle)
 
 
-async def start_grpc(instance, server, import_object, exclusive: bool = True) -> Running:
+def _observing_interceptor(name: str, metrics: Metrics, timeout: float | None):
+    """Times every unary call but health checks (and ends it with DEADLINE_EXCEEDED past
+    `timeout`), whether the JSON mode or the user's own servicer answers it."""
+    import grpc
+
+    class Observe(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            handler = await continuation(details)
+            if handler is None or handler.unary_unary is None or details.method.startswith("/grpc.health.v1."):
+                return handler
+            inner, route = handler.unary_unary, details.method
+
+            async def observed(request, context):
+                start, code = time.perf_counter(), "OK"
+                try:
+                    async with asyncio.timeout(timeout):
+                        result = inner(request, context)
+                        return await result if inspect.isawaitable(result) else result
+                except TimeoutError:
+                    code = "DEADLINE_EXCEEDED"
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"no answer within the server's timeout ({timeout:g}s)")
+                except BaseException:
+                    status = context.code() if hasattr(context, "code") else None
+                    code = status.name if status is not None else "UNKNOWN"
+                    raise
+                finally:
+                    metrics.request(name, route, code, time.perf_counter() - start)
+
+            return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+
+    return Observe()
+
+
+async def start_grpc(instance, server, import_object, exclusive: bool = True, *,
+                     tls: tuple[bytes, bytes] | None = None, metrics: Metrics | None = None) -> Running:
+    """tls: (certificate, key) PEM. Past `max_inflight` calls at once gRPC itself answers
+    RESOURCE_EXHAUSTED."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
     token = token_from_env(server.auth)
+    metrics = metrics or off()
     if exclusive and server.port:  # gRPC binds with SO_REUSEPORT: make sure nobody else holds the port
         listening_socket(server.host, server.port, exclusive=True).close()
-    grpc_server = grpc.aio.server(interceptors=[_auth_interceptor(token)] if token else None,
+    interceptors = [_auth_interceptor(token)] if token else []
+    if metrics.enabled or server.timeout is not None:
+        interceptors.append(_observing_interceptor(server.name, metrics, server.timeout))
+    grpc_server = grpc.aio.server(interceptors=interceptors or None, maximum_concurrent_rpcs=server.max_inflight,
                                   options=[("grpc.so_reuseport", 1)])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
@@ -350,7 +449,12 @@ async def start_grpc(instance, server, import_object, exclusive: bool = True) ->
         grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server.service, handlers),))
     if server.proto:
         import_object(server.proto)(instance, grpc_server)
-    port = grpc_server.add_insecure_port(host_port(server.host, server.port))
+    address = host_port(server.host, server.port)
+    if tls:
+        cert, key = tls
+        port = grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {server.host}:{server.port}")
     await grpc_server.start()

@@ -1,0 +1,143 @@
+"""Metrics through `ray.util.metrics`: Ray's Prometheus endpoint (each node's
+`metrics_export_port`) and its Grafana dashboards show them, with no port of our own.
+
+A request is counted in this process (a dict and a list, well under a microsecond) and the
+counts reach Ray once a second: a Ray metric call costs ~20 us on a replica's event loop, a
+third of a small request. So the histograms are Prometheus histograms built from counters
+(`<name>_bucket{le=...}`, `<name>_sum`, `<name>_count`): `histogram_quantile()` reads them as
+it reads any histogram.
+
+Outside a Ray worker (unit tests, a plain process), or with OOB_METRICS=0 in the actor's
+environment, every recording is a no-op.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+
+log = logging.getLogger("oobspec")
+
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+REQUEST_TAGS = ("deployment", "actor", "replica", "server", "route", "code")
+REPLICA_TAGS = ("deployment", "actor", "replica")
+LINK_TAGS = REPLICA_TAGS + ("link",)
+FLUSH_SECONDS = 1.0
+
+
+class _Histogram:
+    """Observations counted here per tag set; `flush` hands Ray the increments since the last."""
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]):
+        from ray.util.metrics import Counter
+        self.buckets = Counter(f"{name}_bucket", description, tag_keys=tag_keys + ("le",))
+        self.sum = Counter(f"{name}_sum", description, tag_keys=tag_keys)
+        self.count = Counter(f"{name}_count", description, tag_keys=tag_keys)
+        self.pending: dict[tuple, list] = {}  # tag key -> [tags, per-bucket counts (+Inf last), sum]
+
+    def observe(self, key: tuple, tags: dict, value: float) -> None:
+        entry = self.pending.get(key)
+        if entry is None:
+            entry = self.pending[key] = [tags, [0] * (len(SECONDS) + 1), 0.0]
+        entry[1][bisect.bisect_left(SECONDS, value)] += 1
+        entry[2] += value
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for tags, counts, total in pending.values():
+            cumulative = 0
+            for bound, n in zip((*SECONDS, "+Inf"), counts):
+                cumulative += n
+                if cumulative:
+                    self.buckets.inc(cumulative, {**tags, "le": str(bound)})
+            self.sum.inc(total, tags)
+            self.count.inc(cumulative, tags)
+
+
+class Metrics:
+    """One replica's metrics; tag sets are built once per (server, route, code)."""
+
+    def __init__(self, deployment: str, actor: str, replica: int):
+        self.base = {"deployment": deployment, "actor": actor, "replica": str(replica)}
+        self._tags: dict[tuple, dict[str, str]] = {}
+        self._requests: dict[tuple, int] = {}
+        self._pushed: dict[tuple, int] = {}
+        self._flusher: asyncio.TimerHandle | None = None
+        self.enabled = False
+        if os.environ.get("OOB_METRICS", "1").lower() in ("0", "off", "false", "no"):
+            return  # switched off for this actor (its `env:`)
+        try:
+            import ray
+            if not ray.is_initialized():
+                return
+            from ray.util.metrics import Counter
+            self.requests = Counter("oob_requests_total", "Requests served by oob's servers.", tag_keys=REQUEST_TAGS)
+            self.request_seconds = _Histogram("oob_request_seconds", "Time to answer a request, in seconds.",
+                                              REQUEST_TAGS)
+            self.push_seconds = _Histogram("oob_link_push_seconds", "Time of one push of a link, in seconds.",
+                                           LINK_TAGS)
+            self.push_bytes = Counter("oob_link_push_bytes_total", "Bytes pushed over a link, all targets.",
+                                      tag_keys=LINK_TAGS)
+            self.restarts = Counter("oob_replica_restarts_total", "Times Ray restarted a replica.",
+                                    tag_keys=REPLICA_TAGS)
+            self.enabled = True
+        except Exception:  # metrics must never stop a replica from serving
+            log.debug("metrics are off", exc_info=True)
+
+    def _tagged(self, key: tuple, names: tuple[str, ...]) -> dict[str, str]:
+        tags = self._tags.get(key)
+        if tags is None:
+            tags = self._tags[key] = {**self.base, **dict(zip(names, key))}
+        return tags
+
+    def request(self, server: str, route: str, code, seconds: float) -> None:
+        if self.enabled:
+            key = (server, route, str(code))
+            self._requests[key] = self._requests.get(key, 0) + 1
+            self.request_seconds.observe(key, self._tagged(key, ("server", "route", "code")), seconds)
+            self._schedule()
+
+    def push(self, link: str, seconds: float, nbytes: int) -> None:
+        if self.enabled:
+            key = (link,)
+            self._pushed[key] = self._pushed.get(key, 0) + nbytes
+            self.push_seconds.observe(key, self._tagged(key, ("link",)), seconds)
+            self._schedule()
+
+    def restarted(self) -> None:
+        if self.enabled:
+            self.restarts.inc(1, self.base)
+
+    def _schedule(self) -> None:
+        if self._flusher is None:
+            try:
+                self._flusher = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+            except RuntimeError:  # no loop here: hand them over now
+                self.flush()
+
+    def flush(self) -> None:
+        """Hand Ray what was counted since the last flush."""
+        self._flusher = None
+        if not self.enabled:
+            return
+        try:
+            requests, self._requests = self._requests, {}
+            for key, n in requests.items():
+                self.requests.inc(n, self._tags[key])
+            pushed, self._pushed = self._pushed, {}
+            for key, n in pushed.items():
+                self.push_bytes.inc(n, self._tags[key])
+            self.request_seconds.flush()
+            self.push_seconds.flush()
+        except Exception:
+            log.debug("metrics flush failed", exc_info=True)
+
+
+_OFF = Metrics.__new__(Metrics)
+_OFF.enabled = False
+
+
+def off() -> Metrics:
+    """A Metrics that records nothing (servers started outside a replica)."""
+    return _OFF
