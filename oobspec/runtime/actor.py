@@ -247,8 +247,12 @@ async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
 
 def _was_restarted() -> bool:
     try:
+        import warnings
+
         import ray
-        return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated API here
+            warnings.simplefilter("ignore")
+            return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # not in a Ray actor (tests)
         return False
 
