@@ -395,32 +395,41 @@ def _observing_interceptor(name: str, metrics: Metrics, timeout: float | None):
     `timeout`), whether the JSON mode or the user's own servicer answers it."""
     import grpc
 
+    wrapped: dict[str, Any] = {}  # method -> its observed handler, built once
+
     class Observe(grpc.aio.ServerInterceptor):
         async def intercept_service(self, continuation, details):
+            known = wrapped.get(details.method)
+            if known is not None:
+                return known
             handler = await continuation(details)
             if handler is None or handler.unary_unary is None or details.method.startswith("/grpc.health.v1."):
                 return handler
-            inner, route = handler.unary_unary, details.method
+            wrapped[details.method] = observe(handler, details.method)
+            return wrapped[details.method]
 
-            async def observed(request, context):
-                start, code = time.perf_counter(), "OK"
-                try:
-                    async with asyncio.timeout(timeout):
-                        result = inner(request, context)
-                        return await result if inspect.isawaitable(result) else result
-                except TimeoutError:
-                    code = "DEADLINE_EXCEEDED"
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"no answer within the server's timeout ({timeout:g}s)")
-                except BaseException:
-                    status = context.code() if hasattr(context, "code") else None
-                    code = status.name if status is not None else "UNKNOWN"
-                    raise
-                finally:
-                    metrics.request(name, route, code, time.perf_counter() - start)
+    def observe(handler, route: str):
+        inner = handler.unary_unary
 
-            return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
-                                                       response_serializer=handler.response_serializer)
+        async def observed(request, context):
+            start, code = time.perf_counter(), "OK"
+            try:
+                async with asyncio.timeout(timeout):
+                    result = inner(request, context)
+                    return await result if inspect.isawaitable(result) else result
+            except TimeoutError:
+                code = "DEADLINE_EXCEEDED"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no answer within the server's timeout ({timeout:g}s)")
+            except BaseException:
+                status = context.code() if hasattr(context, "code") else None
+                code = status.name if status is not None else "UNKNOWN"
+                raise
+            finally:
+                metrics.request(name, route, code, time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
     return Observe()
 
