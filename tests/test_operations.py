@@ -4,7 +4,10 @@ Prometheus endpoint (no port of ours)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import re
+import signal
 import time
 
 import pytest
@@ -108,6 +111,55 @@ def test_request_metrics_reach_rays_prometheus_endpoint(head, project):
         assert value == 7
         for pair in ('actor="svc"', 'replica="0"', 'server="http"', 'route="/get"', 'code="200"'):
             assert pair in labels
-        assert "ray_oob_request_seconds_bucket" in text
+        for series in ("ray_oob_request_seconds_bucket{", "ray_oob_request_seconds_sum{",
+                       "ray_oob_request_seconds_count{"):  # Prometheus histogram names, as Grafana reads them
+            assert series in text, series
+        assert 'le="+Inf"' in text
     finally:
         oob("delete", "metered", "--address", address)
+
+
+def scrape(port: int, metric: str, deployment: str, want: float, timeout: float = 60) -> dict[str, float]:
+    """`metric`'s series of one deployment on Ray's endpoint, once their sum reaches `want`."""
+    pattern = re.compile(rf'^{metric}\{{(?P<labels>[^}}]*)\}} (?P<value>[0-9.e+]+)$', re.M)
+    deadline, found = time.time() + timeout, {}
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {m["labels"]: float(m["value"]) for m in pattern.finditer(text)
+                 if f'deployment="{deployment}"' in m["labels"]}
+        if sum(found.values()) >= want:
+            break
+        time.sleep(1)
+    return found
+
+
+def test_link_push_and_restart_metrics(head, project):
+    address, metrics_port = head
+    spec = write_in(project, """
+        version: 1
+        name: pushed
+        actors:
+          src:
+            class: apps:Source
+            restarts: -1
+            buffers: {data: {shape: [256], dtype: float32}}
+          dst:
+            class: apps:Sink
+            buffers: {data: {shape: [256], dtype: float32}}
+        links:
+          - {name: data, from: src.data, to: [dst.data]}
+    """)
+    assert oob("apply", spec, "--address", address).returncode == 0
+    try:
+        for _ in range(3):
+            assert oob("sync", "pushed", "data", "--address", address).returncode == 0
+        pushed = scrape(metrics_port, "ray_oob_link_push_bytes_total", "pushed", 3 * 256 * 4)
+        assert sum(pushed.values()) == 3 * 256 * 4 and all('link="data"' in k for k in pushed)
+        assert sum(scrape(metrics_port, "ray_oob_link_push_seconds_count", "pushed", 3).values()) == 3
+        pid = next(r["pid"] for r in json.loads(oob("status", "pushed", "--address", address, "-o", "json").stdout)
+                   ["replicas"] if r["name"] == "src-0")
+        os.kill(pid, signal.SIGKILL)  # Ray restarts it (restarts: -1)
+        restarts = scrape(metrics_port, "ray_oob_replica_restarts_total", "pushed", 1, timeout=90)
+        assert list(restarts.values()) == [1.0] and 'actor="src"' in next(iter(restarts))
+    finally:
+        oob("delete", "pushed", "--address", address)

@@ -570,7 +570,10 @@ def test_metrics_are_counted_here_and_reach_ray_as_prometheus_histograms(monkeyp
         def inc(self, value, tags):
             recorded.append((self.name, value, tags.get("le"), tags.get("code")))
 
+        set = inc  # a Gauge: the running total
+
     monkeypatch.setattr(ray.util.metrics, "Counter", Recorder)
+    monkeypatch.setattr(ray.util.metrics, "Gauge", Recorder)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     m = metrics_module.Metrics("d", "web", 0)
     assert m.enabled
@@ -589,6 +592,10 @@ def test_metrics_are_counted_here_and_reach_ray_as_prometheus_histograms(monkeyp
     recorded.clear()
     m.flush()  # nothing new: nothing sent
     assert recorded == []
+    m.request("http", "/get", 200, 0.003)
+    m.flush()  # the buckets show running totals
+    assert ("oob_request_seconds_bucket", 4, "0.005", "200") in recorded
+    assert ("oob_request_seconds_count", 5, None, "200") in recorded
     monkeypatch.setenv("OOB_METRICS", "0")
     assert not metrics_module.Metrics("d", "web", 0).enabled
 

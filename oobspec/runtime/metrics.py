@@ -3,9 +3,9 @@
 
 A request is counted in this process (a dict and a list, well under a microsecond) and the
 counts reach Ray once a second: a Ray metric call costs ~20 us on a replica's event loop, a
-third of a small request. So the histograms are Prometheus histograms built from counters
-(`<name>_bucket{le=...}`, `<name>_sum`, `<name>_count`): `histogram_quantile()` reads them as
-it reads any histogram.
+third of a small request. So the histograms are Prometheus histogram series kept here and
+shown to Ray as running totals (`<name>_bucket{le=...}`, `<name>_sum`, `<name>_count`):
+`histogram_quantile()` reads them as it reads any histogram.
 
 Outside a Ray worker (unit tests, a plain process), or with OOB_METRICS=0 in the actor's
 environment, every recording is a no-op.
@@ -27,32 +27,38 @@ FLUSH_SECONDS = 1.0
 
 
 class _Histogram:
-    """Observations counted here per tag set; `flush` hands Ray the increments since the last."""
+    """Observations counted here per tag set; `flush` shows Ray the running totals.
+
+    The series are Gauges holding cumulative counts: Ray's exporter appends `_total` to a
+    Counter's name, and `<name>_bucket` / `_sum` / `_count` must keep those names for
+    `histogram_quantile(0.99, rate(ray_<name>_bucket[1m]))` to read them."""
 
     def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]):
-        from ray.util.metrics import Counter
-        self.buckets = Counter(f"{name}_bucket", description, tag_keys=tag_keys + ("le",))
-        self.sum = Counter(f"{name}_sum", description, tag_keys=tag_keys)
-        self.count = Counter(f"{name}_count", description, tag_keys=tag_keys)
-        self.pending: dict[tuple, list] = {}  # tag key -> [tags, per-bucket counts (+Inf last), sum]
+        from ray.util.metrics import Gauge
+        self.buckets = Gauge(f"{name}_bucket", description, tag_keys=tag_keys + ("le",))
+        self.sum = Gauge(f"{name}_sum", description, tag_keys=tag_keys)
+        self.count = Gauge(f"{name}_count", description, tag_keys=tag_keys)
+        self.totals: dict[tuple, list] = {}  # tag key -> [tags, per-bucket counts (+Inf last), sum]
+        self.changed: set[tuple] = set()
 
     def observe(self, key: tuple, tags: dict, value: float) -> None:
-        entry = self.pending.get(key)
+        entry = self.totals.get(key)
         if entry is None:
-            entry = self.pending[key] = [tags, [0] * (len(SECONDS) + 1), 0.0]
+            entry = self.totals[key] = [tags, [0] * (len(SECONDS) + 1), 0.0]
         entry[1][bisect.bisect_left(SECONDS, value)] += 1
         entry[2] += value
+        self.changed.add(key)
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, {}
-        for tags, counts, total in pending.values():
+        changed, self.changed = self.changed, set()
+        for key in changed:
+            tags, counts, total = self.totals[key]
             cumulative = 0
             for bound, n in zip((*SECONDS, "+Inf"), counts):
                 cumulative += n
-                if cumulative:
-                    self.buckets.inc(cumulative, {**tags, "le": str(bound)})
-            self.sum.inc(total, tags)
-            self.count.inc(cumulative, tags)
+                self.buckets.set(cumulative, {**tags, "le": str(bound)})
+            self.sum.set(total, tags)
+            self.count.set(cumulative, tags)
 
 
 class Metrics:
