@@ -33,7 +33,7 @@ from apps import Echo  # tests/apps.py
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import oobspec
-from oobspec.contract import LinkRole, Ref, ReplicaConfig, ReplicaInfo, segment_name, split_name
+from oobspec.contract import LinkRole, Ref, ReplicaConfig, ReplicaInfo, host_port, segment_name, split_name
 from oobspec.errors import ClusterError, OobError
 from oobspec.imports import import_object
 from oobspec.models import Auth, GrpcServer, HttpServer
@@ -48,8 +48,9 @@ from oobspec.runtime.replicas import Builder
 from oobspec.runtime.context import env_key as _env_key
 from oobspec.runtime.context import Context, current, set_current
 from oobspec.runtime.links import Links
-from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, host_port, start_grpc, start_http,
-                                     token_from_env, wait_connectable)
+from oobspec.runtime.grpc_server import start_grpc
+from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, start_http, token_from_env,
+                                     wait_connectable)
 from oobspec.runtime.state import ActorRecord
 from oobspec.transports import TransportError, Topology, allocate, choose, get_transport, object_store, shm
 from oobspec.transports.auto import is_gpu

@@ -21,7 +21,8 @@ from typing import Any
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, env_key, set_current
 from .metrics import Metrics
-from .servers import Running, free_port, start_grpc, start_http, wait_connectable
+from .grpc_server import start_grpc
+from .servers import Running, free_port, start_http, wait_connectable
 
 log = logging.getLogger("oobspec")
 READY_TIMEOUT = 60.0
