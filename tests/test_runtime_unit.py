@@ -91,11 +91,14 @@ class Svc(Echo):
         await asyncio.sleep(seconds)
         return "rested"
 
+    async def give_up(self) -> str:
+        raise TimeoutError("the upstream did not answer")
+
 
 ROUTES = [("GET", "/hello/{name}", "hello"), ("POST", "/add", "add"), ("GET", "/scale", "scale"),
           ("GET", "/blob", "blob"), ("GET", "/boom", "boom"), ("GET", "/count", "sync_count"),
           ("POST", "/echo/{first}", "echo"), ("GET", "/numbers", "numbers"), ("POST", "/made", "made"),
-          ("GET", "/nap", "nap")]
+          ("GET", "/nap", "nap"), ("GET", "/give-up", "give_up")]
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -462,9 +465,12 @@ def test_http_max_inflight_refuses_exactly_the_overflow_at_once():
 
 
 def test_http_timeout_answers_504_and_keeps_serving():
-    replies = call_http([("GET", "/nap?seconds=5", {}), ("GET", "/hello/x", {})], timeout=0.3)
+    replies = call_http([("GET", "/nap?seconds=5", {}), ("GET", "/hello/x", {}), ("GET", "/give-up", {})],
+                        timeout=0.3)
     assert (replies[0].status, replies[0].json()["error"]) == (504, "no answer within the server's timeout (0.3s)")
     assert (replies[1].status, replies[1].body) == (200, b"hi x")
+    # The method's own TimeoutError is its error (500), not the server's timeout.
+    assert (replies[2].status, replies[2].json()["error"]) == (500, "TimeoutError: the upstream did not answer")
 
 
 def test_a_slow_client_is_cut_off_after_the_header_timeout_while_others_are_served():

@@ -130,6 +130,23 @@ def _to_bool(text: str) -> bool:
 # --- HTTP ---------------------------------------------------------------------------------
 
 
+_TIMED_OUT = object()
+
+
+def _response(web, result: Any):
+    """A method's result as an HTTP response (`web`: aiohttp.web): JSON, text, bytes, or the
+    user's own Response."""
+    if result is None or type(result) in _JSON_TYPES:  # the common case first: no ABC checks
+        return web.Response(body=dumps(result), content_type="application/json")
+    if isinstance(result, web.StreamResponse):
+        return result
+    if isinstance(result, str):
+        return web.Response(text=result, content_type="text/plain")
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return web.Response(body=bytes(result), content_type="application/octet-stream")
+    return web.Response(body=dumps(result), content_type="application/json")
+
+
 class _Limit:
     """Requests in flight on one server: the one past `max_inflight` is refused at once."""
 
@@ -175,27 +192,8 @@ def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
         converters = tuple(sig.converters.items())
         label = route.path
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            if limit.inflight >= limit.most:
-                metrics.request(server.name, label, 503, 0.0)
-                return busy()
-            limit.inflight += 1
-            start = time.perf_counter()
-            try:
-                if timeout is None:
-                    response = await serve(request)
-                else:
-                    try:
-                        async with asyncio.timeout(timeout):
-                            response = await serve(request)
-                    except TimeoutError:
-                        response = error(504, f"no answer within the server's timeout ({timeout:g}s)")
-            finally:
-                limit.inflight -= 1
-            metrics.request(server.name, label, response.status, time.perf_counter() - start)
-            return response
-
-        async def serve(request: web.Request) -> web.StreamResponse:
+        def arguments(request: web.Request) -> dict | web.Response:
+            """Path and query arguments, converted; or the refusal."""
             if expected is not None:
                 got = request.headers.get("Authorization", "").encode()
                 if not hmac.compare_digest(got, expected):
@@ -210,38 +208,67 @@ def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
                             kwargs[name] = convert(kwargs[name])
                 except ValueError as exc:
                     return error(400, str(exc))
-            if request.can_read_body:
-                try:
-                    raw = await request.read()
-                except web.HTTPException as exc:  # 413: body larger than max_body
-                    return error(exc.status, exc.reason)
-                if raw.strip():
-                    try:
-                        body = json.loads(raw)
-                    except ValueError:
-                        return error(400, "request body is not valid JSON")
-                    if not isinstance(body, dict):
-                        return error(400, "request body must be a JSON object of keyword arguments")
-                    kwargs.update(body)
-            problem = sig.problem(kwargs)
-            if problem:
-                return error(400, problem)
+            return kwargs
+
+        async def body_of(request: web.Request) -> dict | web.Response:
             try:
-                result = method(**kwargs)
-                if sig.is_async:
-                    result = await result
-            except Exception as exc:
-                log.exception("%s raised", route.call)
-                return error(500, f"{type(exc).__name__}: {exc}")
-            if result is None or type(result) in _JSON_TYPES:  # the common case first: no ABC checks
-                return web.Response(body=dumps(result), content_type="application/json")
-            if isinstance(result, web.StreamResponse):
-                return result
-            if isinstance(result, str):
-                return web.Response(text=result, content_type="text/plain")
-            if isinstance(result, (bytes, bytearray, memoryview)):
-                return web.Response(body=bytes(result), content_type="application/octet-stream")
-            return web.Response(body=dumps(result), content_type="application/json")
+                raw = await request.read()
+            except web.HTTPException as exc:  # 413: body larger than max_body
+                return error(exc.status, exc.reason)
+            if not raw.strip():
+                return {}
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                return error(400, "request body is not valid JSON")
+            if not isinstance(body, dict):
+                return error(400, "request body must be a JSON object of keyword arguments")
+            return body
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            # One coroutine on the common path (a GET without a body): no frame per step.
+            if limit.inflight >= limit.most:
+                metrics.request(server.name, label, 503, 0.0)
+                return busy()
+            limit.inflight += 1
+            start = time.perf_counter()
+            try:
+                kwargs = arguments(request)
+                if type(kwargs) is dict and request.can_read_body:
+                    body = await body_of(request)
+                    if type(body) is dict:
+                        kwargs.update(body)
+                    else:
+                        kwargs = body
+                if type(kwargs) is not dict:
+                    response = kwargs
+                elif problem := sig.problem(kwargs):
+                    response = error(400, problem)
+                else:
+                    try:
+                        result = method(**kwargs)
+                        if sig.is_async:
+                            if timeout is None:
+                                result = await result
+                            else:
+                                scope = asyncio.timeout(timeout)
+                                try:
+                                    async with scope:
+                                        result = await result
+                                except TimeoutError:
+                                    if not scope.expired():
+                                        raise  # the method's own TimeoutError: a 500 like any other
+                                    result = _TIMED_OUT
+                    except Exception as exc:
+                        log.exception("%s raised", route.call)
+                        response = error(500, f"{type(exc).__name__}: {exc}")
+                    else:
+                        response = (error(504, f"no answer within the server's timeout ({timeout:g}s)")
+                                    if result is _TIMED_OUT else _response(web, result))
+            finally:
+                limit.inflight -= 1
+            metrics.request(server.name, label, response.status, time.perf_counter() - start)
+            return response
 
         return handle
 
