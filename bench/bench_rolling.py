@@ -22,6 +22,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from oobspec.runtime.ports import port_free
+
 MODULE = '''
 class Versioned:
     def __init__(self, version: int = 0):
@@ -68,17 +70,8 @@ def free_run(n: int) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
-        if base + n < 65000 and all(_free(base + i) for i in range(n)):
+        if base + n < 65000 and all(port_free(base + i) for i in range(n)):
             return base
-
-
-def _free(port: int) -> bool:
-    from oobspec.runtime.servers import listening_socket
-    try:
-        listening_socket("127.0.0.1", port, exclusive=True).close()
-        return True
-    except OSError:
-        return False
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from conftest import free_port, oob, started_head, user_env, write_in
+from oobspec.runtime.ports import port_free
 from test_runtime_unit import self_signed
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
@@ -88,6 +89,7 @@ def test_delete_lets_requests_in_flight_finish_and_refuses_new_ones(head, projec
         assert [f.result() for f in inflight] == [200] * 20
         assert deleting.result().returncode == 0
     assert late in ("refused", 503)
+    assert port_free(port)  # nothing left holding it
 
 
 def test_request_metrics_reach_rays_prometheus_endpoint(head, project):

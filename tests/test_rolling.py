@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, oob, user_env, write_in
+from oobspec.runtime.ports import port_free
 from test_anywhere import alive_pids, status_of
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
@@ -86,18 +87,9 @@ def ports() -> tuple[int, int]:
     found = []
     while len(found) < 2:
         port = free_port()
-        if port < 65000 and all(_free(p) for p in (port, port + 1)) and all(abs(port - f) > 1 for f in found):
+        if port < 65000 and all(port_free(p) for p in (port, port + 1)) and all(abs(port - f) > 1 for f in found):
             found.append(port)
     return found[0], found[1]
-
-
-def _free(port: int) -> bool:
-    from oobspec.runtime.servers import listening_socket
-    try:
-        listening_socket("127.0.0.1", port, exclusive=True).close()
-        return True
-    except OSError:
-        return False
 
 
 def surge_actors(address: str, namespace: str) -> list[str]:

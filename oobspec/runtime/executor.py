@@ -17,7 +17,7 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from ..contract import SURGE_PREFIX, ReplicaConfig, ReplicaInfo, replica_name, split_name, surge_name
+from ..contract import SURGE_PREFIX, ReplicaInfo, replica_name, split_name, surge_name
 from ..errors import ApplyError
 from ..models import Spec
 from ..plan import Observed, Plan, Step, StepKind
@@ -241,7 +241,7 @@ class Executor(Steps):
                 what = "servers not accepting connections yet"
             else:
                 what = record.words
-            doing.append(f"{_label(name).removeprefix('actor ')} {what}")
+            doing.append(f"{_label(name, '')} {what}")
         return ApplyError(f"not ready after {self.timeout:g}s: " + "; ".join(doing), self._log_tail(names[0]))
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
@@ -270,10 +270,10 @@ class Executor(Steps):
         self.builder.endpoints[name] = servers
 
 
-def _label(name: str) -> str:
+def _label(name: str, word: str = "actor ") -> str:
     if name.startswith(SURGE_PREFIX):
         return f"the new version of {name[len(SURGE_PREFIX):]} (stand-in {name})"
-    return f"actor {name}"
+    return f"{word}{name}"
 
 
 def _ports(info: ReplicaInfo | None) -> frozenset[int]:
@@ -298,4 +298,4 @@ def _cause(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-__all__ = ["Executor", "ReplicaConfig", "Steps"]
+__all__ = ["Executor", "Steps"]

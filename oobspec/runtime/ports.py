@@ -27,6 +27,15 @@ def steer(sock: socket.socket, index: int) -> None:
         log.debug("could not steer the port's connections", exc_info=True)
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nobody holds host:port right now (a fresh start could bind it)."""
+    try:
+        listening_socket(host, port, exclusive=True).close()
+        return True
+    except OSError:
+        return False
+
+
 def listening_socket(host: str, port: int, exclusive: bool) -> socket.socket:
     """A bound socket with SO_REUSEPORT, so a successor can bind the same port while this one
     serves. exclusive: refuse a port somebody else holds (a reuse-port socket would share it

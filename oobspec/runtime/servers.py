@@ -318,7 +318,7 @@ class Running:
     async def drain(self, seconds: float, hand_over: bool = True) -> None:
         """Hand new connections over (to the successor sharing the port), turn unhealthy, stop
         accepting, finish what is in flight (`seconds` at most)."""
-        if hand_over:
+        if hand_over and self._sock is not None:  # (gRPC's sockets are gRPC core's: not steerable)
             self.steer(1)
             await asyncio.sleep(SETTLE)  # what the kernel queued here before the steering is accepted
         self.draining = True  # /-/healthz: 503 from here on, for whoever still talks to this one
