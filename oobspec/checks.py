@@ -329,9 +329,9 @@ class _Checker:
                     self.add("OOB404", f"link '{link.name}' copies '{target}' onto itself", tpath)
                     continue
                 dst_buf = self.spec.actors[dst[0]].buffers[dst[1]]
-                if (src_buf.shape, src_buf.dtype) != (dst_buf.shape, dst_buf.dtype):
-                    self.add("OOB401", f"link '{link.name}': '{link.from_}' is {src_buf.dtype}{src_buf.shape} but "
-                             f"'{target}' is {dst_buf.dtype}{dst_buf.shape}", tpath)
+                if src_buf.signature() != dst_buf.signature():
+                    self.add("OOB401", f"link '{link.name}': '{link.from_}' is {src_buf.signature()} but "
+                             f"'{target}' is {dst_buf.signature()}", tpath)
                 elif src_buf.device != dst_buf.device:
                     self.add("OOB404", f"link '{link.name}': '{link.from_}' is on {src_buf.device} but "
                              f"'{target}' is on {dst_buf.device}", tpath)

@@ -102,6 +102,7 @@ class LinkRole:
     role: str  # "source" | "target"
     source_buffer: str | None = None  # set on the source
     target_buffer: str | None = None  # set on a target
+    buffering: str = "single"  # "double": targets hold two slots
 
 
 @dataclass

@@ -21,8 +21,8 @@ _UNITS = {None: 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "
           "T": 1000**4, "TB": 1000**4, "Ki": 1024, "KiB": 1024, "Mi": 1024**2, "MiB": 1024**2,
           "Gi": 1024**3, "GiB": 1024**3, "Ti": 1024**4, "TiB": 1024**4}
 DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128")
-DTYPE_SIZES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "int32": 4,
+          "float16", "bfloat16", "float32", "float64", "complex64", "complex128")
+DTYPE_SIZES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2, "int32": 4,
                "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8, "complex64": 8,
                "complex128": 16}
 
@@ -182,12 +182,18 @@ Server = Annotated[
 ]
 
 
-class Buffer(Strict):
-    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, description="Array shape.")]
-    dtype: Annotated[Literal[DTYPES], Field(description="Element type (numpy name).")] = "float32"
-    device: Annotated[Literal["cpu", "gpu"], Field(
-        description="cpu: numpy array (in shared memory when it is a link target); gpu: cupy array "
-                    "(needs resources.gpus > 0).")] = "cpu"
+PART_ALIGN = 256  # every part of a layout starts on this many bytes (what GPU kernels and DLPack like)
+
+
+def storage_dtype(dtype: str) -> str:
+    """The numpy dtype that holds `dtype`: numpy has no bfloat16, so its bits live in uint16
+    (`ctx.tensor` / `ctx.tensors` give real torch.bfloat16)."""
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+class Part(Strict):
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, description="The part's shape.")]
+    dtype: Annotated[Literal[DTYPES], Field(description="Element type (numpy name, or bfloat16).")] = "float32"
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +201,58 @@ class Buffer(Strict):
         for d in self.shape:
             n *= d
         return n
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{self.shape}"
+
+
+class Buffer(Strict):
+    shape: Annotated[Union[list[Annotated[int, Field(ge=1)]], None], Field(
+        min_length=1, description="Array shape (or `layout`).")] = None
+    dtype: Annotated[Literal[DTYPES], Field(
+        description="Element type (numpy name, or bfloat16: uint16 bits in numpy, torch.bfloat16 in ctx.tensor).")] = "float32"
+    layout: Annotated[Union[dict[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.-]*$")], Part], None], Field(
+        min_length=1,
+        description="Named parts in one allocation instead of shape/dtype, each {shape, dtype}, "
+                    f"{PART_ALIGN}-byte aligned: one copy per push; ctx.views(b) / ctx.tensors(b) give the parts.")] = None
+    device: Annotated[Literal["cpu", "gpu"], Field(
+        description="cpu: numpy array (in shared memory when it is a link target); gpu: cupy array "
+                    "(needs resources.gpus > 0).")] = "cpu"
+
+    @model_validator(mode="after")
+    def _shape_or_layout(self):
+        if (self.shape is None) == (self.layout is None):
+            raise ValueError("set exactly one of 'shape' or 'layout'")
+        if self.layout is not None and "dtype" in self.model_fields_set:
+            raise ValueError("'dtype' goes on each part of a 'layout'")
+        return self
+
+    def parts(self) -> dict[str, tuple[int, Part]]:
+        """name -> (byte offset, part), each offset a multiple of PART_ALIGN; {} without a layout."""
+        out, offset = {}, 0
+        for name, part in (self.layout or {}).items():
+            out[name] = (offset, part)
+            offset += -(-part.nbytes // PART_ALIGN) * PART_ALIGN
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        if self.layout is not None:
+            offset, last = list(self.parts().values())[-1]
+            return offset + last.nbytes
+        return Part(shape=self.shape, dtype=self.dtype).nbytes
+
+    def storage(self) -> tuple[tuple[int, ...], str]:
+        """(shape, numpy dtype) of the array that holds it: a layout is one flat uint8 array."""
+        if self.layout is not None:
+            return (self.nbytes,), "uint8"
+        return tuple(self.shape), storage_dtype(self.dtype)
+
+    def signature(self) -> str:
+        """What both ends of a link must agree on, as lint prints it."""
+        if self.layout is not None:
+            return "{" + ", ".join(f"{n}: {p}" for n, p in self.layout.items()) + "}"
+        return f"{self.dtype}{self.shape}"
 
 
 class Actor(Strict):
@@ -245,6 +303,9 @@ class Link(Strict):
     transport: Annotated[Literal["auto", "cuda_ipc", "nccl", "shm", "object_store"], Field(
         description="auto: cuda_ipc for gpu buffers on one node, nccl across nodes; shm for cpu "
                     "buffers on one node, object_store across nodes.")] = "auto"
+    buffering: Annotated[Literal["single", "double"], Field(
+        description="double: every target holds two copies and a push fills the idle one, then flips; "
+                    "ctx.buffers[b] is always a complete version while the next one lands.")] = "single"
     when: WhenField = None
 
     @field_validator("to", mode="before")

@@ -126,6 +126,39 @@ class Sink:
         return os.getpid()
 
 
+def layout_checksum(views: dict) -> float:
+    return float(sum(float(v.astype("float64").sum()) for v in views.values()))
+
+
+class Trainer:
+    """Weight sync as RL trainers do it: fill the named parts of one bucket, push once."""
+
+    async def step(self, seed: int) -> dict:
+        import numpy as np
+        ctx = oobspec.context()
+        parts, rng = ctx.views("params"), np.random.default_rng(seed)
+        parts["w1"][...] = rng.integers(0, 1 << 16, parts["w1"].shape, dtype=np.uint16)  # bfloat16 bits
+        parts["b1"][...] = rng.random(parts["b1"].shape, dtype=np.float32)
+        pushed = await ctx.push("weights")
+        return dict(pushed, checksum=layout_checksum(parts))
+
+
+class Server:
+    """An inference replica: waits for the next version of its weights, without polling."""
+
+    async def next(self, after: int) -> tuple[int, float]:
+        ctx = oobspec.context()
+        version = await ctx.updated("params", after=after, timeout=30)
+        return version, layout_checksum(ctx.views("params"))
+
+    async def current(self) -> tuple[int, float]:
+        ctx = oobspec.context()
+        return ctx.versions["params"], layout_checksum(ctx.views("params"))
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
 class Broken:
     def __init__(self):
         print("about to fail: checking the config", flush=True)

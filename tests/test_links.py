@@ -34,18 +34,23 @@ def segments(name):
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(segment_prefix(name)))
 
 
+def target_files(name, replicas=2):
+    """What each target replica owns in /dev/shm: its data, its control block and its doorbell."""
+    return sorted(f"oob-{name}-_dst_{i}_data{suffix}" for i in range(replicas) for suffix in ("", ".bell", ".ctl"))
+
+
 @pytest.mark.parametrize("transport", ["shm", "object_store", "auto"])
 def test_push_reaches_every_target_replica(local_ray, write_spec, transport):
     name = f"push-{transport.replace('_', '-')}"
     spec = oobspec.load(write_spec(SPEC.format(name=name, transport=transport)))
     with oobspec.deploy(spec) as d:
-        if transport != "object_store":
-            assert segments(name) == [f"oob-{name}-_dst_0_data", f"oob-{name}-_dst_1_data"]
+        assert segments(name) == target_files(name)  # object_store targets too: their inbox
         for version, seed in enumerate([1, 2], start=1):
             pushed = ray.get(d.handle("src").fill_and_push.remote(seed))
             assert pushed["version"] == version and pushed["targets"] == 2
             assert pushed["bytes"] == 2 * 512 * 256 * 4
             assert pushed["transport"] == ("shm" if transport == "auto" else transport)
+            assert pushed["direct"] == (0 if transport == "object_store" else 2)  # no Ray call to those
             for i in range(2):
                 got = ray.get(d.handle("dst", i).checksum.remote())
                 assert got == {"version": version, "checksum": pushed["checksum"]}
@@ -67,8 +72,71 @@ def test_oob_sync_cli_and_leaks_after_killed_actors(local_ray, write_spec):
         assert bad.returncode == 1 and "has no link 'nope' (links: data)" in bad.stderr
         # A crashed source and a crashed target: delete still removes their segments.
         created = segments(name)
-        assert created == [f"oob-{name}-_dst_0_data", f"oob-{name}-_dst_1_data"]
+        assert created == target_files(name)
         for actor in ("src", "dst"):
             os.kill(ray.get(d.handle(actor).pid.remote()), signal.SIGKILL)
         time.sleep(1)
     assert not [n for n in created if os.path.exists(f"/dev/shm/{n}")]
+
+
+WEIGHTS = """
+version: 1
+name: {name}
+actors:
+  trainer:
+    class: apps:Trainer
+    buffers: {{params: {{layout: {{w1: {{shape: [256, 128], dtype: bfloat16}}, b1: {{shape: [128]}}}}}}}}
+  server:
+    class: apps:Server
+    replicas: 2
+    restarts: 1
+    buffers: {{params: {{layout: {{w1: {{shape: [256, 128], dtype: bfloat16}}, b1: {{shape: [128]}}}}}}}}
+links:
+  - {{name: weights, from: trainer.params, to: server.params, buffering: double}}
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie until Ray's raylet reaps it
+        return f.read().split(") ", 1)[1].startswith("Z")
+
+
+def test_weight_sync_wakes_targets_survives_a_restart_without_reapply(local_ray, write_spec):
+    name = "weights"
+    spec = oobspec.load(write_spec(WEIGHTS.format(name=name)))
+    with oobspec.deploy(spec) as d:
+        trainer, servers = d.handle("trainer"), [d.handle("server", i) for i in range(2)]
+        waiting = [s.next.remote(0) for s in servers]  # asleep in ctx.updated before the push
+        time.sleep(0.5)
+        pushed = ray.get(trainer.step.remote(1))
+        assert (pushed["version"], pushed["targets"], pushed["direct"], pushed["transport"]) == (1, 2, 2, "shm")
+        assert pushed["bytes"] == 2 * (256 * 128 * 2 + 128 * 4)  # one bucket: w1, then b1 at byte 65536
+        assert ray.get(waiting, timeout=30) == [(1, pushed["checksum"])] * 2
+        pushed = ray.get(trainer.step.remote(2))
+        assert ray.get([s.current.remote() for s in servers]) == [(2, pushed["checksum"])] * 2
+
+        pid = ray.get(servers[1].pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 20
+        while not _gone(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ray.exceptions.RayTaskError) as failed:
+            ray.get(trainer.step.remote(3), timeout=30)  # at once, no hang
+        assert "link 'weights': version 3 reached 1 of 2 targets; server-1: not running" in str(failed.value)
+        assert ray.get(servers[0].current.remote())[0] == 3
+
+        deadline = time.time() + 60  # Ray restarts it (restarts: 1); no re-apply
+        while time.time() < deadline:
+            try:
+                if ray.get(servers[1].pid.remote(), timeout=10) != pid:
+                    break
+            except ray.exceptions.RayError:
+                time.sleep(0.2)
+        pushed = ray.get(trainer.step.remote(4))
+        assert (pushed["version"], pushed["targets"]) == (4, 2)
+        assert ray.get([s.current.remote() for s in servers]) == [(4, pushed["checksum"])] * 2
+    assert segments(name) == []

@@ -36,7 +36,7 @@ import oobspec
 from oobspec.contract import LinkRole, Ref, ReplicaConfig, ReplicaInfo, host_port, segment_name, split_name
 from oobspec.errors import ClusterError, OobError
 from oobspec.imports import import_object
-from oobspec.models import Auth, GrpcServer, HttpServer
+from oobspec.models import Auth, Buffer, GrpcServer, HttpServer
 from oobspec.plan import (Action, ActionKind, LinkReason, LinkRow, Plan, Reason, ServerRow, Step, StepKind, StopFirst,
                           Strategy, config_hash)
 from oobspec.report import endpoints_text, plan_text, size, status_text
@@ -47,7 +47,7 @@ from oobspec.runtime.executor import _cause
 from oobspec.runtime.replicas import Builder
 from oobspec.runtime.context import env_key as _env_key
 from oobspec.runtime.context import Context, current, set_current
-from oobspec.runtime.links import Links
+from oobspec.runtime.links import Allocation, Links
 from oobspec.runtime.grpc_server import start_grpc
 from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, start_http, token_from_env,
                                      wait_connectable)
@@ -942,40 +942,42 @@ def test_context_outside_an_actor_and_without_links(sandbox):
 
 
 def source_links(buffer, links: dict) -> Links:
-    ctx = Context("d", "src", 0, 1, buffers={"data": buffer})
+    alloc = Allocation(Buffer(shape=list(buffer.shape), dtype=str(buffer.dtype)))
+    alloc.array[...] = buffer
+    ctx = Context("d", "src", 0, 1, _owners={"data": alloc})
     return Links(ctx, ReplicaConfig("d", "oob-d", "src", 0, 1, "digest", links=links), owner=None)
 
 
-def test_links_connect_keeps_unchanged_senders_and_closes_the_rest(deployment):
-    owners = [allocate((4,), "float32", "cpu", shared_name=f"oob-{deployment}-{i}") for i in range(3)]
-    rx = [shm.Receiver(o) for o in owners]
+def test_links_connect_keeps_unchanged_targets_and_closes_the_rest(deployment):
+    owners = [Allocation(Buffer(shape=[4]), 1, f"oob-{deployment}-{i}") for i in range(3)]
     links = source_links(np.arange(4, dtype=np.float32),
                          {"sync": LinkRole("sync", Ref("src", "data"), (Ref("dst", "data"),), "shm", "source",
                                            source_buffer="data")})
 
     def connect(*targets):
-        asyncio.run(links.connect("sync", [{"key": k, "handle": h, "transport": "shm", "descriptor": rx[i].descriptor()}
-                                           for k, i, h in targets]))
-        return {t["key"]: t for t in links.senders["sync"]}
+        asyncio.run(links.connect("sync", [{"key": k, "handle": h, "transport": "shm", "descriptor": {
+            "segment": owners[i].segment, "slots": 1, "shape": (4,), "dtype": "<f4"}} for k, i, h in targets]))
+        return {t.key: t for t in links.targets["sync"]}
 
     first = connect(("dst-0", 0, "h1"), ("dst-1", 1, "h1"))
+    assert all(t.direct and t.outbox is not None for t in first.values())
     again = connect(("dst-0", 0, "h2"), ("dst-1", 1, "h2"))
-    assert all(again[k]["sender"] is first[k]["sender"] for k in first)  # same descriptor: same mapping
-    assert [t["handle"] for t in again.values()] == ["h2", "h2"]  # a restarted target's new handle is taken
-    old_1 = first["dst-1"]["sender"]
+    assert all(again[k].sender is first[k].sender for k in first)  # same descriptor: same mapping
+    assert [t.handle for t in again.values()] == ["h2", "h2"]  # a restarted target's new handle is taken
+    old_1 = first["dst-1"].sender
     moved = connect(("dst-0", 0, "h2"), ("dst-1", 2, "h2"))  # dst-1 now has another segment
-    assert moved["dst-0"]["sender"] is first["dst-0"]["sender"]
-    assert moved["dst-1"]["sender"] is not old_1 and old_1._shm is None
+    assert moved["dst-0"].sender is first["dst-0"].sender
+    assert moved["dst-1"].sender is not old_1 and old_1._shm is None
     dropped = connect(("dst-0", 0, "h2"))
-    assert list(dropped) == ["dst-0"] and moved["dst-1"]["sender"]._shm is None
-    dropped["dst-0"]["sender"].send()
-    assert rx[0].array.tolist() == [0, 1, 2, 3] and rx[1].array.tolist() == [0, 0, 0, 0]
+    assert list(dropped) == ["dst-0"] and moved["dst-1"].sender is None
+    assert asyncio.run(links.push("sync"))["targets"] == 1
+    assert owners[0].array.tolist() == [0, 1, 2, 3] and owners[1].array.tolist() == [0, 0, 0, 0]
+    assert owners[0].inbox.version == 1 and owners[1].inbox.version == 0
     links.close()
-    assert links.senders == {} and first["dst-0"]["sender"]._shm is None
-    names = [r.descriptor()["name"] for r in rx]
-    for r in rx:
-        r.close()
-    assert not [n for n in names if in_shm(n)]
+    assert links.targets == {} and first["dst-0"].sender is None
+    for o in owners:
+        o.close()
+    assert not [o for o in owners if in_shm(o.segment or "")]
 
 
 def linked_spec(name: str) -> dict:
@@ -1013,14 +1015,17 @@ def test_push_copies_the_source_into_every_target_replica(load_spec, deployment,
             await ctx.push("sync")
         descriptors = [await s._oob_link_receiver("sync", "shm") for s in sinks]
         assert descriptors[0] == await sinks[0]._oob_link_receiver("sync", "shm")  # one receiver per link
-        assert descriptors[0]["name"] != descriptors[1]["name"]
-        assert all(in_shm(d["name"]) for d in descriptors)
+        assert descriptors[0]["segment"] != descriptors[1]["segment"]
+        assert all(in_shm(d["segment"]) for d in descriptors)
         await source._oob_link_sender("sync", [{"key": f"dst-{i}", "handle": LocalHandle(s), "transport": "shm",
                                                 "descriptor": d} for i, (s, d) in enumerate(zip(sinks, descriptors))])
         data, results = ctx.buffers["data"], []
         for seed, push in ((1, ctx.push), (2, source._oob_push)):  # from the user's code, and as `oob sync` does
             data[...] = np.random.default_rng(seed).random(data.shape)
+            waiting = [asyncio.create_task(s._oob_context.updated("data")) for s in sinks]
+            await asyncio.sleep(0)
             results.append(await push("sync"))
+            assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [seed, seed]
             for sink in sinks:
                 assert np.array_equal(sink._oob_context.buffers["data"], data)
                 assert sink._oob_context.versions["data"] == seed
@@ -1031,12 +1036,14 @@ def test_push_copies_the_source_into_every_target_replica(load_spec, deployment,
             await sinks[1]._oob_push("sync")
         with pytest.raises(OobError, match=r"actor src has no link 'nope' \(links: sync\)"):
             await source._oob_push("nope")
-        with pytest.raises(OobError, match="link 'sync' is not set up on dst-0"):
-            await sinks[0]._oob_receive("sync", {"transport": "object_store", "payload": None}, 3)
+        with pytest.raises(OobError, match=r"link 'sync' is not set up on dst-0 \(nccl is wired at apply"):
+            await sinks[0]._oob_receive("sync", {"transport": "nccl"}, 3)
+        with pytest.raises(OobError, match="buffer 'data' of src is not a link target"):
+            await ctx.updated("data")
         for replica in sinks + [source]:
             await replica._oob_stop()
         assert [x.ctx._owners for x in links] == [{}, {}, {}]
-        assert not [d["name"] for d in descriptors if in_shm(d["name"])]
+        assert not [d["segment"] for d in descriptors if in_shm(d["segment"])]
     asyncio.run(go())
 
 
@@ -1055,27 +1062,25 @@ def test_cleanup_of_one_deployment_spares_a_similarly_named_one(deployment):
 
 def test_shm_copy_is_exact_between_two_mappings(deployment):
     target = allocate((3, 5), "float64", "cpu", shared_name=f"oob-{deployment}-t")
-    receiver = shm.Receiver(target)
     source = np.random.default_rng(7).standard_normal((3, 5))
     source[0, 0], source[0, 1] = np.nan, -0.0
-    sender = shm.Sender(source, receiver.descriptor())
+    sender = shm.Sender(source, {"name": target.name, "shape": (3, 5), "dtype": "<f8"})
     assert sender.send() is None
-    receiver.receive(None)
-    assert receiver.array.tobytes() == source.tobytes()  # bit for bit, NaN and -0.0 included
+    assert target.array.tobytes() == source.tobytes()  # bit for bit, NaN and -0.0 included
     source += 1  # the target only changes on the next send
-    assert receiver.array.tobytes() != source.tobytes()
+    assert target.array.tobytes() != source.tobytes()
     sender.send()
-    assert receiver.array.tobytes() == source.tobytes()
+    assert target.array.tobytes() == source.tobytes()
     sender.close()
     sender.close()  # twice is fine
     assert in_shm(target.name)  # the sender never unlinks: the segment is the target's
-    receiver.close()
+    target.close()
     assert not in_shm(target.name)
 
 
 def test_shm_refuses_mismatches_and_bad_names(deployment):
     target = allocate((4,), "int32", "cpu", shared_name=f"oob-{deployment}-t")
-    descriptor = shm.Receiver(target).descriptor()
+    descriptor = {"name": target.name, "shape": (4,), "dtype": "<i4"}
     with pytest.raises(TransportError, match=r"source buffer is float32\[4\] but the target buffer is int32\[4\]"):
         shm.Sender(np.zeros(4, np.float32), descriptor)
     with pytest.raises(TransportError, match="source must be a numpy array, got SimpleNamespace"):
@@ -1084,8 +1089,6 @@ def test_shm_refuses_mismatches_and_bad_names(deployment):
         allocate((4,), "int32", "cpu", shared_name=target.name)
     with pytest.raises(TransportError, match="must start with 'oob-'"):
         allocate((4,), "int32", "cpu", shared_name=f"x-{deployment}")
-    with pytest.raises(TransportError, match="needs a SharedBuffer"):
-        shm.Receiver(allocate((4,), "int32", "cpu"))
     target.close()
     with pytest.raises(TransportError, match="does not exist"):
         shm.Sender(np.zeros(4, np.int32), descriptor)
@@ -1512,3 +1515,54 @@ def test_converters_survive_travelling_by_value(tmp_path, monkeypatch):
         sys.modules.pop("annot", None)
     assert "Optional" not in copy.get.__globals__
     assert Signature.of(copy.get).converters == {"n": int, "flag": _to_bool}
+
+
+# --- buffers: layout, double buffering, views and tensors ---------------------------------------
+
+PARAMS = {"w1": {"shape": [3, 5], "dtype": "bfloat16"}, "b1": {"shape": [7], "dtype": "float32"},
+          "step": {"shape": [1], "dtype": "int64"}}
+
+
+def test_layout_parts_are_aligned_views_of_one_allocation(deployment):
+    buf = Buffer(layout=PARAMS)
+    assert {n: o for n, (o, _) in buf.parts().items()} == {"w1": 0, "b1": 256, "step": 512}
+    assert buf.nbytes == 520 and buf.storage() == ((520,), "uint8")
+    alloc = Allocation(buf, 2, f"oob-{deployment}-params")  # a double-buffered link target
+    ctx = Context("d", "dst", 0, 1, _owners={"params": alloc, "plain": Allocation(Buffer(shape=[4]))})
+    views = ctx.views("params")
+    assert {n: (v.dtype.name, v.shape) for n, v in views.items()} == \
+        {"w1": ("uint16", (3, 5)), "b1": ("float32", (7,)), "step": ("int64", (1,))}  # bfloat16 bits: uint16
+    views["b1"][:] = 2.5
+    assert ctx.buffers["params"][256:260].view(np.float32)[0] == 2.5  # one allocation, no copy
+    assert ctx.versions == {"params": 0}
+    alloc.inbox.publish(1, 1)  # as a push into the idle slot does: the other slot becomes current
+    assert ctx.versions["params"] == 1 and ctx.views("params")["b1"].tolist() == [0.0] * 7
+    assert alloc.idle == 0 and ctx.buffers["params"] is alloc.slot(1)
+    with pytest.raises(OobError, match="buffer 'plain' has no layout"):
+        ctx.views("plain")
+    with pytest.raises(OobError, match=r"actor dst has no buffer 'nope' \(buffers: params, plain\)"):
+        ctx.views("nope")
+    with pytest.raises(pydantic.ValidationError, match="exactly one of 'shape' or 'layout'"):
+        Buffer(shape=[2], layout=PARAMS)
+    with pytest.raises(pydantic.ValidationError, match="'dtype' goes on each part"):
+        Buffer(dtype="float16", layout=PARAMS)
+    alloc.close()
+
+
+def test_torch_tensors_are_views_of_the_buffer_bfloat16_included(deployment):
+    torch = pytest.importorskip("torch")
+    alloc = Allocation(Buffer(layout=PARAMS), 1, f"oob-{deployment}-params")
+    plain = Allocation(Buffer(shape=[2, 3], dtype="bfloat16"))
+    ctx = Context("d", "dst", 0, 1, _owners={"params": alloc, "plain": plain})
+    tensors = ctx.tensors("params")
+    assert {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()} == \
+        {"w1": (torch.bfloat16, (3, 5)), "b1": (torch.float32, (7,)), "step": (torch.int64, (1,))}
+    tensors["w1"].fill_(1.5)
+    assert (ctx.views("params")["w1"] == 0x3FC0).all()  # the bits of bfloat16 1.5, written through torch
+    assert tensors["b1"].data_ptr() == ctx.views("params")["b1"].ctypes.data
+    whole = ctx.tensor("params")
+    assert whole.dtype == torch.uint8 and whole.numel() == 520 and whole.data_ptr() == ctx.buffers["params"].ctypes.data
+    assert ctx.tensor("plain").dtype == torch.bfloat16 and tuple(ctx.tensor("plain").shape) == (2, 3)
+    with pytest.raises(OobError, match="has no layout: use tensor"):
+        ctx.tensors("plain")
+    alloc.close()

@@ -34,23 +34,41 @@ def prefix(request):
 
 # --- child processes (module level so spawn can import them) -------------------
 
-def _target(conn, name, shape, dtype):
-    rx = shm.Receiver(shm.allocate_shared(name, shape, dtype))
-    conn.send(rx.descriptor())
-    while (msg := conn.recv()) != "close":
-        rx.receive(msg)
-        conn.send(digest(rx.array))
-    rx.close()
+def _target(conn, segment, shape, dtype, slots):
+    """A link target: its memory and inbox; reports each new version's checksum, woken by the bell."""
+    import asyncio
+
+    from oobspec.models import Buffer
+    from oobspec.runtime.links import Allocation
+
+    alloc = Allocation(Buffer(shape=list(shape), dtype=dtype), slots, segment)
+
+    async def serve():
+        conn.send({"slots": alloc.slots, "shape": alloc.slot(0).shape, "dtype": alloc.slot(0).dtype.str})
+        version = 0
+        while conn.recv() != "close":
+            version = await alloc.inbox.wait(version, timeout=20)
+            conn.send((version, alloc.current, digest(alloc.array), [digest(alloc.slot(i)) for i in range(slots)]))
+    asyncio.run(serve())
+    alloc.close()
     conn.send("closed")
 
 
-def _source(conn, descriptor):
+def _source(conn, segment, descriptor):
+    from oobspec.transports.inbox import Outbox
     src = np.empty(descriptor["shape"], descriptor["dtype"])
-    tx = shm.Sender(src, descriptor)
+    outbox = Outbox(segment)
+    tx = shm.Sender(src, {**descriptor, "name": segment})
+    version = 0
     while (seed := conn.recv()) is not None:
         src[...] = np.random.default_rng(seed).random(src.shape)
-        conn.send((tx.send(), digest(src)))
+        slot = outbox.begin()
+        tx.send(slot)
+        version += 1
+        outbox.publish(version, slot)
+        conn.send(digest(src))
     tx.close()
+    outbox.close()
 
 
 def _allocate_and_hang(conn, name):
@@ -62,30 +80,37 @@ def _allocate_and_hang(conn, name):
 
 # --- shm ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape,dtype", [((300, 7), "f4"), ((5, 1024, 1024), "f8")])  # small, 40 MiB
-def test_shm_two_processes(prefix, shape, dtype):
-    name = prefix + "buf"
+@pytest.mark.parametrize("shape,dtype,slots", [((300, 7), "float32", 1), ((5, 1024, 1024), "float64", 1),  # 40 MiB
+                                               ((300, 7), "float32", 2)])
+def test_shm_push_between_two_processes_without_a_call(prefix, shape, dtype, slots):
+    """The data path of a link on one node: the source copies into the target's segment and
+    rings its bell; the target, asleep in `inbox.wait`, wakes and sees the new version."""
+    segment = prefix + "buf"
     t_conn, t_child = SPAWN.Pipe()
     s_conn, s_child = SPAWN.Pipe()
-    target = SPAWN.Process(target=_target, args=(t_child, name, shape, dtype))
+    target = SPAWN.Process(target=_target, args=(t_child, segment, shape, dtype, slots))
     target.start()
     descriptor = t_conn.recv()
-    assert descriptor == {"name": name, "shape": shape, "dtype": np.dtype(dtype).str}
-    source = SPAWN.Process(target=_source, args=(s_child, descriptor))
+    assert descriptor == {"slots": slots, "shape": shape, "dtype": np.dtype(dtype).str}
+    assert sorted(leftovers(prefix)) == [segment, segment + ".bell", segment + ".ctl"]
+    source = SPAWN.Process(target=_source, args=(s_child, segment, descriptor))
     source.start()
     try:
-        sums = []
-        for seed in (1, 2):
+        seen = []
+        for seed in (1, 2, 3):
+            t_conn.send("wait")  # the target sleeps in wait() before the push
             s_conn.send(seed)
-            message, source_sum = s_conn.recv()
-            t_conn.send(message)
-            assert t_conn.recv() == source_sum
-            sums.append(source_sum)
-        assert sums[0] != sums[1]
+            source_sum = s_conn.recv()
+            version, current, got, per_slot = t_conn.recv()
+            assert (version, got) == (seed, source_sum)
+            seen.append((current, per_slot))
+        if slots == 2:  # a push fills the idle slot and flips: the previous version stays whole
+            assert [c for c, _ in seen] == [1, 0, 1]
+            assert seen[1][1][1] == seen[0][1][1] and seen[2][1][0] == seen[1][1][0]
         s_conn.send(None)
         source.join(30)
         assert source.exitcode == 0
-        assert leftovers(prefix) == [name]  # the source's exit must not unlink the target's segment
+        assert segment in leftovers(prefix)  # the source's exit must not unlink the target's segment
         t_conn.send("close")
         assert t_conn.recv() == "closed"
         target.join(30)
@@ -96,44 +121,102 @@ def test_shm_two_processes(prefix, shape, dtype):
             p.kill()
 
 
-def test_shm_mismatch_raises(prefix):
-    rx = shm.Receiver(shm.allocate_shared(prefix + "m", (4, 4), "f4"))
+def test_push_to_a_dead_target_is_told_and_its_restart_is_reached(prefix):
+    from oobspec.transports.inbox import Outbox, TargetGone
+    segment = prefix + "t"
+
+    def start():
+        conn, child = SPAWN.Pipe()
+        p = SPAWN.Process(target=_target, args=(child, segment, (8,), "float32", 1))
+        p.start()
+        return p, conn, conn.recv()
+
+    first, conn, descriptor = start()
+    outbox = Outbox(segment)
+    first.kill()
+    first.join(30)
+    with pytest.raises(TargetGone, match="the target exited"):
+        outbox.publish(1, outbox.begin())
+    outbox.close()
+    with pytest.raises(TargetGone, match="not running"):
+        Outbox(segment)  # its files are still there, but nobody reads the bell
+    second, conn, _ = start()  # as Ray restarts it: the same names, new files
     try:
-        with pytest.raises(TransportError, match=r"float64\[4, 4\] but the target buffer is float32\[4, 4\]"):
-            shm.Sender(np.zeros((4, 4)), rx.descriptor())
-        with pytest.raises(TransportError, match=r"float32\[16\]"):
-            shm.Sender(np.zeros(16, "f4"), rx.descriptor())
+        outbox = Outbox(segment)
+        tx = shm.Sender(np.full(8, 7, "float32"), {**descriptor, "name": segment})
+        conn.send("wait")
+        tx.send(outbox.begin())
+        outbox.publish(5, 0)
+        version, _, got, _ = conn.recv()
+        assert version == 5 and got == digest(np.full(8, 7, "float32"))
+        tx.close()
+        outbox.close()
+        conn.send("close")
+        assert conn.recv() == "closed"
     finally:
-        rx.close()
+        second.kill()
 
 
-def test_shm_in_process_non_contiguous_source(prefix):
-    rx = shm.Receiver(allocate((64, 32), "i4", "cpu", shared_name=prefix + "nc"))
-    src = np.arange(64 * 32, dtype="i4").reshape(32, 64).T  # Fortran-ordered view
-    tx = shm.Sender(src, rx.descriptor())
-    assert tx.send() is None
-    rx.receive(None)
-    np.testing.assert_array_equal(rx.array, src)
-    tx.close()
-    rx.close()
+def test_wait_times_out_and_wakes_every_waiter(prefix):
+    import asyncio
+
+    from oobspec.transports.inbox import Inbox, Outbox
+
+    async def go():
+        inbox = Inbox(prefix + "w", 1, 8)
+        with pytest.raises(asyncio.TimeoutError):
+            await inbox.wait(0, timeout=0.05)
+        waiters = [asyncio.create_task(inbox.wait(0)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        outbox = Outbox(prefix + "w")
+        outbox.publish(1, outbox.begin())
+        assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [1, 1, 1]
+        assert await inbox.wait(0) == 1  # already newer: no wait
+        inbox.publish(2)  # what a push by Ray call does
+        assert await asyncio.wait_for(inbox.wait(1), 5) == 2
+        outbox.close()
+        inbox.close()
+    asyncio.run(go())
     assert leftovers(prefix) == []
 
 
-def test_shm_receiver_close_unlinks_and_names_are_checked(prefix):
+def test_shm_mismatch_raises(prefix):
+    buf = shm.allocate_shared(prefix + "m", (4, 4), "f4")
+    descriptor = {"name": buf.name, "shape": (4, 4), "dtype": "<f4"}
+    try:
+        with pytest.raises(TransportError, match=r"float64\[4, 4\] but the target buffer is float32\[4, 4\]"):
+            shm.Sender(np.zeros((4, 4)), descriptor)
+        with pytest.raises(TransportError, match=r"float32\[16\]"):
+            shm.Sender(np.zeros(16, "f4"), descriptor)
+        with pytest.raises(TransportError, match=r"2 x 64 needed"):
+            shm.Sender(np.zeros((4, 4), "f4"), {**descriptor, "slots": 2})
+    finally:
+        buf.close()
+
+
+def test_shm_in_process_non_contiguous_source(prefix):
+    buf = allocate((64, 32), "i4", "cpu", shared_name=prefix + "nc")
+    src = np.arange(64 * 32, dtype="i4").reshape(32, 64).T  # Fortran-ordered view
+    tx = shm.Sender(src, {"name": buf.name, "shape": (64, 32), "dtype": "<i4"})
+    assert tx.send() is None
+    np.testing.assert_array_equal(buf.array, src)
+    tx.close()
+    buf.close()
+    assert leftovers(prefix) == []
+
+
+def test_shm_close_unlinks_and_names_are_checked(prefix):
     buf = shm.allocate_shared(prefix + "a", (10,), "f8")
     assert (buf.array == 0).all()
     view = buf.array[:5]  # a view kept past close must not break close()
-    rx = shm.Receiver(buf)
-    rx.close()
-    rx.close()
+    buf.close()
+    buf.close()
     assert leftovers(prefix) == []
     del view
     with pytest.raises(TransportError, match="must start with 'oob-'"):
         shm.allocate_shared("not-oob", (1,), "u1")
     with pytest.raises(TransportError, match="does not exist"):
         shm.Sender(np.zeros(1), {"name": prefix + "missing", "shape": (1,), "dtype": "<f8"})
-    with pytest.raises(TransportError, match="SharedBuffer"):
-        shm.Receiver(np.zeros(3))
 
 
 def test_shm_cleanup_after_killed_process(prefix):

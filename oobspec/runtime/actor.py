@@ -220,7 +220,6 @@ def _prepare(cfg: ReplicaConfig) -> Context:
                   endpoints={k: list(v) for k, v in cfg.endpoints.items()})
     from .links import allocate_buffers
     ctx._owners = allocate_buffers(cfg)
-    ctx.buffers.update({name: owner.array for name, owner in ctx._owners.items()})
     set_current(ctx)
     return ctx
 

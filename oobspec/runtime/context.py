@@ -1,10 +1,34 @@
 """`oobspec.context()`: what a replica knows about itself, its peers and its buffers."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import OobError
+
+
+class _Live(Mapping):
+    """A read-only mapping computed on each lookup: the current slot, the current version."""
+
+    def __init__(self, items: Callable[[], dict], get: Callable[[Any], Any]):
+        self._items, self._get = items, get
+
+    def __getitem__(self, name: str):
+        items = self._items()
+        if name not in items:
+            raise KeyError(name)
+        return self._get(items[name])
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 @dataclass
@@ -14,10 +38,19 @@ class Context:
     replica: int
     replicas: int
     endpoints: dict[str, list[str]] = field(default_factory=dict)  # connect key -> one URL per peer replica
-    buffers: dict[str, Any] = field(default_factory=dict)  # name -> numpy / cupy array
-    versions: dict[str, int] = field(default_factory=dict)  # buffer -> version of the last push received
     _links: Any = None  # runtime.links.Links, set by the actor
-    _owners: dict[str, Any] = field(default_factory=dict)  # buffer -> its allocation (closed on stop)
+    _owners: dict[str, Any] = field(default_factory=dict)  # buffer -> its Allocation (closed on stop)
+
+    @property
+    def buffers(self) -> Mapping[str, Any]:
+        """name -> numpy / cupy array; a `buffering: double` target's is its complete current slot."""
+        return _Live(lambda: self._owners, lambda owner: owner.array)
+
+    @property
+    def versions(self) -> Mapping[str, int]:
+        """Link target buffer -> version of the last push it received, live from its control block."""
+        return _Live(lambda: {n: o for n, o in self._owners.items() if o.inbox is not None},
+                     lambda owner: owner.inbox.version)
 
     def update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
         """A re-apply scaled this actor or its peers: the live view changes; True if it did."""
@@ -31,6 +64,57 @@ class Context:
         if self._links is None:
             raise OobError("this actor has no links")
         return await self._links.push(link)
+
+    async def updated(self, buffer: str, after: int | None = None, timeout: float | None = None) -> int:
+        """Wait for a push into `buffer` newer than version `after` (default: the current one) and
+        return its version; at once if there is one. Sleeps until the source rings (no polling).
+        TimeoutError after `timeout` seconds."""
+        inbox = self._owner(buffer).inbox
+        if inbox is None:
+            raise OobError(f"buffer '{buffer}' of {self.actor} is not a link target: nothing pushes into it")
+        after = inbox.version if after is None else after
+        try:
+            return await inbox.wait(after, timeout)
+        except asyncio.TimeoutError:
+            raise LinkTimeout(f"no push into '{buffer}' after version {after} within {timeout} s") from None
+
+    def views(self, buffer: str) -> dict[str, Any]:
+        """The named parts of a `layout:` buffer as numpy / cupy arrays (bfloat16 as uint16 bits)."""
+        owner = self._owner(buffer)
+        if not owner.buffer.layout:
+            raise OobError(f"buffer '{buffer}' has no layout: use buffers['{buffer}'] or tensor('{buffer}')")
+        return owner.views()
+
+    def tensor(self, buffer: str):
+        """A torch view of the buffer (cpu or cuda; shared memory, no copy; a layout as flat bytes)."""
+        owner = self._owner(buffer)
+        return _torch_view(owner.array, None if owner.buffer.layout else owner.buffer.dtype)
+
+    def tensors(self, buffer: str) -> dict[str, Any]:
+        """The named parts of a `layout:` buffer as torch tensors (bfloat16 included), no copy."""
+        owner = self._owner(buffer)
+        if not owner.buffer.layout:
+            raise OobError(f"buffer '{buffer}' has no layout: use tensor('{buffer}')")
+        return {name: _torch_view(view, owner.buffer.layout[name].dtype) for name, view in owner.views().items()}
+
+    def _owner(self, buffer: str):
+        if buffer not in self._owners:
+            known = ", ".join(self._owners) or "none"
+            raise OobError(f"actor {self.actor} has no buffer '{buffer}' (buffers: {known})")
+        return self._owners[buffer]
+
+
+class LinkTimeout(OobError, TimeoutError):
+    """`ctx.updated(..., timeout=...)` saw no new version in time."""
+
+
+def _torch_view(array, dtype: str | None):
+    try:
+        import torch
+    except ImportError:
+        raise OobError("ctx.tensor needs torch (pip install torch)") from None
+    tensor = torch.from_dlpack(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
 def env_key(key: str) -> str:

@@ -1,42 +1,119 @@
 """Buffers and links inside a replica: allocation at start, receivers, senders, push.
 
-Link buffers are allocated and touched once, when the replica starts, so a push is one copy
-per target and never faults fresh pages. The source is replica 0 of the link's `from` actor.
+Every link target's memory (one slot, or two with `buffering: double`; named shared memory on
+cpu, its own cudaMalloc on gpu) and its inbox (control block + doorbell, `transports.inbox`) are
+made when the replica starts, so a target that Ray restarts can receive again at once.
+
+The source is replica 0 of the link's `from` actor. Targets on its node (shm, and cuda_ipc on
+its own GPU) are written directly: the source copies into each target's mapped memory, then sets
+the version in the target's control block and rings it. No Ray call per push; a target that
+restarted is opened again by name. Other targets (object_store, nccl, cuda_ipc to another GPU)
+get a Ray call per push, as before.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..contract import LinkRole, ReplicaConfig, segment_name
 from ..errors import OobError
+from ..models import Buffer, storage_dtype
 from .metrics import off
 
+INLINE_BYTES = 8 << 20  # pushes up to this size copy on the event loop; bigger ones in a thread
 
-def allocate_buffers(cfg: ReplicaConfig) -> dict[str, Any]:
-    """Every declared buffer (name -> its owner; `.array` is the array); cpu link targets live
-    in named shared memory."""
-    if not cfg.buffers:
-        return {}  # no numpy (or cupy) import for actors without buffers
-    from ..transports import allocate
-    owners = {}
+
+class Allocation:
+    """One declared buffer: its memory in `slots` slots and, for a link target, the inbox that
+    says which slot is complete and current."""
+
+    def __init__(self, buf: Buffer, slots: int = 1, segment: str | None = None):
+        self.buffer, self.slots, self.segment = buf, slots, segment
+        self.inbox = self._shared = None
+        nbytes, (shape, dtype) = buf.nbytes, buf.storage()
+        handle = b""
+        if buf.device == "gpu":
+            from ..transports import get_transport
+            ipc = get_transport("cuda_ipc")
+            raw = ipc.allocate_gpu((slots * nbytes,), "uint8")
+            if segment:
+                handle = ipc.export_handle(raw)
+        elif segment:
+            from ..transports.shm import SharedBuffer, _unlink
+            _unlink(segment)  # a replica that crashed and was restarted by Ray left it behind: it is ours
+            self._shared = SharedBuffer(segment, (slots * nbytes,), "uint8")
+            raw = self._shared.array
+        else:
+            import numpy as np
+            raw = np.zeros(nbytes, np.uint8)
+        self._raw = [raw[i * nbytes:(i + 1) * nbytes] for i in range(slots)]
+        self._arrays = [r.view(dtype).reshape(shape) for r in self._raw]
+        if segment:
+            from ..transports.inbox import Inbox
+            self.inbox = Inbox(segment, slots, nbytes, handle)
+
+    @property
+    def current(self) -> int:
+        return self.inbox.slot if self.inbox is not None and self.slots == 2 else 0
+
+    @property
+    def array(self):
+        """The complete current slot (numpy on cpu, cupy on gpu)."""
+        return self._arrays[self.current]
+
+    def slot(self, index: int):
+        return self._arrays[index]
+
+    @property
+    def idle(self) -> int:
+        return 1 - self.current if self.slots == 2 else 0
+
+    def views(self, slot: int | None = None) -> dict[str, Any]:
+        """The named parts of a `layout` buffer, as arrays over the current slot (no copy)."""
+        raw = self._raw[self.current if slot is None else slot]
+        return {name: raw[offset:offset + part.nbytes].view(storage_dtype(part.dtype)).reshape(part.shape)
+                for name, (offset, part) in self.buffer.parts().items()}
+
+    def close(self) -> None:
+        if self.inbox is not None:
+            self.inbox.close()
+        if self._shared is not None:
+            self._shared.close(unlink=True)
+        self._raw = self._arrays = []
+        self.inbox = self._shared = None
+
+
+def allocate_buffers(cfg: ReplicaConfig) -> dict[str, Allocation]:
+    """Every declared buffer of a replica (name -> Allocation)."""
+    double = {role.target_buffer for role in cfg.links.values() if role.target_buffer and role.buffering == "double"}
+    out = {}
     for name, buf in cfg.buffers.items():
-        shared = None
-        if buf.device == "cpu" and name in cfg.link_targets:
-            shared = segment_name(cfg.deployment, cfg.actor, cfg.replica, name)
-            _unlink_stale(shared)
-        owners[name] = allocate(buf.shape, buf.dtype, buf.device, shared_name=shared)
-    return owners
+        segment = None
+        if name in cfg.link_targets:
+            segment = segment_name(cfg.deployment, cfg.actor, cfg.replica, name)
+        out[name] = Allocation(buf, 2 if name in double else 1, segment)
+    return out
 
 
-def _unlink_stale(name: str) -> None:
-    # A replica that crashed and was restarted by Ray left its segment behind: it is ours.
-    import os
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except FileNotFoundError:
-        pass
+@dataclass
+class Target:
+    """One target replica as the source sees it."""
+
+    key: str  # its replica name
+    handle: Any  # its Ray actor handle
+    transport: str
+    descriptor: dict | None
+    direct: bool = False  # on this node: written by the source, no Ray call
+    sender: Any = None  # direct: shm.Sender / cuda_ipc.Writer; else the transport's Sender (None for nccl)
+    outbox: Any = None  # direct: its control block and doorbell
+
+    def close(self) -> None:
+        for part in (self.sender, self.outbox):
+            if part is not None:
+                part.close()
+        self.sender = self.outbox = None
 
 
 class Links:
@@ -44,11 +121,12 @@ class Links:
         self.ctx, self.cfg = ctx, cfg
         self.links: dict[str, LinkRole] = cfg.links
         self.receivers: dict[tuple[str, str], Any] = {}  # (link, transport) -> Receiver / nccl Group
-        self.senders: dict[str, list[dict]] = {}  # link -> [{handle, transport, sender, descriptor, key}]
+        self.targets: dict[str, list[Target]] = {}  # link -> its targets (source side)
         self.groups: dict[str, Any] = {}  # link -> nccl Group (source side)
         self.version: dict[str, int] = {}
         self.last: dict[str, dict] = {}
         self._uuid: str | None = None
+        self._stream = None  # cupy stream of the source's direct GPU copies
         self._lock = asyncio.Lock()
         self.metrics = off()  # the replica's, once it has them
 
@@ -66,61 +144,92 @@ class Links:
 
     # --- target side ---
 
-    async def receiver(self, link: str, transport: str, setup: dict | None) -> dict:
+    async def receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
+        """This target's end of `link` over `transport`: what the source needs to reach it."""
         from ..transports import get_transport
-        spec = self._link(link)
-        buffer = spec.target_buffer
-        key = (link, transport)
+        buffer = self._link(link).target_buffer
+        alloc = self.ctx._owners[buffer]
         if transport == "nccl":
             nccl = get_transport("nccl")
-            self.receivers[key] = await asyncio.to_thread(nccl.Group, setup["unique_id"], setup["world"], setup["rank"])
+            self.receivers[(link, transport)] = await asyncio.to_thread(
+                nccl.Group, setup["unique_id"], setup["world"], setup["rank"])
             return {}
-        if key not in self.receivers:
-            owner = self.ctx._owners[buffer]
-            module = get_transport(transport)
-            self.receivers[key] = module.Receiver(owner if transport == "shm" else owner.array)
-        return self.receivers[key].descriptor()
+        receiver = self._receiver(link, transport)
+        described = receiver.descriptor() if receiver is not None else {}
+        return {**described, "segment": alloc.segment, "slots": alloc.slots, "shape": alloc.slot(0).shape,
+                "dtype": alloc.slot(0).dtype.str}
+
+    def _receiver(self, link: str, transport: str):
+        key = (link, transport)
+        if key not in self.receivers and transport in ("object_store", "cuda_ipc"):
+            from ..transports import get_transport
+            array = self.ctx._owners[self._link(link).target_buffer].slot(0)
+            self.receivers[key] = get_transport(transport).Receiver(array)
+        return self.receivers.get(key)
 
     async def receive(self, link: str, message: Any, version: int) -> None:
-        spec = self._link(link)
+        """A push that comes by Ray call: into the idle slot, then published in our own inbox."""
+        alloc = self.ctx._owners[self._link(link).target_buffer]
         transport = message.get("transport") if isinstance(message, dict) else None
-        payload = message.get("payload") if isinstance(message, dict) else None
-        receiver = self.receivers.get((link, transport))
+        # Made here too: a target that Ray restarted receives again without a re-apply.
+        receiver = self._receiver(link, transport) if transport != "nccl" else self.receivers.get((link, transport))
         if receiver is None:
-            raise OobError(f"link '{link}' is not set up on {self.cfg.name}")
+            raise OobError(f"link '{link}' is not set up on {self.cfg.name}"
+                           + (" (nccl is wired at apply: re-apply after a restart)" if transport == "nccl" else ""))
+        slot = alloc.idle
         if transport == "nccl":
-            await asyncio.to_thread(receiver.broadcast, self.ctx.buffers[spec.target_buffer])
-        elif transport != "shm":  # shm: the source already wrote into our segment
-            await asyncio.to_thread(receiver.receive, payload)
-        self.ctx.versions[spec.target_buffer] = version
+            await asyncio.to_thread(receiver.broadcast, alloc.slot(slot))
+        else:
+            await asyncio.to_thread(receiver.receive, message["payload"], alloc.slot(slot))
+        alloc.inbox.publish(version, slot)
 
     # --- source side ---
 
-    async def connect(self, link: str, targets: list) -> None:
-        """targets: [{key, handle, transport, descriptor, setup}] — called by apply, idempotent."""
-        from ..transports import get_transport
+    async def connect(self, link: str, targets: list[dict]) -> None:
+        """targets: [{key, handle, transport, descriptor}], called by apply; idempotent."""
         spec = self._link(link)
-        source = self.ctx.buffers[spec.source_buffer]
-        old = {t["key"]: t for t in self.senders.get(link, [])}
+        source = self.ctx._owners[spec.source_buffer].array
+        old = {t.key: t for t in self.targets.get(link, [])}
         fresh = []
-        for target in targets:
-            kept = old.pop(target["key"], None)
-            if kept and kept["transport"] == target["transport"] and kept["descriptor"] == target["descriptor"] \
-                    and target["transport"] != "nccl":
-                kept["handle"] = target["handle"]
+        for given in targets:
+            target = Target(given["key"], given["handle"], given["transport"], given["descriptor"])
+            kept = old.pop(target.key, None)
+            if kept and (kept.transport, kept.descriptor) == (target.transport, target.descriptor) \
+                    and target.transport != "nccl":
+                kept.handle = target.handle
                 fresh.append(kept)
                 continue
-            if kept and kept["sender"] is not None:
-                kept["sender"].close()
-            sender = None
-            if target["transport"] != "nccl":
-                sender = get_transport(target["transport"]).Sender(source, target["descriptor"])
-            fresh.append(dict(target, sender=sender))
+            if kept:
+                kept.close()
+            if target.transport == "shm" or (target.transport == "cuda_ipc"
+                                             and target.descriptor.get("device_uuid") == self.gpu_uuid()):
+                target.direct = True
+                self._open(target, source)
+            elif target.transport != "nccl":
+                from ..transports import get_transport
+                target.sender = get_transport(target.transport).Sender(source, target.descriptor)
+            fresh.append(target)
         for gone in old.values():
-            if gone["sender"] is not None:
-                gone["sender"].close()
-        self.senders[link] = fresh
+            gone.close()
+        self.targets[link] = fresh
         self.version.setdefault(link, 0)
+
+    def _open(self, target: Target, source) -> None:
+        """Map a direct target's memory and control block, by its segment's name."""
+        from ..transports import get_transport
+        from ..transports.inbox import Outbox
+        target.close()
+        d = target.descriptor
+        outbox = Outbox(d["segment"])
+        try:
+            if target.transport == "shm":
+                target.sender = get_transport("shm").Sender(source, {**d, "name": d["segment"]})
+            else:
+                target.sender = get_transport("cuda_ipc").Writer(source, d, outbox.handle)
+        except BaseException:
+            outbox.close()
+            raise
+        target.outbox = outbox
 
     async def nccl_root(self, link: str, unique_id, world: int) -> None:
         from ..transports import get_transport
@@ -130,43 +239,112 @@ class Links:
         spec = self._link(link)
         if spec.role != "source" or self.cfg.replica != 0:
             raise OobError(f"link '{link}' pushes from replica 0 of {spec.source.actor}, not from {self.cfg.name}")
-        if link not in self.senders:
+        if link not in self.targets:
             raise OobError(f"link '{link}' is not connected yet (apply sets it up once every replica is ready)")
         async with self._lock:  # one push of a link at a time: versions stay in order
-            source = self.ctx.buffers[spec.source_buffer]
+            source = self.ctx._owners[spec.source_buffer].array
             version = self.version[link] + 1
-            targets = self.senders[link]
+            targets = self.targets[link]
             start = time.perf_counter()
-            acks = []
-            nccl_targets = [t for t in targets if t["transport"] == "nccl"]
-            if nccl_targets:
-                acks += [t["handle"]._oob_receive.remote(link, {"transport": "nccl"}, version) for t in nccl_targets]
-                await asyncio.to_thread(self.groups[link].broadcast, source)
-            others = [t for t in targets if t["transport"] != "nccl"]
-            payloads = await asyncio.gather(*(asyncio.to_thread(t["sender"].send) for t in others))
-            acks += [t["handle"]._oob_receive.remote(link, {"transport": t["transport"], "payload": p}, version)
-                     for t, p in zip(others, payloads)]
-            await asyncio.gather(*acks)
+            failed: dict[str, str] = {}
+            direct = [t for t in targets if t.direct]
+            if direct:
+                await self._push_direct(direct, source, version, failed)
+            others = [t for t in targets if not t.direct]
+            if others:
+                await self._push_by_call(link, others, source, version, failed)
             seconds = time.perf_counter() - start
             self.version[link] = version
-            nbytes = int(source.nbytes) * len(targets)
-            transports = sorted({t["transport"] for t in targets})
+            reached = len(targets) - len(failed)
+            nbytes = int(source.nbytes) * reached
             self.metrics.push(link, seconds, nbytes)
             self.last[link] = {"version": version, "bytes": nbytes, "seconds": seconds,
-                               "gbps": nbytes / seconds / 1e9 if seconds else 0.0, "targets": len(targets),
-                               "transport": "/".join(transports), "at": time.time()}
+                               "gbps": nbytes / seconds / 1e9 if seconds else 0.0, "targets": reached, "direct": len(direct),
+                               "transport": "/".join(sorted({t.transport for t in targets})), "at": time.time()}
+            if failed:
+                why = "; ".join(f"{key}: {reason}" for key, reason in failed.items())
+                raise OobError(f"link '{link}': version {version} reached {reached} of {len(targets)} targets; "
+                               f"{why}")
             return self.last[link]
 
+    async def _push_direct(self, targets: list[Target], source, version: int, failed: dict) -> None:
+        from ..transports.inbox import TargetGone
+        live = []
+        for t in targets:
+            if t.outbox is None:  # gone at the last push: has it been restarted since?
+                try:
+                    self._open(t, source)
+                except TargetGone:
+                    failed[t.key] = "not running (restarting, or dead)"
+                    continue
+            live.append(t)
+        slots = [t.outbox.begin() for t in live]
+        await self._copy(live, slots, source)
+        retry = []
+        for t, slot in zip(live, slots):
+            try:
+                t.outbox.publish(version, slot)
+            except TargetGone:
+                retry.append(t)  # it exited since we mapped it; a restarted one has a new segment
+        for t in retry:
+            try:
+                self._open(t, source)
+                slot = t.outbox.begin()
+                await self._copy([t], [slot], source)
+                t.outbox.publish(version, slot)
+            except TargetGone:
+                t.close()
+                failed[t.key] = "not running (it exited; restarting, or dead)"
+
+    async def _copy(self, targets: list[Target], slots: list[int], source) -> None:
+        if not targets:
+            return
+        if source.nbytes * len(targets) <= INLINE_BYTES:
+            self._copy_now(targets, slots, source)
+        else:
+            await asyncio.to_thread(self._copy_now, targets, slots, source)
+
+    def _copy_now(self, targets: list[Target], slots: list[int], source) -> None:
+        gpu = [(t, s) for t, s in zip(targets, slots) if t.transport == "cuda_ipc"]
+        for t, slot in zip(targets, slots):
+            if t.transport == "shm":
+                t.sender.send(slot)
+        if gpu:
+            from ..transports.base import import_cupy
+            cp = import_cupy()
+            with source.device:
+                if self._stream is None:
+                    self._stream = cp.cuda.Stream(non_blocking=True)
+                # After whatever the user queued on the source's current stream...
+                self._stream.wait_event(cp.cuda.get_current_stream().record())
+                for t, slot in gpu:  # ...back to back on one stream, then one wait.
+                    t.sender.copy(slot, self._stream)
+                self._stream.synchronize()
+
+    async def _push_by_call(self, link: str, targets: list[Target], source, version: int, failed: dict) -> None:
+        calls = []
+        nccl = [t for t in targets if t.transport == "nccl"]
+        if nccl:
+            calls += [(t, t.handle._oob_receive.remote(link, {"transport": "nccl"}, version)) for t in nccl]
+            await asyncio.to_thread(self.groups[link].broadcast, source)
+        others = [t for t in targets if t.transport != "nccl"]
+        payloads = await asyncio.gather(*(asyncio.to_thread(t.sender.send) for t in others))
+        calls += [(t, t.handle._oob_receive.remote(link, {"transport": t.transport, "payload": p}, version))
+                  for t, p in zip(others, payloads)]
+        results = await asyncio.gather(*(ref for _, ref in calls), return_exceptions=True)
+        for (t, _), result in zip(calls, results):
+            if isinstance(result, BaseException):
+                failed[t.key] = f"{type(result).__name__}: {str(result).splitlines()[0] if str(result) else ''}"
+
     def stats(self) -> dict:
-        return {name: {"last_push": self.last.get(name), "transports": sorted({t["transport"] for t in self.senders.get(name, [])})}
+        return {name: {"last_push": self.last.get(name), "transports": sorted({t.transport for t in self.targets.get(name, [])})}
                 for name, spec in self.links.items() if spec.role == "source"}
 
     def close(self) -> None:
-        for targets in self.senders.values():
+        for targets in self.targets.values():
             for t in targets:
-                if t["sender"] is not None:
-                    t["sender"].close()
-        self.senders.clear()
+                t.close()
+        self.targets.clear()
         for receiver in self.receivers.values():
             close = getattr(receiver, "close", None)
             if close:
@@ -175,3 +353,4 @@ class Links:
         for owner in self.ctx._owners.values():
             owner.close()
         self.ctx._owners = {}
+

@@ -23,7 +23,7 @@ def get_transport(name: str):
 def allocate(shape, dtype, device: str, shared_name: str | None = None):
     """A target or source buffer: an object with `.array` and `.close(unlink=True)`.
 
-    cpu + shared_name -> shm.SharedBuffer (what shm.Receiver needs); cpu -> zeroed
+    cpu + shared_name -> shm.SharedBuffer (named shared memory); cpu -> zeroed
     numpy array; gpu -> cupy array in its own allocation (what cuda_ipc needs).
     """
     if is_gpu(device):

@@ -14,19 +14,22 @@ class TransportError(OobError):
 
 
 class Receiver(Protocol):
-    """Lives in a target replica and owns the target buffer `.array`."""
+    """Lives in a target replica that a push reaches by a Ray call (object_store, cuda_ipc to
+    another GPU); made for the target buffer `.array`."""
 
     array: Any
 
     def descriptor(self) -> dict: ...
 
-    def receive(self, message: Any) -> None: ...
+    def receive(self, message: Any, into=None) -> None: ...
 
     def close(self) -> None: ...
 
 
 class Sender(Protocol):
-    """Lives in the source replica, one per (link, target replica).
+    """Lives in the source replica, one per (link, target replica) reached by a Ray call; what
+    send() returns travels in that call. (Targets on the source's node are written directly:
+    shm.Sender and cuda_ipc.Writer, with inbox.Outbox.)
 
     Built as `Sender(source_array, receiver_descriptor)`.
     """

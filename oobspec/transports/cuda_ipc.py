@@ -1,10 +1,14 @@
 """cuda_ipc: a GPU buffer copied between processes on one node (same or peer GPU).
 
-The source exports its allocation and an interprocess event once; each send only
-records the event. The target opens the handle once and pulls with one
-device-to-device copy ordered after that event. The source must not overwrite its
-buffer until the target's receive() has returned, and targets must close() before
-the source frees its buffer.
+On one GPU the source writes (Writer): each target exports its allocation once, the source
+opens it once and every push is one device copy per target on the source's stream.
+
+Across GPUs (a peer GPU may not even be visible to the source under Ray's
+CUDA_VISIBLE_DEVICES) the target pulls (Sender / Receiver): the source exports its
+allocation and an interprocess event once; each send only records the event. The target
+opens the handle once and pulls with one device-to-device copy ordered after that event.
+The source must not overwrite its buffer until the target's receive() has returned, and
+targets must close() before the source frees its buffer.
 """
 from __future__ import annotations
 
@@ -48,6 +52,15 @@ def allocate_gpu(shape, dtype):
     return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(cp.cuda.Memory(nbytes), 0))
 
 
+def export_handle(array) -> bytes:
+    """The CUDA IPC handle (64 bytes) of an array from allocate_gpu: another process on the node
+    opens it once and writes into this memory."""
+    base, offset = _export_base(array)
+    if offset:
+        raise TransportError("cuda_ipc exports whole allocations from allocate_gpu(...)")
+    return bytes(_cupy().cuda.runtime.ipcGetMemHandle(base))
+
+
 def _export_base(array) -> tuple[int, int]:
     cp = _cupy()
     mem = array.data.mem
@@ -56,7 +69,35 @@ def _export_base(array) -> tuple[int, int]:
     return mem.ptr, array.data.ptr - mem.ptr
 
 
+class Writer:
+    """Source side of a target on the source's own GPU: the target's memory is opened once (its
+    handle, from the target's control block); each push is one device copy per target, queued
+    by the caller on its stream."""
+
+    def __init__(self, array, descriptor: dict, handle: bytes):
+        check_match(array, descriptor["shape"], descriptor["dtype"], "cuda_ipc")
+        _export_base(array)  # C-contiguous, one allocation
+        rt = _cupy().cuda.runtime
+        self._src, self._nbytes = array, array.nbytes
+        with array.device:
+            self._base = rt.ipcOpenMemHandle(handle)
+        self._slots = [self._base + i * self._nbytes for i in range(descriptor.get("slots", 1))]
+
+    def copy(self, slot: int, stream) -> None:
+        rt = _cupy().cuda.runtime
+        rt.memcpyAsync(self._slots[slot], self._src.data.ptr, self._nbytes, rt.memcpyDefault, stream.ptr)
+
+    def close(self) -> None:
+        if self._src is None:
+            return
+        with self._src.device:
+            _cupy().cuda.runtime.ipcCloseMemHandle(self._base)
+        self._src = None
+
+
 class Sender:
+    """Source side of a target on another GPU (pulled by the target, after a Ray call)."""
+
     def __init__(self, array, descriptor: dict):
         check_match(array, descriptor["shape"], descriptor["dtype"], "cuda_ipc")
         cp = _cupy()
@@ -96,7 +137,9 @@ class Receiver:
     def descriptor(self) -> dict:
         return {**spec(self.array), "device_uuid": self._uuid}
 
-    def receive(self, message: dict) -> None:
+    def receive(self, message: dict, into=None) -> None:
+        """Pull the source's data into `into` (default: the buffer this receiver was made for)."""
+        into = self.array if into is None else into
         if tuple(message["shape"]) != self.array.shape or np.dtype(message["dtype"]) != self.array.dtype:
             raise TransportError(
                 f"cuda_ipc: source buffer is {np.dtype(message['dtype'])}{list(message['shape'])} "
@@ -115,7 +158,7 @@ class Receiver:
             # memcpyDefault lets unified addressing route a same-GPU or a peer
             # copy; the source GPU's index in this process is never needed (it may
             # not even be visible under Ray's CUDA_VISIBLE_DEVICES).
-            rt.memcpyAsync(self.array.data.ptr, self._mem[1] + message["offset"],
+            rt.memcpyAsync(into.data.ptr, self._mem[1] + message["offset"],
                            message["nbytes"], rt.memcpyDefault, stream.ptr)
             stream.synchronize()
 

@@ -13,10 +13,10 @@ class Receiver:
     def descriptor(self) -> dict:
         return spec(self.array)
 
-    def receive(self, message: dict) -> None:
+    def receive(self, message: dict, into=None) -> None:
         import ray
 
-        np.copyto(self.array, ray.get(message["ref"]))
+        np.copyto(self.array if into is None else into, ray.get(message["ref"]))
 
     def close(self) -> None:
         self.array = None

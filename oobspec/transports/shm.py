@@ -1,7 +1,7 @@
 """shm: a CPU buffer pushed between processes on one node through POSIX shared memory.
 
-The target owns a named segment; the source maps it once and each push is a single
-copy straight into the mapping (copying into a mapping is several times faster than
+The target owns a named segment (and its inbox, `inbox.py`); the source maps it once and
+each push is a single copy straight into the mapping (copying into a mapping is several times faster than
 copying out of one, so the source writes rather than the target reading).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _open(name: str, create: bool = False, size: int = 0) -> SharedMemory:
     # target's live segment when the source exits. The tracker also keeps one
     # set per tracker, shared by spawned children, so a target and a source in
     # one process tree would cancel each other's entries. oobspec owns segment
-    # lifetime itself (Receiver.close, cleanup(prefix)), so opt out on both sides.
+    # lifetime itself (SharedBuffer.close, cleanup(prefix)), so opt out on both sides.
     resource_tracker.unregister(shm._name, "shared_memory")
     return shm
 
@@ -105,34 +105,12 @@ def cleanup(prefix: str) -> list[str]:
     return [n for n in names if _unlink(n)]
 
 
-class Receiver:
-    """Target side: owns the segment; the source writes into it directly."""
-
-    def __init__(self, buffer: SharedBuffer):
-        if not isinstance(buffer, SharedBuffer):
-            raise TransportError("shm Receiver needs a SharedBuffer from allocate_shared(...)")
-        self._buffer = buffer
-
-    @property
-    def array(self):
-        return self._buffer.array
-
-    def descriptor(self) -> dict:
-        b = self._buffer
-        return {"name": b.name, "shape": b.shape, "dtype": b.dtype.str}
-
-    def receive(self, message=None) -> None:
-        pass  # the copy already landed in our segment during Sender.send()
-
-    def close(self) -> None:
-        self._buffer.close(unlink=True)
-
-
 class Sender:
-    """Source side: maps the target's segment once; send() is one copy into it."""
+    """Source side: maps the target's segment once; send(slot) is one copy into that slot
+    (a target with `buffering: double` has two, one after the other)."""
 
     def __init__(self, array, descriptor: dict):
-        name = descriptor["name"]
+        name, slots = descriptor["name"], descriptor.get("slots", 1)
         check_match(array, descriptor["shape"], descriptor["dtype"], f"shm segment {name}")
         if not isinstance(array, np.ndarray):
             raise TransportError(f"shm segment {name}: source must be a numpy array, got {type(array).__name__}")
@@ -141,21 +119,22 @@ class Sender:
         except FileNotFoundError:
             raise TransportError(f"shm segment {name} does not exist (target closed or not started)") from None
         nbytes = array.nbytes
-        if self._shm.size < nbytes:
+        if self._shm.size < nbytes * slots:
             _release(self._shm)
-            raise TransportError(f"shm segment {name} holds {self._shm.size} bytes, source needs {nbytes}")
+            raise TransportError(f"shm segment {name} holds {self._shm.size} bytes, {slots} x {nbytes} needed")
         self._src = array
-        self._dst = np.ndarray(array.shape, array.dtype, buffer=self._shm.buf)
+        self._dst = [np.ndarray(array.shape, array.dtype, buffer=self._shm.buf, offset=i * nbytes)
+                     for i in range(slots)]
         if nbytes:
             # Read one byte per page: this maps the target's (already faulted)
             # pages into our page table, writable, without touching its data, so
             # even the first send runs at copy speed.
-            np.frombuffer(self._shm.buf, np.uint8, count=nbytes)[:: mmap.PAGESIZE].max()
+            np.frombuffer(self._shm.buf, np.uint8, count=nbytes * slots)[:: mmap.PAGESIZE].max()
 
-    def send(self) -> None:
+    def send(self, slot: int = 0) -> None:
         # One thread: the copy is memory-bound, and splitting a 256 MiB push over
         # two threads measured slower here (11-12 vs 12-13 GB/s, 2 cores).
-        np.copyto(self._dst, self._src)
+        np.copyto(self._dst[slot], self._src)
         return None
 
     def close(self) -> None:
