@@ -50,3 +50,35 @@ class WeightServer:
         ctx = oobspec.context()
         w = ctx.buffers["weights"]
         return {"version": ctx.versions.get("weights", 0), "sum": float(np.asarray(w.sum() if not hasattr(w, "get") else w.sum().get()))}
+
+
+def _checksum(parts: dict) -> float:
+    return float(sum(float(p.astype(np.float64).sum()) for p in parts.values()))
+
+
+class PolicyTrainer:
+    """Weight sync as RL trainers do it: all parameters in one bucket (`layout:`), one push per step."""
+
+    async def step(self, seed: int = 0) -> dict:
+        ctx = oobspec.context()
+        parts, rng = ctx.views("params"), np.random.default_rng(seed)
+        parts["w"][...] = rng.standard_normal(parts["w"].shape, dtype=np.float32)
+        # bfloat16 is the top 16 bits of a float32 (numpy holds them as uint16; ctx.tensors gives torch.bfloat16)
+        parts["emb"][...] = rng.standard_normal(parts["emb"].shape, dtype=np.float32).view(np.uint32) >> 16
+        parts["b"][...] = rng.standard_normal(parts["b"].shape, dtype=np.float32)
+        pushed = await ctx.push("params")
+        return {"version": pushed["version"], "checksum": _checksum(parts), "seconds": pushed["seconds"]}
+
+
+class PolicyServer:
+    """An inference replica: its weights are always one complete version (buffering: double)."""
+
+    async def wait(self, after: int = 0, timeout: float = 30) -> dict:
+        """Answers once a version newer than `after` has landed (a long poll; no polling inside)."""
+        ctx = oobspec.context()
+        version = await ctx.updated("params", after=after, timeout=timeout)
+        return {"version": version, "checksum": _checksum(ctx.views("params"))}
+
+    async def weights(self) -> dict:
+        ctx = oobspec.context()
+        return {"version": ctx.versions["params"], "checksum": _checksum(ctx.views("params"))}

@@ -122,6 +122,35 @@ def test_oob_sync_from_tmp(ray_head, tmp_path):
         oob("delete", "cpu-link", "--address", ray_head)
 
 
+def test_weight_sync_example_wakes_waiting_http_clients(ray_head):
+    """The shipped specs/weight-sync.yaml: clients wait on each inference replica over HTTP; a
+    training step (and `oob sync` from /tmp) wakes every one with the complete new version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import ROOT
+    applied = oob("apply", ROOT / "specs" / "weight-sync.yaml", "--address", ray_head, cwd="/")
+    assert applied.returncode == 0, applied.stderr
+    try:
+        urls = {r["name"]: r["endpoints"]["http"] for r in status_of(ray_head, "weight-sync")["replicas"]}
+        servers = [urls["server-0"], urls["server-1"]]
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(requests.get, f"{u}/wait?after=0", timeout=60) for u in servers]
+            time.sleep(1)
+            assert not any(w.done() for w in waiting)  # asleep until a push
+            step = requests.post(f"{urls['trainer-0']}/step?seed=3", timeout=30).json()
+            assert step["version"] == 1
+            assert [w.result().json() for w in waiting] == [{"version": 1, "checksum": step["checksum"]}] * 2
+        synced = oob("sync", "weight-sync", "params", "--address", ray_head, cwd="/tmp")
+        assert synced.returncode == 0, synced.stderr
+        assert "params: version 2" in synced.stdout and "2 targets" in synced.stdout
+        for u in servers:  # already newer: answers at once
+            assert requests.get(f"{u}/wait?after=1", timeout=10).json() == {"version": 2, "checksum": step["checksum"]}
+        late = requests.get(f"{servers[0]}/wait?after=2&timeout=0.2", timeout=10)
+        assert late.status_code == 500 and "no push into 'params' after version 2" in late.text
+    finally:
+        oob("delete", "weight-sync", "--address", ray_head)
+
+
 @pytest.fixture(scope="module")
 def not_ray():
     """A port where something answers that is not Ray (a plain HTTP server)."""

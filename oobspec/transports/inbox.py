@@ -59,6 +59,11 @@ class _Block:
         return int(self.fields[_SLOTS])
 
     @property
+    def pushed_ns(self) -> int:
+        """time.time_ns() when the last push was published."""
+        return int(self.fields[_PUSHED_NS])
+
+    @property
     def handle(self) -> bytes:
         return bytes(self._shm.buf[_HANDLE:_HANDLE + 64])
 
