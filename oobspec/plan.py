@@ -154,6 +154,8 @@ class LinkRow:
     transport: str | None  # None: not decided until the replicas are placed
     reason: LinkReason
     options: list[str] = field(default_factory=list)  # what `auto` may pick, while undecided
+    nbytes: int = 0  # bytes per push and target
+    buffering: str = "single"
 
     def describe(self) -> tuple[str, str]:
         """(transport, why) in words."""
@@ -292,11 +294,12 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
             topology.setdefault((r.actor, r.replica), Topology(r.node_id, r.gpu_uuid))
     for link in spec.links:
         src_actor, src_buf = Ref.parse(link.from_).actor, Ref.parse(link.from_).member
-        device = spec.actors[src_actor].buffers[src_buf].device if src_actor in spec.actors and \
-            src_buf in spec.actors[src_actor].buffers else "cpu"
+        buf = spec.actors[src_actor].buffers.get(src_buf) if src_actor in spec.actors else None
+        device = buf.device if buf else "cpu"
+        size = {"nbytes": buf.nbytes if buf else 0, "buffering": link.buffering}
         for target in link.to:
             if link.transport != "auto":
-                links.append(LinkRow(link.name, link.from_, target, device, link.transport, LinkReason.SPEC))
+                links.append(LinkRow(link.name, link.from_, target, device, link.transport, LinkReason.SPEC, **size))
                 continue
             dst_actor = Ref.parse(target).actor
             ends = [topology.get((src_actor, 0))] + [topology.get((dst_actor, i))
@@ -306,13 +309,15 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                 picks = sorted({choose_transport(device, ends[0], t) for t in ends[1:]})
                 links.append(LinkRow(link.name, link.from_, target, device, "/".join(picks),
                                      LinkReason.PLACED_ONE_NODE if len({e.node_id for e in ends}) == 1
-                                     else LinkReason.PLACED_SEVERAL_NODES))
+                                     else LinkReason.PLACED_SEVERAL_NODES, **size))
             elif single_node:
                 links.append(LinkRow(link.name, link.from_, target, device,
-                                     choose_transport(device, Topology("local"), Topology("local")), LinkReason.ONE_NODE))
+                                     choose_transport(device, Topology("local"), Topology("local")), LinkReason.ONE_NODE,
+                                     **size))
             else:
                 options = ["cuda_ipc", "nccl"] if device == "gpu" else ["shm", "object_store"]
-                links.append(LinkRow(link.name, link.from_, target, device, None, LinkReason.NOT_PLACED, options))
+                links.append(LinkRow(link.name, link.from_, target, device, None, LinkReason.NOT_PLACED, options,
+                                     **size))
 
     totals = {"actors": 0, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0}
     for actor in spec.actors.values():

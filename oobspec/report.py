@@ -70,8 +70,10 @@ def plan_text(plan: Plan) -> str:
                          [[s.actor, s.replica, s.server, s.protocol, s.url] for s in plan.servers]))
     if plan.links:
         out.append("")
-        out.append(table(["LINK", "FROM", "TO", "DEVICE", "TRANSPORT", "WHY"],
-                         [[x.name, x.source, x.target, x.device, *x.describe()] for x in plan.links]))
+        out.append(table(["LINK", "FROM", "TO", "DEVICE", "SIZE", "TRANSPORT", "WHY"],
+                         [[x.name, x.source, x.target, x.device,
+                           size(x.nbytes) + (" x2 (double)" if x.buffering == "double" else ""), *x.describe()]
+                          for x in plan.links]))
     if plan.upload:
         up = plan.upload
         out.append("")

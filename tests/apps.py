@@ -159,6 +159,25 @@ class Server:
         return os.getpid()
 
 
+class TorchTrainer:
+    async def step(self, value: float) -> dict:
+        import torch
+        ctx = oobspec.context()
+        parts = ctx.tensors("params")
+        assert parts["w"].dtype == torch.bfloat16 and parts["w"].is_cuda
+        parts["w"].fill_(value)
+        parts["b"].fill_(value)
+        return await ctx.push("weights")
+
+
+class TorchServer:
+    async def next(self, after: int) -> tuple:
+        ctx = oobspec.context()
+        version = await ctx.updated("params", after=after, timeout=30)
+        parts = ctx.tensors("params")
+        return version, float(parts["w"].double().sum()), float(parts["b"].double().sum())
+
+
 class Broken:
     def __init__(self):
         print("about to fail: checking the config", flush=True)
