@@ -92,7 +92,7 @@ actors:
     restarts: 1
     buffers: {{params: {{layout: {{w1: {{shape: [256, 128], dtype: bfloat16}}, b1: {{shape: [128]}}}}}}}}
 links:
-  - {{name: weights, from: trainer.params, to: server.params, buffering: double}}
+  - {{name: weights, from: trainer.params, to: server.params, buffering: double, transport: {transport}}}
 """
 
 
@@ -105,15 +105,18 @@ def _gone(pid: int) -> bool:
         return f.read().split(") ", 1)[1].startswith("Z")
 
 
-def test_weight_sync_wakes_targets_survives_a_restart_without_reapply(local_ray, write_spec):
-    name = "weights"
-    spec = oobspec.load(write_spec(WEIGHTS.format(name=name)))
+@pytest.mark.parametrize("transport", ["auto", "object_store"])
+def test_weight_sync_wakes_targets_survives_a_restart_without_reapply(local_ray, write_spec, transport):
+    name = f"weights-{transport.replace('_', '-')}"
+    direct = transport == "auto"  # shm: the source writes; object_store: a Ray call per target
+    spec = oobspec.load(write_spec(WEIGHTS.format(name=name, transport=transport)))
     with oobspec.deploy(spec) as d:
         trainer, servers = d.handle("trainer"), [d.handle("server", i) for i in range(2)]
         waiting = [s.next.remote(0) for s in servers]  # asleep in ctx.updated before the push
         time.sleep(0.5)
         pushed = ray.get(trainer.step.remote(1))
-        assert (pushed["version"], pushed["targets"], pushed["direct"], pushed["transport"]) == (1, 2, 2, "shm")
+        assert (pushed["version"], pushed["targets"], pushed["direct"], pushed["transport"]) == \
+            (1, 2, 2 if direct else 0, "shm" if direct else "object_store")
         assert pushed["bytes"] == 2 * (256 * 128 * 2 + 128 * 4)  # one bucket: w1, then b1 at byte 65536
         assert ray.get(waiting, timeout=30) == [(1, pushed["checksum"])] * 2
         pushed = ray.get(trainer.step.remote(2))

@@ -334,7 +334,11 @@ class Links:
         results = await asyncio.gather(*(ref for _, ref in calls), return_exceptions=True)
         for (t, _), result in zip(calls, results):
             if isinstance(result, BaseException):
-                failed[t.key] = f"{type(result).__name__}: {str(result).splitlines()[0] if str(result) else ''}"
+                import ray
+                first = (str(result).splitlines() or [""])[0]
+                first = first if len(first) <= 120 else first[:117] + "..."
+                gone = isinstance(result, ray.exceptions.RayActorError)  # dead, or restarting
+                failed[t.key] = f"{'not running (' if gone else ''}{type(result).__name__}: {first}{')' if gone else ''}"
 
     def stats(self) -> dict:
         return {name: {"last_push": self.last.get(name), "transports": sorted({t.transport for t in self.targets.get(name, [])})}
