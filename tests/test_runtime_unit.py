@@ -1540,6 +1540,15 @@ def test_layout_parts_are_aligned_views_of_one_allocation(deployment):
     assert alloc.idle == 0 and ctx.buffers["params"] is alloc.slot(1)
     with pytest.raises(OobError, match="buffer 'plain' has no layout"):
         ctx.views("plain")
+    odd = Allocation(Buffer(layout={"a": {"shape": [3]}, "b": {"shape": [1], "dtype": "uint8"}}), 2,
+                     f"oob-{deployment}-odd")  # 257 bytes: slot 1 starts at 512, so its parts stay aligned
+    assert odd.stride == 512 and [odd.views(i)["a"].ctypes.data % 256 for i in (0, 1)] == [0, 0]
+    sender = shm.Sender(np.full(257, 7, np.uint8), {"name": odd.segment, "shape": (257,), "dtype": "|u1",
+                                                    "slots": 2, "stride": odd.stride})
+    sender.send(1)
+    assert odd.views(1)["b"].tolist() == [7] and odd.views(0)["b"].tolist() == [0]
+    sender.close()
+    odd.close()
     with pytest.raises(OobError, match=r"actor dst has no buffer 'nope' \(buffers: params, plain\)"):
         ctx.views("nope")
     with pytest.raises(pydantic.ValidationError, match="exactly one of 'shape' or 'layout'"):

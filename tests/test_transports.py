@@ -44,7 +44,8 @@ def _target(conn, segment, shape, dtype, slots):
     alloc = Allocation(Buffer(shape=list(shape), dtype=dtype), slots, segment)
 
     async def serve():
-        conn.send({"slots": alloc.slots, "shape": alloc.slot(0).shape, "dtype": alloc.slot(0).dtype.str})
+        conn.send({"slots": alloc.slots, "stride": alloc.stride, "shape": alloc.slot(0).shape,
+                   "dtype": alloc.slot(0).dtype.str})
         version = 0
         while conn.recv() != "close":
             version = await alloc.inbox.wait(version, timeout=20)
@@ -91,7 +92,8 @@ def test_shm_push_between_two_processes_without_a_call(prefix, shape, dtype, slo
     target = SPAWN.Process(target=_target, args=(t_child, segment, shape, dtype, slots))
     target.start()
     descriptor = t_conn.recv()
-    assert descriptor == {"slots": slots, "shape": shape, "dtype": np.dtype(dtype).str}
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    assert descriptor == {"slots": slots, "stride": -(-nbytes // 256) * 256, "shape": shape, "dtype": np.dtype(dtype).str}
     assert sorted(leftovers(prefix)) == [segment, segment + ".bell", segment + ".ctl"]
     source = SPAWN.Process(target=_source, args=(s_child, segment, descriptor))
     source.start()

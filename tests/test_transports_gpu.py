@@ -160,7 +160,7 @@ def _inbox_target(conn, segment, nbytes, slots):
     alloc = Allocation(Buffer(shape=[nbytes // 4], dtype="float32", device="gpu"), slots, segment)
 
     async def serve():
-        conn.send({"segment": segment, "slots": slots, "shape": (nbytes // 4,), "dtype": "<f4"})
+        conn.send({"segment": segment, "slots": slots, "stride": alloc.stride, "shape": (nbytes // 4,), "dtype": "<f4"})
         version = 0
         while conn.recv() != "close":
             version = await alloc.inbox.wait(version, timeout=60)

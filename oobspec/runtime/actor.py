@@ -163,7 +163,7 @@ class OobMixin:
             await process.stop()
         ctx = getattr(self, "_oob_context", None)
         if ctx is not None and ctx._links is not None:
-            ctx._links.close()
+            await ctx._links.aclose()
         self._oob_metrics.flush()  # the last requests' counts reach Ray before the process goes
 
     async def _oob_reclaim(self) -> None:

@@ -113,8 +113,9 @@ def _torch_view(array, dtype: str | None):
         import torch
     except ImportError:
         raise OobError("ctx.tensor needs torch (pip install torch)") from None
-    tensor = torch.from_dlpack(array)
-    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+    if dtype == "bfloat16":  # uint16 bits; through int16, which DLPack and any torch take
+        return torch.from_dlpack(array.view("int16")).view(torch.bfloat16)
+    return torch.from_dlpack(array)
 
 
 def env_key(key: str) -> str:

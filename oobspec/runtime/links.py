@@ -13,13 +13,14 @@ get a Ray call per push, as before.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..contract import LinkRole, ReplicaConfig, segment_name
 from ..errors import OobError
-from ..models import Buffer, storage_dtype
+from ..models import PART_ALIGN, Buffer, storage_dtype
 from .metrics import off
 
 INLINE_BYTES = 8 << 20  # pushes up to this size copy on the event loop; bigger ones in a thread
@@ -33,26 +34,30 @@ class Allocation:
         self.buffer, self.slots, self.segment = buf, slots, segment
         self.inbox = self._shared = None
         nbytes, (shape, dtype) = buf.nbytes, buf.storage()
+        # Slots start on PART_ALIGN boundaries too, so every part of slot 1 is aligned as in slot 0.
+        self.stride = stride = -(-nbytes // PART_ALIGN) * PART_ALIGN
         handle = b""
         if buf.device == "gpu":
             from ..transports import get_transport
             ipc = get_transport("cuda_ipc")
-            raw = ipc.allocate_gpu((slots * nbytes,), "uint8")
+            raw = ipc.allocate_gpu((slots * stride,), "uint8")
+            raw.fill(0)  # zeroed, as cpu buffers are
+            raw.device.synchronize()
             if segment:
                 handle = ipc.export_handle(raw)
         elif segment:
             from ..transports.shm import SharedBuffer, _unlink
             _unlink(segment)  # a replica that crashed and was restarted by Ray left it behind: it is ours
-            self._shared = SharedBuffer(segment, (slots * nbytes,), "uint8")
+            self._shared = SharedBuffer(segment, (slots * stride,), "uint8")
             raw = self._shared.array
         else:
             import numpy as np
             raw = np.zeros(nbytes, np.uint8)
-        self._raw = [raw[i * nbytes:(i + 1) * nbytes] for i in range(slots)]
+        self._raw = [raw[i * stride:i * stride + nbytes] for i in range(slots)]
         self._arrays = [r.view(dtype).reshape(shape) for r in self._raw]
         if segment:
             from ..transports.inbox import Inbox
-            self.inbox = Inbox(segment, slots, nbytes, handle)
+            self.inbox = Inbox(segment, slots, stride, handle)
 
     @property
     def current(self) -> int:
@@ -156,8 +161,8 @@ class Links:
             return {}
         receiver = self._receiver(link, transport)
         described = receiver.descriptor() if receiver is not None else {}
-        return {**described, "segment": alloc.segment, "slots": alloc.slots, "shape": alloc.slot(0).shape,
-                "dtype": alloc.slot(0).dtype.str}
+        return {**described, "segment": alloc.segment, "slots": alloc.slots, "stride": alloc.stride,
+                "shape": alloc.slot(0).shape, "dtype": alloc.slot(0).dtype.str}
 
     def _receiver(self, link: str, transport: str):
         key = (link, transport)
@@ -187,6 +192,10 @@ class Links:
 
     async def connect(self, link: str, targets: list[dict]) -> None:
         """targets: [{key, handle, transport, descriptor}], called by apply; idempotent."""
+        async with self._lock:  # never while a push of this replica copies
+            self._connect(link, targets)
+
+    def _connect(self, link: str, targets: list[dict]) -> None:
         spec = self._link(link)
         source = self.ctx._owners[spec.source_buffer].array
         old = {t.key: t for t in self.targets.get(link, [])}
@@ -224,12 +233,18 @@ class Links:
         try:
             if target.transport == "shm":
                 target.sender = get_transport("shm").Sender(source, {**d, "name": d["segment"]})
+            elif outbox.pid == os.getpid():  # a link between two buffers of this replica
+                local = self.ctx._owners[self._local_target(d["segment"])]
+                target.sender = get_transport("cuda_ipc").Writer(source, d, base=local.slot(0).data.ptr)
             else:
                 target.sender = get_transport("cuda_ipc").Writer(source, d, outbox.handle)
         except BaseException:
             outbox.close()
             raise
         target.outbox = outbox
+
+    def _local_target(self, segment: str) -> str:
+        return next(name for name, owner in self.ctx._owners.items() if owner.segment == segment)
 
     async def nccl_root(self, link: str, unique_id, world: int) -> None:
         from ..transports import get_transport
@@ -299,27 +314,29 @@ class Links:
     async def _copy(self, targets: list[Target], slots: list[int], source) -> None:
         if not targets:
             return
-        if source.nbytes * len(targets) <= INLINE_BYTES:
-            self._copy_now(targets, slots, source)
-        else:
-            await asyncio.to_thread(self._copy_now, targets, slots, source)
-
-    def _copy_now(self, targets: list[Target], slots: list[int], source) -> None:
-        gpu = [(t, s) for t, s in zip(targets, slots) if t.transport == "cuda_ipc"]
-        for t, slot in zip(targets, slots):
-            if t.transport == "shm":
-                t.sender.send(slot)
-        if gpu:
+        if any(t.transport == "cuda_ipc" for t in targets):
             from ..transports.base import import_cupy
             cp = import_cupy()
             with source.device:
                 if self._stream is None:
                     self._stream = cp.cuda.Stream(non_blocking=True)
-                # After whatever the user queued on the source's current stream...
+                # Queued here, on the caller's thread: after whatever the user queued on the stream
+                # current here, back to back on one stream; then one wait.
                 self._stream.wait_event(cp.cuda.get_current_stream().record())
-                for t, slot in gpu:  # ...back to back on one stream, then one wait.
-                    t.sender.copy(slot, self._stream)
-                self._stream.synchronize()
+                for t, slot in zip(targets, slots):
+                    if t.transport == "cuda_ipc":
+                        t.sender.copy(slot, self._stream, source)
+        if source.nbytes * len(targets) <= INLINE_BYTES:
+            self._finish(targets, slots, source)
+        else:
+            await asyncio.to_thread(self._finish, targets, slots, source)
+
+    def _finish(self, targets: list[Target], slots: list[int], source) -> None:
+        for t, slot in zip(targets, slots):
+            if t.transport == "shm":
+                t.sender.send(slot, source)
+        if self._stream is not None and any(t.transport == "cuda_ipc" for t in targets):
+            self._stream.synchronize()
 
     async def _push_by_call(self, link: str, targets: list[Target], source, version: int, failed: dict) -> None:
         calls = []
@@ -328,7 +345,10 @@ class Links:
             calls += [(t, t.handle._oob_receive.remote(link, {"transport": "nccl"}, version)) for t in nccl]
             await asyncio.to_thread(self.groups[link].broadcast, source)
         others = [t for t in targets if t.transport != "nccl"]
-        payloads = await asyncio.gather(*(asyncio.to_thread(t.sender.send) for t in others))
+        # cuda_ipc records its event here, on the stream current for the caller; object_store's
+        # ray.put copies, off the event loop.
+        payloads = await asyncio.gather(*(_now(t.sender.send()) if t.transport == "cuda_ipc"
+                                          else asyncio.to_thread(t.sender.send) for t in others))
         calls += [(t, t.handle._oob_receive.remote(link, {"transport": t.transport, "payload": p}, version))
                   for t, p in zip(others, payloads)]
         results = await asyncio.gather(*(ref for _, ref in calls), return_exceptions=True)
@@ -344,6 +364,14 @@ class Links:
         return {name: {"last_push": self.last.get(name), "transports": sorted({t.transport for t in self.targets.get(name, [])})}
                 for name, spec in self.links.items() if spec.role == "source"}
 
+    async def aclose(self) -> None:
+        """close(), once a push in progress has finished (a few seconds at most)."""
+        try:
+            await asyncio.wait_for(self._lock.acquire(), 5)
+        except asyncio.TimeoutError:
+            pass
+        self.close()
+
     def close(self) -> None:
         for targets in self.targets.values():
             for t in targets:
@@ -358,3 +386,6 @@ class Links:
             owner.close()
         self.ctx._owners = {}
 
+
+async def _now(value):
+    return value

@@ -74,24 +74,32 @@ class Writer:
     handle, from the target's control block); each push is one device copy per target, queued
     by the caller on its stream."""
 
-    def __init__(self, array, descriptor: dict, handle: bytes):
+    def __init__(self, array, descriptor: dict, handle: bytes = b"", base: int | None = None):
+        """`handle`: the target's exported memory; or `base`, its pointer when the target is a
+        buffer of this same process (CUDA cannot open a process's own handle)."""
         check_match(array, descriptor["shape"], descriptor["dtype"], "cuda_ipc")
         _export_base(array)  # C-contiguous, one allocation
         rt = _cupy().cuda.runtime
-        self._src, self._nbytes = array, array.nbytes
-        with array.device:
-            self._base = rt.ipcOpenMemHandle(handle)
-        self._slots = [self._base + i * self._nbytes for i in range(descriptor.get("slots", 1))]
+        self._src, self._nbytes, self._opened = array, array.nbytes, base is None
+        if base is None:
+            with array.device:
+                base = rt.ipcOpenMemHandle(handle)
+        self._base = base
+        stride = descriptor.get("stride", self._nbytes)
+        self._slots = [base + i * stride for i in range(descriptor.get("slots", 1))]
 
-    def copy(self, slot: int, stream) -> None:
+    def copy(self, slot: int, stream, source=None) -> None:
+        """Queue the copy of `source` (default: the array given at start) into `slot` on `stream`."""
         rt = _cupy().cuda.runtime
-        rt.memcpyAsync(self._slots[slot], self._src.data.ptr, self._nbytes, rt.memcpyDefault, stream.ptr)
+        src = self._src if source is None else source
+        rt.memcpyAsync(self._slots[slot], src.data.ptr, self._nbytes, rt.memcpyDefault, stream.ptr)
 
     def close(self) -> None:
         if self._src is None:
             return
-        with self._src.device:
-            _cupy().cuda.runtime.ipcCloseMemHandle(self._base)
+        if self._opened:
+            with self._src.device:
+                _cupy().cuda.runtime.ipcCloseMemHandle(self._base)
         self._src = None
 
 

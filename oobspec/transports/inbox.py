@@ -59,6 +59,11 @@ class _Block:
         return int(self.fields[_SLOTS])
 
     @property
+    def pid(self) -> int:
+        """The owner's process id."""
+        return int(self.fields[_PID])
+
+    @property
     def pushed_ns(self) -> int:
         """time.time_ns() when the last push was published."""
         return int(self.fields[_PUSHED_NS])
@@ -152,15 +157,19 @@ class Inbox(_Block):
             except (RuntimeError, ValueError):  # the loop is closed already
                 pass
         self._loops.clear()
+        # Only our own files: a successor of the same name may have made new ones already.
+        ctl = os.path.join(SHM_DIR, f"{self.segment}.ctl")
+        mine = [(path, os.fstat(fd).st_ino) for path, fd in ((ctl, self._shm._fd), (self._bell, self._read))]
         for fd in (self._read, self._write_fd):
             os.close(fd)
         self._read = self._write_fd = None
         self._unmap()
-        _unlink(f"{self.segment}.ctl")
-        try:
-            os.unlink(self._bell)
-        except FileNotFoundError:
-            pass
+        for path, inode in mine:
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 class Outbox(_Block):
@@ -168,7 +177,7 @@ class Outbox(_Block):
 
     def __init__(self, segment: str):
         ctl, bell = _paths(segment)
-        self.segment = segment
+        self.segment, self._path = segment, bell
         try:
             # The bell first: it exists and has a reader only once the target's block is complete.
             self._bell = os.open(bell, os.O_WRONLY | os.O_NONBLOCK)
@@ -196,8 +205,12 @@ class Outbox(_Block):
     def publish(self, version: int, slot: int) -> None:
         self._write(version, slot)
         try:
+            # A restarted target made a new doorbell (its forked children may still hold the old
+            # one open, so the old one's EPIPE alone would not tell).
+            if os.stat(self._path).st_ino != os.fstat(self._bell).st_ino:
+                raise BrokenPipeError
             _ring(self._bell)
-        except BrokenPipeError:
+        except (BrokenPipeError, FileNotFoundError):
             raise TargetGone(f"{self.segment}: the target exited") from None
 
     def close(self) -> None:
