@@ -91,9 +91,20 @@ actors:
     replicas: 2
     restarts: 1
     buffers: {{params: {{layout: {{w1: {{shape: [256, 128], dtype: bfloat16}}, b1: {{shape: [128]}}}}}}}}
+  mortal:
+    class: apps:Server
+    buffers: {{params: {{layout: {{w1: {{shape: [256, 128], dtype: bfloat16}}, b1: {{shape: [128]}}}}}}}}
 links:
-  - {{name: weights, from: trainer.params, to: server.params, buffering: double, transport: {transport}}}
+  - {{name: weights, from: trainer.params, to: [server.params, mortal.params], buffering: double,
+     transport: {transport}}}
 """
+
+
+def kill_and_wait(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 20
+    while not _gone(pid) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def _gone(pid: int) -> bool:
@@ -111,35 +122,34 @@ def test_weight_sync_wakes_targets_survives_a_restart_without_reapply(local_ray,
     direct = transport == "auto"  # shm: the source writes; object_store: a Ray call per target
     spec = oobspec.load(write_spec(WEIGHTS.format(name=name, transport=transport)))
     with oobspec.deploy(spec) as d:
-        trainer, servers = d.handle("trainer"), [d.handle("server", i) for i in range(2)]
+        trainer, servers = d.handle("trainer"), [d.handle("server", i) for i in range(2)] + [d.handle("mortal")]
         waiting = [s.next.remote(0) for s in servers]  # asleep in ctx.updated before the push
         time.sleep(0.5)
         pushed = ray.get(trainer.step.remote(1))
         assert (pushed["version"], pushed["targets"], pushed["direct"], pushed["transport"]) == \
-            (1, 2, 2 if direct else 0, "shm" if direct else "object_store")
-        assert pushed["bytes"] == 2 * (256 * 128 * 2 + 128 * 4)  # one bucket: w1, then b1 at byte 65536
-        assert ray.get(waiting, timeout=30) == [(1, pushed["checksum"])] * 2
+            (1, 3, 3 if direct else 0, "shm" if direct else "object_store")
+        assert pushed["bytes"] == 3 * (256 * 128 * 2 + 128 * 4)  # one bucket: w1, then b1 at byte 65536
+        assert ray.get(waiting, timeout=30) == [(1, pushed["checksum"])] * 3
         pushed = ray.get(trainer.step.remote(2))
-        assert ray.get([s.current.remote() for s in servers]) == [(2, pushed["checksum"])] * 2
+        assert ray.get([s.current.remote() for s in servers]) == [(2, pushed["checksum"])] * 3
 
         pid = ray.get(servers[1].pid.remote())
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.time() + 20
-        while not _gone(pid) and time.time() < deadline:
-            time.sleep(0.05)
-        with pytest.raises(ray.exceptions.RayTaskError) as failed:
-            ray.get(trainer.step.remote(3), timeout=30)  # at once, no hang
-        assert "link 'weights': version 3 reached 1 of 2 targets; server-1: not running" in str(failed.value)
-        assert ray.get(servers[0].current.remote())[0] == 3
-
-        deadline = time.time() + 60  # Ray restarts it (restarts: 1); no re-apply
+        kill_and_wait(pid)  # Ray restarts it (restarts: 1); no re-apply
+        deadline = time.time() + 60
         while time.time() < deadline:
             try:
                 if ray.get(servers[1].pid.remote(), timeout=10) != pid:
                     break
             except ray.exceptions.RayError:
                 time.sleep(0.2)
-        pushed = ray.get(trainer.step.remote(4))
-        assert (pushed["version"], pushed["targets"]) == (4, 2)
-        assert ray.get([s.current.remote() for s in servers]) == [(4, pushed["checksum"])] * 2
+        pushed = ray.get(trainer.step.remote(3))
+        assert (pushed["version"], pushed["targets"]) == (3, 3)
+        assert ray.get([s.current.remote() for s in servers]) == [(3, pushed["checksum"])] * 3
+
+        kill_and_wait(ray.get(servers[2].pid.remote()))  # restarts: 0, gone for good
+        with pytest.raises(ray.exceptions.RayTaskError) as failed:
+            ray.get(trainer.step.remote(4), timeout=30)  # at once, no hang
+        assert "link 'weights': version 4 reached 2 of 3 targets; mortal-0: not running" in str(failed.value)
+        got = ray.get([s.current.remote() for s in servers[:2]])  # the live targets got version 4
+        assert got[0] == got[1] and got[0][0] == 4
     assert segments(name) == []
