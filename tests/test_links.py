@@ -108,12 +108,20 @@ def kill_and_wait(pid: int) -> None:
 
 
 def _gone(pid: int) -> bool:
+    """Every thread has exited (and so its files are closed): a killed process's main thread
+    turns zombie while its other threads, which share the files, are still exiting."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
         return True
-    with open(f"/proc/{pid}/stat") as f:  # a zombie until Ray's raylet reaps it
-        return f.read().split(") ", 1)[1].startswith("Z")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1][0] not in "ZX":
+                    return False
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return True
 
 
 @pytest.mark.parametrize("transport", ["auto", "object_store"])
