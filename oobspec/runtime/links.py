@@ -255,7 +255,8 @@ class Links:
         if spec.role != "source" or self.cfg.replica != 0:
             raise OobError(f"link '{link}' pushes from replica 0 of {spec.source.actor}, not from {self.cfg.name}")
         if link not in self.targets:
-            raise OobError(f"link '{link}' is not connected yet (apply sets it up once every replica is ready)")
+            raise OobError(f"link '{link}' is not connected yet: apply wires it once every replica is ready "
+                           f"(if Ray restarted {self.cfg.name}, run `oob apply` again to re-wire it)")
         async with self._lock:  # one push of a link at a time: versions stay in order
             source = self.ctx._owners[spec.source_buffer].array
             version = self.version[link] + 1
