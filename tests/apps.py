@@ -142,6 +142,9 @@ class Trainer:
         pushed = await ctx.push("weights")
         return dict(pushed, checksum=layout_checksum(parts))
 
+    async def pid(self) -> int:
+        return os.getpid()
+
 
 class Server:
     """An inference replica: waits for the next version of its weights, without polling."""

@@ -85,6 +85,7 @@ name: {name}
 actors:
   trainer:
     class: apps:Trainer
+    restarts: 1
     buffers: {{params: {{layout: {{w1: {{shape: [256, 128], dtype: bfloat16}}, b1: {{shape: [128]}}}}}}}}
   server:
     class: apps:Server
@@ -124,6 +125,20 @@ def _gone(pid: int) -> bool:
     return True
 
 
+def restart(handle) -> None:
+    """kill -9 a replica, then wait until Ray has restarted it."""
+    pid = ray.get(handle.pid.remote())
+    kill_and_wait(pid)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if ray.get(handle.pid.remote(), timeout=10) != pid:
+                return
+        except ray.exceptions.RayError:
+            time.sleep(0.2)
+    raise AssertionError(f"pid {pid} was not restarted")
+
+
 @pytest.mark.parametrize("transport", ["auto", "object_store"])
 def test_weight_sync_wakes_targets_survives_a_restart_without_reapply(local_ray, write_spec, transport):
     name = f"weights-{transport.replace('_', '-')}"
@@ -141,23 +156,21 @@ def test_weight_sync_wakes_targets_survives_a_restart_without_reapply(local_ray,
         pushed = ray.get(trainer.step.remote(2))
         assert ray.get([s.current.remote() for s in servers]) == [(2, pushed["checksum"])] * 3
 
-        pid = ray.get(servers[1].pid.remote())
-        kill_and_wait(pid)  # Ray restarts it (restarts: 1); no re-apply
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if ray.get(servers[1].pid.remote(), timeout=10) != pid:
-                    break
-            except ray.exceptions.RayError:
-                time.sleep(0.2)
+        restart(servers[1])  # a target; Ray restarts it (restarts: 1): the next push reaches it, no re-apply
         pushed = ray.get(trainer.step.remote(3))
         assert (pushed["version"], pushed["targets"]) == (3, 3)
         assert ray.get([s.current.remote() for s in servers]) == [(3, pushed["checksum"])] * 3
 
+        restart(trainer)  # the source: it wires itself again from apply's record, no re-apply
+        waiting = [s.next.remote(3) for s in servers]
+        pushed = ray.get(trainer.step.remote(4))
+        assert (pushed["version"], pushed["targets"]) == (4, 3)  # it goes on from the targets' version
+        assert ray.get(waiting, timeout=30) == [(4, pushed["checksum"])] * 3
+
         kill_and_wait(ray.get(servers[2].pid.remote()))  # restarts: 0, gone for good
         with pytest.raises(ray.exceptions.RayTaskError) as failed:
-            ray.get(trainer.step.remote(4), timeout=30)  # at once, no hang
-        assert "link 'weights': version 4 reached 2 of 3 targets; mortal-0: not running" in str(failed.value)
-        got = ray.get([s.current.remote() for s in servers[:2]])  # the live targets got version 4
-        assert got[0] == got[1] and got[0][0] == 4
+            ray.get(trainer.step.remote(5), timeout=30)  # at once, no hang
+        assert "link 'weights': version 5 reached 2 of 3 targets; mortal-0: not running" in str(failed.value)
+        got = ray.get([s.current.remote() for s in servers[:2]])  # the live targets got version 5
+        assert got[0] == got[1] and got[0][0] == 5
     assert segments(name) == []

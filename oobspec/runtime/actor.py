@@ -191,6 +191,9 @@ class OobMixin:
     async def _oob_receive(self, link: str, message: Any, version: int) -> None:
         await self._oob_context._links.receive(link, message, version)
 
+    async def _oob_link_version(self, link: str) -> int:
+        return self._oob_context._links.target_version(link)
+
     async def _oob_nccl_root(self, link: str, unique_id, world: int) -> None:
         await self._oob_context._links.nccl_root(link, unique_id, world)
 

@@ -13,6 +13,7 @@ get a Ray call per push, as before.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from ..contract import LinkRole, ReplicaConfig, segment_name
 from ..errors import OobError
 from ..models import PART_ALIGN, Buffer, storage_dtype
 from .metrics import off
+
+log = logging.getLogger(__name__)
 
 INLINE_BYTES = 8 << 20  # pushes up to this size copy on the event loop; bigger ones in a thread
 
@@ -194,6 +197,25 @@ class Links:
         """targets: [{key, handle, transport, descriptor}], called by apply; idempotent."""
         async with self._lock:  # never while a push of this replica copies
             self._connect(link, targets)
+        await self._resume(link)
+
+    async def _resume(self, link: str) -> None:
+        """A new source (replaced, or restarted by Ray) goes on from the newest version its targets
+        hold, so their `ctx.updated(after=v)` keeps meaning "newer than v"."""
+        if self.version.get(link):
+            return
+        targets = self.targets[link]
+        found = [t.outbox.version for t in targets if t.outbox is not None]
+        others = [t for t in targets if not t.direct]
+        if others:
+            got = await asyncio.gather(*(t.handle._oob_link_version.remote(link) for t in others),
+                                       return_exceptions=True)
+            found += [v for v in got if isinstance(v, int)]
+        self.version[link] = max(found, default=0)
+
+    def target_version(self, link: str) -> int:
+        """The version this target holds of `link`."""
+        return self.ctx._owners[self._link(link).target_buffer].inbox.version
 
     def _connect(self, link: str, targets: list[dict]) -> None:
         spec = self._link(link)
@@ -243,6 +265,28 @@ class Links:
             raise
         target.outbox = outbox
 
+    async def _rewire(self, link: str) -> bool:
+        """A source that Ray restarted: connect from what apply recorded when it wired the link
+        (nccl excepted: its communicator needs every rank, so a re-apply)."""
+        try:
+            import ray
+
+            from . import cluster
+            recorded = await asyncio.to_thread(cluster.get_meta, self.cfg.namespace, f"links/{link}")
+            if not recorded or any(t["transport"] == "nccl" for t in recorded):
+                return False
+            handles = await asyncio.to_thread(
+                lambda: [ray.get_actor(t["key"], namespace=self.cfg.namespace) for t in recorded])
+        except Exception as exc:  # not on Ray, or a target is gone: the caller says how to fix it
+            log.debug("cannot re-wire link %s: %s", link, exc)
+            return False
+        async with self._lock:
+            if link not in self.targets:
+                self._connect(link, [dict(t, handle=h) for t, h in zip(recorded, handles)])
+        await self._resume(link)
+        log.info("link %s: wired again from apply's record (this replica was restarted)", link)
+        return True
+
     def _local_target(self, segment: str) -> str:
         return next(name for name, owner in self.ctx._owners.items() if owner.segment == segment)
 
@@ -254,7 +298,7 @@ class Links:
         spec = self._link(link)
         if spec.role != "source" or self.cfg.replica != 0:
             raise OobError(f"link '{link}' pushes from replica 0 of {spec.source.actor}, not from {self.cfg.name}")
-        if link not in self.targets:
+        if link not in self.targets and not await self._rewire(link):
             raise OobError(f"link '{link}' is not connected yet: apply wires it once every replica is ready "
                            f"(if Ray restarted {self.cfg.name}, run `oob apply` again to re-wire it)")
         async with self._lock:  # one push of a link at a time: versions stay in order

@@ -51,6 +51,9 @@ def setup_links(spec: Spec, namespace: str, info: dict[tuple[str, int], ReplicaI
         for t in targets:
             t["descriptor"] = next(it) if t["transport"] != "nccl" else None
             t.pop("uuid", None)
+        # Kept in the cluster's KV too: a source that Ray restarts wires itself from it.
+        cluster.put_meta(namespace, f"links/{link.name}", [{k: t[k] for k in ("key", "transport", "descriptor")}
+                                                           for t in targets])
         ray.get(source._oob_link_sender.remote(link.name, targets))
         picked = sorted({t["transport"] for t in targets})
         progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
