@@ -52,9 +52,9 @@ from oobspec.runtime.grpc_server import start_grpc
 from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, start_http, token_from_env,
                                      wait_connectable)
 from oobspec.runtime.state import ActorRecord
-from oobspec.transports import TransportError, Topology, allocate, choose, get_transport, object_store, shm
+from oobspec.transports import TransportError, Topology, choose, get_transport, object_store, shm
 from oobspec.transports.auto import is_gpu
-from oobspec.transports.base import LocalBuffer, import_cupy
+from oobspec.transports.base import import_cupy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1048,7 +1048,7 @@ def test_push_copies_the_source_into_every_target_replica(load_spec, deployment,
 
 
 def test_cleanup_of_one_deployment_spares_a_similarly_named_one(deployment):
-    owners = [allocate((2,), "uint8", "cpu", shared_name=segment_name(name, "web", 0, "data"))
+    owners = [shm.allocate_shared(segment_name(name, "web", 0, "data"), (2,), "uint8")
               for name in (deployment, f"{deployment}-2")]
     try:
         cluster.cleanup_shm(deployment)
@@ -1061,7 +1061,7 @@ def test_cleanup_of_one_deployment_spares_a_similarly_named_one(deployment):
 
 
 def test_shm_copy_is_exact_between_two_mappings(deployment):
-    target = allocate((3, 5), "float64", "cpu", shared_name=f"oob-{deployment}-t")
+    target = shm.allocate_shared(f"oob-{deployment}-t", (3, 5), "float64")
     source = np.random.default_rng(7).standard_normal((3, 5))
     source[0, 0], source[0, 1] = np.nan, -0.0
     sender = shm.Sender(source, {"name": target.name, "shape": (3, 5), "dtype": "<f8"})
@@ -1079,41 +1079,39 @@ def test_shm_copy_is_exact_between_two_mappings(deployment):
 
 
 def test_shm_refuses_mismatches_and_bad_names(deployment):
-    target = allocate((4,), "int32", "cpu", shared_name=f"oob-{deployment}-t")
+    target = shm.allocate_shared(f"oob-{deployment}-t", (4,), "int32")
     descriptor = {"name": target.name, "shape": (4,), "dtype": "<i4"}
     with pytest.raises(TransportError, match=r"source buffer is float32\[4\] but the target buffer is int32\[4\]"):
         shm.Sender(np.zeros(4, np.float32), descriptor)
     with pytest.raises(TransportError, match="source must be a numpy array, got SimpleNamespace"):
         shm.Sender(types.SimpleNamespace(shape=(4,), dtype=np.dtype("int32")), descriptor)  # e.g. a cupy array
     with pytest.raises(TransportError, match="already exists"):
-        allocate((4,), "int32", "cpu", shared_name=target.name)
+        shm.allocate_shared(target.name, (4,), "int32")
     with pytest.raises(TransportError, match="must start with 'oob-'"):
-        allocate((4,), "int32", "cpu", shared_name=f"x-{deployment}")
+        shm.allocate_shared(f"x-{deployment}", (4,), "int32")
     target.close()
     with pytest.raises(TransportError, match="does not exist"):
         shm.Sender(np.zeros(4, np.int32), descriptor)
 
 
-def test_allocate_without_a_name_is_a_private_zeroed_array():
-    buf = allocate((2, 3), "uint8", "cpu")
-    assert isinstance(buf, LocalBuffer) and buf.array.tolist() == [[0, 0, 0], [0, 0, 0]]
+def test_a_buffer_no_link_writes_into_is_a_private_zeroed_array():
+    buf = Allocation(Buffer(shape=[2, 3], dtype="uint8"))
+    assert isinstance(buf.array, np.ndarray) and buf.array.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert (buf.segment, buf.inbox, buf.slots) == (None, None, 1)
     buf.close()
-    assert buf.array is None
-    with pytest.raises(TransportError, match="cpu buffers only"):
-        allocate((2,), "float32", "gpu", shared_name="oob-x")
 
 
 def test_gpu_buffers_without_cupy_say_what_to_install():
     if importlib.util.find_spec("cupy") is not None:
         pytest.skip("cupy is installed")
-    for attempt in (import_cupy, lambda: allocate((2,), "float32", "gpu")):
+    for attempt in (import_cupy, lambda: Allocation(Buffer(shape=[2], device="gpu"))):
         with pytest.raises(TransportError, match="GPU transports need cupy"):
             attempt()
 
 
 def test_object_store_ends_without_ray():
     target = np.zeros((2, 3), np.float32)
-    receiver = object_store.Receiver(LocalBuffer(target))
+    receiver = object_store.Receiver(target)
     assert receiver.array is target
     assert receiver.descriptor() == {"shape": (2, 3), "dtype": "<f4"}
     with pytest.raises(TransportError, match="object_store"):

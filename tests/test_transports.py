@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from oobspec.transports import TRANSPORTS, Topology, TransportError, allocate, choose, get_transport
+from oobspec.transports import TRANSPORTS, Topology, TransportError, choose, get_transport
 from oobspec.transports import nccl, object_store, shm
 
 pytestmark = pytest.mark.timeout(60)
@@ -197,7 +197,7 @@ def test_shm_mismatch_raises(prefix):
 
 
 def test_shm_in_process_non_contiguous_source(prefix):
-    buf = allocate((64, 32), "i4", "cpu", shared_name=prefix + "nc")
+    buf = shm.allocate_shared(prefix + "nc", (64, 32), "i4")
     src = np.arange(64 * 32, dtype="i4").reshape(32, 64).T  # Fortran-ordered view
     tx = shm.Sender(src, {"name": buf.name, "shape": (64, 32), "dtype": "<i4"})
     assert tx.send() is None
@@ -259,9 +259,11 @@ def test_object_store_two_receivers(ray_local):
     @ray.remote
     class Target:
         def __init__(self, shape, dtype):
-            from oobspec.transports import allocate, object_store
+            import numpy as np
 
-            self.rx = object_store.Receiver(allocate(shape, dtype, "cpu"))
+            from oobspec.transports import object_store
+
+            self.rx = object_store.Receiver(np.zeros(shape, dtype))
 
         def descriptor(self):
             return self.rx.descriptor()

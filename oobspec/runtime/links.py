@@ -390,10 +390,12 @@ class Links:
             calls += [(t, t.handle._oob_receive.remote(link, {"transport": "nccl"}, version)) for t in nccl]
             await asyncio.to_thread(self.groups[link].broadcast, source)
         others = [t for t in targets if t.transport != "nccl"]
-        # cuda_ipc records its event here, on the stream current for the caller; object_store's
-        # ray.put copies, off the event loop.
-        payloads = await asyncio.gather(*(_now(t.sender.send()) if t.transport == "cuda_ipc"
-                                          else asyncio.to_thread(t.sender.send) for t in others))
+
+        async def send(t: Target):
+            # cuda_ipc records its event here, on the stream current for the caller; object_store's
+            # ray.put copies, off the event loop.
+            return t.sender.send() if t.transport == "cuda_ipc" else await asyncio.to_thread(t.sender.send)
+        payloads = await asyncio.gather(*(send(t) for t in others))
         calls += [(t, t.handle._oob_receive.remote(link, {"transport": t.transport, "payload": p}, version))
                   for t, p in zip(others, payloads)]
         results = await asyncio.gather(*(ref for _, ref in calls), return_exceptions=True)
@@ -430,7 +432,3 @@ class Links:
         for owner in self.ctx._owners.values():
             owner.close()
         self.ctx._owners = {}
-
-
-async def _now(value):
-    return value

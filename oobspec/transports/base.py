@@ -48,21 +48,6 @@ def import_cupy():
     return cupy
 
 
-class LocalBuffer:
-    """A process-private buffer, so `allocate` returns one shape of object for every device."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def close(self, unlink: bool = True) -> None:
-        self.array = None
-
-
-def unwrap(array_or_buffer):
-    """Accept what `allocate` returns as well as a bare array."""
-    return getattr(array_or_buffer, "array", array_or_buffer)
-
-
 def spec(array) -> dict:
     """Plain-data shape/dtype, safe to pickle across processes and Ray calls."""
     return {"shape": tuple(int(n) for n in array.shape), "dtype": np.dtype(array.dtype).str}

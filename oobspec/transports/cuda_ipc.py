@@ -17,7 +17,7 @@ from math import prod
 
 import numpy as np
 
-from .base import TransportError, check_match, spec, unwrap
+from .base import TransportError, check_match, spec
 from .base import import_cupy as _cupy
 
 
@@ -135,7 +135,7 @@ class Sender:
 
 class Receiver:
     def __init__(self, array):
-        self.array = unwrap(array)
+        self.array = array
         if not self.array.flags.c_contiguous:
             raise TransportError("cuda_ipc needs a C-contiguous target buffer")
         self._uuid = gpu_uuid(self.array.device.id)

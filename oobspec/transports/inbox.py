@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from .base import TransportError
-from .shm import SHM_DIR, _check_name, _open, _release, _unlink
+from .shm import SHM_DIR, _check_name, _open, _release, _unlink, unlink_own
 
 MAGIC = int.from_bytes(b"oobctl01", "little")
 CTL_BYTES = 4096
@@ -46,27 +46,11 @@ class _Block:
         self._shm = shm
         self.fields = np.ndarray(8, np.uint64, buffer=shm.buf)
 
-    @property
-    def version(self) -> int:
-        return int(self.fields[_VERSION])
-
-    @property
-    def slot(self) -> int:
-        return int(self.fields[_SLOT])
-
-    @property
-    def slots(self) -> int:
-        return int(self.fields[_SLOTS])
-
-    @property
-    def pid(self) -> int:
-        """The owner's process id."""
-        return int(self.fields[_PID])
-
-    @property
-    def pushed_ns(self) -> int:
-        """time.time_ns() when the last push was published."""
-        return int(self.fields[_PUSHED_NS])
+    version = property(lambda self: int(self.fields[_VERSION]), doc="Version of the last push published.")
+    slot = property(lambda self: int(self.fields[_SLOT]), doc="The slot that holds that version.")
+    slots = property(lambda self: int(self.fields[_SLOTS]), doc="1, or 2 with buffering: double.")
+    pid = property(lambda self: int(self.fields[_PID]), doc="The owner's process id.")
+    pushed_ns = property(lambda self: int(self.fields[_PUSHED_NS]), doc="time.time_ns() of the last publish.")
 
     @property
     def handle(self) -> bytes:
@@ -157,7 +141,6 @@ class Inbox(_Block):
             except (RuntimeError, ValueError):  # the loop is closed already
                 pass
         self._loops.clear()
-        # Only our own files: a successor of the same name may have made new ones already.
         ctl = os.path.join(SHM_DIR, f"{self.segment}.ctl")
         mine = [(path, os.fstat(fd).st_ino) for path, fd in ((ctl, self._shm._fd), (self._bell, self._read))]
         for fd in (self._read, self._write_fd):
@@ -165,11 +148,7 @@ class Inbox(_Block):
         self._read = self._write_fd = None
         self._unmap()
         for path, inode in mine:
-            try:
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+            unlink_own(path, inode)
 
 
 class Outbox(_Block):
@@ -188,8 +167,10 @@ class Outbox(_Block):
                 raise TargetGone(f"{segment} has no reader (the target is not running)") from None
             raise
         try:
-            if not stat.S_ISFIFO(os.fstat(self._bell).st_mode):
+            opened = os.fstat(self._bell)
+            if not stat.S_ISFIFO(opened.st_mode):
                 raise TransportError(f"{bell} is not a FIFO")
+            self._inode = opened.st_ino
             self._map(_open(ctl))
             if int(self.fields[_MAGIC]) != MAGIC:
                 raise TransportError(f"{ctl} is not an oobspec control block")
@@ -207,7 +188,7 @@ class Outbox(_Block):
         try:
             # A restarted target made a new doorbell (its forked children may still hold the old
             # one open, so the old one's EPIPE alone would not tell).
-            if os.stat(self._path).st_ino != os.fstat(self._bell).st_ino:
+            if os.stat(self._path).st_ino != self._inode:
                 raise BrokenPipeError
             _ring(self._bell)
         except (BrokenPipeError, FileNotFoundError):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import check_match, spec, unwrap
+from .base import check_match, spec
 
 
 class Receiver:
     def __init__(self, array):
-        self.array = unwrap(array)
+        self.array = array
 
     def descriptor(self) -> dict:
         return spec(self.array)

@@ -43,6 +43,16 @@ def _unlink(name: str) -> bool:
         return False
 
 
+def unlink_own(path: str, inode: int) -> None:
+    """Unlink `path` only if it is still the file we made: a successor of the same name (a
+    replica that Ray restarted) may have made a new one already."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _release(shm: SharedMemory) -> None:
     try:
         shm.close()
@@ -88,11 +98,8 @@ class SharedBuffer:
         inode = os.fstat(self._shm._fd).st_ino
         _release(self._shm)
         self._shm = None
-        try:  # only our own segment: a successor of the same name may have made a new one
-            if unlink and os.stat(os.path.join(SHM_DIR, self.name)).st_ino == inode:
-                _unlink(self.name)
-        except FileNotFoundError:
-            pass
+        if unlink:
+            unlink_own(os.path.join(SHM_DIR, self.name), inode)
 
 
 def allocate_shared(name: str, shape, dtype) -> SharedBuffer:
