@@ -190,7 +190,7 @@ def _instrument(apply_mod, phases: dict) -> None:
     timed(cluster, "observe", "observe (list + _oob_info of existing replicas)")
     timed(apply_mod, "make_plan", "make_plan")
     timed(replicas.Builder, "actor_class", "import class + make actor class")
-    timed(executor.Executor, "_wait_ready", "wait for _oob_ready of all replicas")
+    timed(executor.Executor, "_start", "start replicas, wait for _oob_ready")
     timed(cluster, "put_meta", "put_meta")
 
 

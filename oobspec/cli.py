@@ -97,12 +97,17 @@ def plan(spec, value_files, sets, address, fmt):
 @set_option
 @address_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every server to be healthy.")
-def apply(spec, value_files, sets, address, timeout):
-    """Make the Ray cluster match the spec. Without an address: start a local Ray, run in the foreground."""
+@click.option("--atomic", is_flag=True,
+              help="On failure, return every actor to the revision that ran before (rolling) and exit 1.")
+def apply(spec, value_files, sets, address, timeout, atomic):
+    """Make the Ray cluster match the spec. Without an address: start a local Ray, run in the foreground.
+
+    Whatever fails, what ran before keeps running (at its old or new version); the error says
+    which replica runs which, and applying again continues from there."""
     from .runtime.foreground import apply_cli
     loaded = _load(spec, value_files, sets)
-    _via_jobs(address, ["apply", "{spec}", "--timeout", str(timeout)], loaded)
-    apply_cli(loaded, address=address, timeout=timeout)
+    _via_jobs(address, ["apply", "{spec}", "--timeout", str(timeout)] + (["--atomic"] if atomic else []), loaded)
+    apply_cli(loaded, address=address, timeout=timeout, atomic=atomic)
 
 
 @cli.command()

@@ -4,12 +4,19 @@ re-applying replaces that actor (and `oob plan` says "code changed").
 The digest covers the module that defines the class and, following its import statements,
 the user's own modules it imports (those found outside the standard library and installed
 packages), read as files (finding `a.b` imports the package `a`, as lint does). Installed
-packages do not count: upgrading them is a deployment of its own.
+packages do not count, editable installs included (oobspec itself, whatever the install):
+upgrading them is a deployment of its own.
+
+The digest is over module names and file contents, never paths: it is the same whichever way
+`oob` connects (embedded, an address, `ray://`, Ray Jobs, where the spec's folder is unpacked
+elsewhere on the cluster).
 """
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +27,18 @@ def _is_users(origin: str | None) -> bool:
     return bool(origin) and origin.endswith(".py") and is_users_file(origin)
 
 
+@functools.cache
+def _installed() -> frozenset[str]:
+    """Top-level names that installed distributions provide (editable installs too)."""
+    try:
+        return frozenset(importlib.metadata.packages_distributions()) | {"oobspec"}
+    except Exception:
+        return frozenset({"oobspec"})
+
+
 def _find(name: str) -> str | None:
+    if name.partition(".")[0] in _installed():
+        return None
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError, AttributeError):
@@ -61,7 +79,7 @@ def code_digest(class_ref: str, base_dir: Path | None) -> str:
             package = name if origin.endswith("__init__.py") else name.rpartition(".")[0]
             todo += [(n, _find(n)) for n in _imports(origin, package)]
     digest = hashlib.sha256()
-    for origin in sorted(files):
-        digest.update(files[origin].encode() + b"\0")
+    for origin, name in sorted(files.items(), key=lambda item: item[1]):
+        digest.update(name.encode() + b"\0")
         digest.update(Path(origin).read_bytes())
     return digest.hexdigest()[:16]

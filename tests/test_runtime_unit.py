@@ -43,7 +43,7 @@ from oobspec.report import endpoints_text, plan_text, size, status_text
 from oobspec.runtime import actor as actor_module
 from oobspec.runtime import cluster, state
 from oobspec.runtime.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
-from oobspec.runtime.executor import _cause
+from oobspec.runtime.ray_cluster import _cause
 from oobspec.runtime.replicas import Builder
 from oobspec.runtime.context import env_key as _env_key
 from oobspec.runtime.context import Context, current, set_current

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,9 +16,12 @@ from typing import Callable, Iterator
 from ..errors import ApplyError, ClusterError
 from ..models import Spec
 from ..plan import Observed, Plan, make_plan
+from ..contract import ReplicaInfo
 from . import cluster
 from .executor import Executor
+from .ray_cluster import RayCluster
 from .replicas import Builder
+from .revisions import Revision
 
 log = logging.getLogger("oobspec")
 Progress = Callable[[str], None]
@@ -34,7 +38,10 @@ class Applier:
         self.spec, self.progress, self.detached = spec, progress, detached
         self.builder = Builder(spec, progress)
 
-    def run(self, timeout: float = 120.0) -> dict[str, dict[str, list[str]]]:
+    def run(self, timeout: float = 120.0, atomic: bool = False) -> dict[str, dict[str, list[str]]]:
+        """Raises ApplyError when a step fails, once every replica that ran before runs again
+        (at its old or new version); with `atomic`, once the deployment is back at the revision
+        that ran before."""
         if cluster.is_client():
             from .remote import package_env
             self.builder.shipped = package_env(self.builder.base_dir)
@@ -42,18 +49,69 @@ class Applier:
         plan, observed, self.builder.code = plan_on_cluster(self.spec, self.builder.base_dir)
         for action in plan.changes:
             self.progress(f"{action.kind} {action.actor} [{','.join(map(str, action.replicas))}]: {action.describe()}")
-        executor = Executor(self.spec, self.builder, self.progress, self.detached, timeout)
-        executor.observed(observed)
+        ray_cluster = RayCluster(self.spec.namespace, timeout)
+        previous = ray_cluster.current()
+        revision = self._revision()
+        ray_cluster.save_revision(revision)  # before any start: a replica can always be restored
+        executor = Executor(self.spec, self.builder, ray_cluster, self.progress, self.detached, timeout)
+        executor.observed(running(observed))
         try:
-            executor.run_steps(plan)
+            executor.execute(plan)
+        except ApplyError as exc:
+            if executor.outcome:
+                cluster.put_meta(self.spec.namespace, "last-apply", executor.outcome.record())
+            if atomic:
+                self._roll_back(previous, bool(executor.before), exc, timeout)
+            raise
         except BaseException:
             with handling_signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the clean-up short
-                if executor.started:
-                    self.progress(f"cleaning up {len(executor.started)} replica(s) started by this apply")
-                    cluster.kill(executor.started, self.spec.namespace, timeout=2.0, drain=0.0)
+                executor.interrupted()
             raise
+        ray_cluster.set_current(revision)
         cluster.put_meta(self.spec.namespace, "spec", self.spec.model_dump(mode="json", by_alias=True))
+        cluster.put_meta(self.spec.namespace, "last-apply", {"ok": True, "revision": revision.digest,
+                                                             "time": time.time()})
         return self.builder.endpoints
+
+    def _revision(self) -> Revision:
+        for name, actor in self.spec.actors.items():
+            if actor.class_:
+                self.builder.actor_class(name)  # imports it (an error now, before anything stops)
+        return Revision.of(self.spec, self.builder.base_dir, self.builder.code, self.builder.pickles)
+
+    def _roll_back(self, previous: Revision | None, ran_before: bool, failure: ApplyError, timeout: float) -> None:
+        """--atomic: every actor back at the revision that ran before, through the same rolling
+        path (or, when nothing ran before, nothing left)."""
+        first = str(failure).split("\n")[0]
+        if not ran_before:
+            self.progress("--atomic: nothing ran before this apply; removing what it started")
+            cluster.delete_all(self.spec.name)
+            raise ApplyError(f"{first}; --atomic: removed what this apply started", failure.log_tail) from None
+        if previous is None:
+            raise ApplyError(f"{first}; --atomic: no earlier revision is recorded, so nothing was rolled back",
+                             failure.log_tail) from None
+        self.progress(f"--atomic: returning every actor to revision {previous.digest}")
+        builder = previous.builder(self.progress)
+        plan, observed, _ = plan_on_cluster(builder.spec, builder.base_dir, code=previous.code)
+        for action in plan.changes:
+            self.progress(f"{action.kind} {action.actor} [{','.join(map(str, action.replicas))}]: {action.describe()}")
+        executor = Executor(builder.spec, builder, RayCluster(self.spec.namespace, timeout), self.progress,
+                            self.detached, timeout)
+        executor.observed(running(observed))
+        try:
+            executor.execute(plan)
+        except ApplyError as exc:
+            raise ApplyError(f"{first}; --atomic: the roll-back failed too: {exc}", failure.log_tail) from None
+        RayCluster(self.spec.namespace, timeout).set_current(previous)
+        raise ApplyError(f"{first}; --atomic: rolled back, every actor runs revision {previous.digest} again",
+                         failure.log_tail) from None
+
+
+def running(observed: Observed) -> dict[tuple[str, int], ReplicaInfo]:
+    """The replicas that run (busy ones included), as the executor starts from them."""
+    return {(r.actor, r.replica): ReplicaInfo(r.actor, r.replica, r.config_hash, r.code_hash, r.pid or 0,
+                                              r.node_id or "", r.endpoints, gpu_uuid=r.gpu_uuid)
+            for r in observed.replicas if r.alive}
 
 
 @contextmanager
@@ -71,13 +129,13 @@ def handling_signals(handler) -> Iterator[None]:
             signal.signal(s, old)
 
 
-def plan_on_cluster(spec: Spec, base_dir: Path) -> tuple[Plan, Observed, dict[str, str]]:
+def plan_on_cluster(spec: Spec, base_dir: Path, code: dict[str, str] | None = None) -> tuple[Plan, Observed, dict[str, str]]:
     """The plan against the connected cluster, as `oob plan` shows it and apply carries it out:
     observed replicas, node count, code versions."""
     import ray
     observed = cluster.observe(spec.namespace)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    code = code_versions(spec, base_dir)
+    code = code_versions(spec, base_dir) if code is None else code
     single = spec.ray.placement == "STRICT_PACK" or len(nodes) == 1
     return make_plan(spec, observed, single_node=single, code=code), observed, code
 
@@ -112,9 +170,9 @@ def preflight(spec: Spec, address: str | None = None) -> list:
     return found
 
 
-def apply_with_errors(spec: Spec, progress: Progress, timeout: float, detached: bool) -> dict:
+def apply_with_errors(spec: Spec, progress: Progress, timeout: float, detached: bool, atomic: bool = False) -> dict:
     try:
-        return Applier(spec, progress, detached).run(timeout)
+        return Applier(spec, progress, detached).run(timeout, atomic)
     except ApplyError as exc:
         if exc.log_tail:
             print(f"--- last lines of the actor's log ---\n{exc.log_tail}\n---", file=sys.stderr)

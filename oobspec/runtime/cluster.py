@@ -39,14 +39,29 @@ def register_embedded(name: str, address: str) -> Path:
     return path
 
 
-def _embedded_address(name: str) -> str | None:
+def unregister_embedded(path: Path) -> None:
+    """Remove this process's own entry (never another apply's that took the name since)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def foreground_owner(name: str) -> dict | None:
+    """The foreground apply of this deployment running on this machine: {pid, address}."""
     path = registry_dir() / f"{name}.json"
     try:
         entry = json.loads(path.read_text())
         os.kill(entry["pid"], 0)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return entry["address"] if _reachable(entry["address"]) else None
+    return entry if _reachable(entry["address"]) else None
+
+
+def _embedded_address(name: str) -> str | None:
+    entry = foreground_owner(name)
+    return entry["address"] if entry else None
 
 
 def _reachable(address: str) -> bool:
@@ -260,6 +275,11 @@ def get_meta(namespace: str, key: str) -> dict | None:
     from ray.experimental import internal_kv
     raw = internal_kv._internal_kv_get(f"{namespace}/{key}".encode(), namespace=KV_NAMESPACE)
     return json.loads(raw) if raw else None
+
+
+def del_meta(namespace: str, key: str) -> None:
+    from ray.experimental import internal_kv
+    internal_kv._internal_kv_del(f"{namespace}/{key}".encode(), namespace=KV_NAMESPACE)
 
 
 def deployment_names() -> list[str]:

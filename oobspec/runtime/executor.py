@@ -1,31 +1,80 @@
-"""Carries out a plan's steps on Ray, in the plan's order, and reports each one.
+"""Carries out a plan's steps on a cluster, in the plan's order, and keeps one promise: whatever
+fails, every replica that ran before the apply still runs afterwards, at its old or its new
+version, and a port that was served is served throughout.
 
 `Steps` walks the plan (the start steps of one wave run together); `Executor` does each kind
-of step on the cluster. A replace that rolls keeps the replica's ports served throughout:
+of step through a `Cluster` (Ray in `ray_cluster.py`, a fake in the fault-injection tests). A
+replace that rolls keeps the replica's ports served throughout:
 
     stand-in `_oob-surge-<actor>-<i>` starts beside the replica, sharing its ports
     -> the replica drains (unhealthy, new connections steered to the stand-in, in-flight
        requests finish) and exits, which frees its Ray name
-    -> the successor `<actor>-<i>` starts, sharing the ports with the stand-in
+    -> the successor `<actor>-<i>` starts, sharing the ports with the stand-in (the old
+       ports and, for a port move, the new ones the stand-in holds)
     -> the stand-in drains and exits.
 
-If the stand-in cannot start, it is removed and the replica keeps serving: nothing changed.
+When a step fails the executor stops walking and settles: a stand-in that failed is removed
+and the replica it stood beside keeps serving; a replica that was stopped (stop-first, or
+drained for its successor) and has no working successor starts again at the version it ran,
+from the revision recorded in the cluster, sharing the ports with the stand-in that served
+them meanwhile, which then retires. Replicas that became ready stay: starting in this apply is
+never a reason to stop what holds traffic. The error then says which replica runs which version.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
 from urllib.parse import urlsplit
 
-from ..contract import SURGE_PREFIX, ReplicaInfo, replica_name, split_name, surge_name
+from ..contract import ReplicaConfig, ReplicaInfo, replica_name, split_name, surge_name
 from ..errors import ApplyError
 from ..models import Spec
-from ..plan import Observed, Plan, Step, StepKind
-from . import cluster, state
+from ..plan import ActionKind, Plan, Step, StepKind, config_hash
 from .replicas import Builder
-from .wiring import setup_links
+from .revisions import Revision
 
 Progress = Callable[[str], None]
+
+
+class StartFailed(ApplyError):
+    """One replica (or stand-in) did not become ready: `name` says which."""
+
+    def __init__(self, name: str, message: str, log_tail: str = ""):
+        self.name = name
+        super().__init__(message, log_tail)
+
+
+class Cluster(Protocol):
+    """What the executor needs of a cluster. Every name is a Ray actor name in the namespace."""
+
+    def start(self, builder: Builder, cfg: ReplicaConfig) -> None:
+        """Create the replica (or stand-in) `cfg.name`; it becomes ready in `wait_ready`."""
+
+    def wait_ready(self, names: list[str], deadline: float) -> Iterator[tuple[str, ReplicaInfo]]:
+        """Yield each replica once it serves; raise StartFailed for the first that cannot."""
+
+    def stop(self, names: list[str], drain: float, hand_over: bool = False) -> None:
+        """Drain (`drain` seconds at most) and stop; hand_over: a successor shares the ports."""
+
+    def reclaim(self, name: str) -> None:
+        """New connections on the replica's ports come back to it (its stand-in is going)."""
+
+    def stand_ins(self) -> dict[tuple[str, int], ReplicaInfo | None]:
+        """Stand-ins running now (an earlier apply was cut short) and what they report."""
+
+    def update(self, names: dict[str, tuple[int, dict[str, list[str]]]]) -> list[str]:
+        """Tell kept replicas their replica count and peers' endpoints; those that changed."""
+
+    def record(self, name: str, info: ReplicaInfo) -> None:
+        """Remember a ready replica (a later apply plans with it even while it is busy)."""
+
+    def revisions(self) -> list[Revision]:
+        """The revisions applied to this deployment, newest first."""
+
+    def place(self, spec: Spec, builder: Builder, detached: bool, progress: Progress) -> None: ...
+
+    def wire(self, spec: Spec, info: dict[tuple[str, int], ReplicaInfo], progress: Progress) -> None: ...
 
 
 class Steps:
@@ -57,207 +106,266 @@ class Steps:
     def update(self, step: Step) -> None: ...
 
 
-class Executor(Steps):
-    def __init__(self, spec: Spec, builder: Builder, progress: Progress, detached: bool, timeout: float):
-        self.spec, self.builder, self.progress = spec, builder, progress
-        self.detached, self.timeout = detached, timeout
-        self.namespace = spec.namespace
-        self.deadline = time.monotonic() + timeout
-        self.info: dict[tuple[str, int], ReplicaInfo] = {}
-        self.started: list[str] = []  # names this apply created: removed again if it is interrupted
-        self.kept: set[tuple[str, int]] = set()
+@dataclass
+class Outcome:
+    """Where an apply that stopped left each replica it was to change."""
 
-    def observed(self, observed: Observed) -> None:
-        for r in observed.replicas:
-            if r.alive:
-                self.info[(r.actor, r.replica)] = ReplicaInfo(r.actor, r.replica, r.config_hash, r.code_hash, r.pid or 0,
-                                                              r.node_id or "", r.endpoints, gpu_uuid=r.gpu_uuid)
+    step: str  # the step that failed, as `oob plan` names it
+    cause: str
+    new: list[str] = field(default_factory=list)  # at the version this apply wanted
+    old: list[str] = field(default_factory=list)  # at the version they ran before
+    down: list[str] = field(default_factory=list)  # ran before and could not be started again
+    stand_ins: list[str] = field(default_factory=list)  # serve a replica's ports while it is down
+
+    def message(self) -> str:
+        parts = [f"apply stopped at {self.step}: {self.cause}"]
+        if self.new:
+            parts.append(f"at the new version: {', '.join(self.new)}")
+        if self.old:
+            parts.append(f"at the version they ran before: {', '.join(self.old)}")
+        if self.down:
+            parts.append(f"NOT running: {', '.join(self.down)}")
+        if self.stand_ins:
+            parts.append(f"stand-ins serve their ports: {', '.join(self.stand_ins)}")
+        parts.append("fix and apply again to continue from here" if not self.down else "apply again")
+        return "; ".join(parts)
+
+    def record(self) -> dict:
+        return {"ok": False, "step": self.step, "cause": self.cause, "new": self.new, "old": self.old,
+                "down": self.down, "stand_ins": self.stand_ins, "time": time.time()}
+
+
+class Executor(Steps):
+    def __init__(self, spec: Spec, builder: Builder, cluster: Cluster, progress: Progress, detached: bool,
+                 timeout: float):
+        self.spec, self.builder, self.cluster, self.progress = spec, builder, cluster, progress
+        self.detached, self.timeout = detached, timeout
+        self.deadline = time.monotonic() + timeout
+        self.info: dict[tuple[str, int], ReplicaInfo] = {}  # what runs now under a replica's name
+        self.before: dict[tuple[str, int], ReplicaInfo] = {}  # what ran when the apply began
+        self.replaced: set[tuple[str, int]] = set()  # the plan replaces these (they must run again)
+        self.pending: set[str] = set()  # started, not ready yet: removed on failure or interrupt
+        self.beside: dict[tuple[str, int], str] = {}  # ready stand-ins beside a running replica
+        self.serving: dict[tuple[str, int], str] = {}  # stand-ins holding a stopped replica's ports
+        self.outcome: Outcome | None = None
+        self._step = ""
+
+    def observed(self, replicas: dict[tuple[str, int], ReplicaInfo]) -> None:
+        self.info = dict(replicas)
+        self.before = dict(replicas)
         for name in self.spec.actors:
             self._collect_endpoints(name)
+
+    def execute(self, plan: Plan) -> None:
+        """Run the plan; on a failure settle (see the module's doc) and raise one ApplyError
+        that says where every replica stands."""
+        self.replaced = {(a.actor, i) for a in plan.actions if a.kind == ActionKind.REPLACE for i in a.replicas}
+        try:
+            self.run_steps(plan)
+            return
+        except Exception as exc:
+            failure = exc if isinstance(exc, ApplyError) else ApplyError(f"{type(exc).__name__}: {exc}")
+        self.outcome = self._settle(failure)
+        raise ApplyError(self.outcome.message(), failure.log_tail)
+
+    def interrupted(self) -> None:
+        """Ctrl-C: what has not become ready goes; stand-ins beside a running replica give its
+        connections back and go; a stand-in serving a stopped replica's ports stays (the next
+        apply hands them over)."""
+        self.cluster.stop(sorted(self.pending), drain=0.0)
+        self.pending.clear()
+        for key, stand_in in list(self.beside.items()):
+            self._give_back(replica_name(*key), stand_in)
 
     # --- steps ---
 
     def begin(self, steps: list[Step], done: int, total: int) -> None:
+        what = ", ".join(f"{s.actor}[{','.join(map(str, s.replicas))}]" if s.actor else "" for s in steps)
+        self._step = f"step {done}/{total} ({steps[0].kind} {what})".replace(" )", ")")
         if steps[0].kind in (StepKind.WIRE, StepKind.UPDATE):
             return  # quick, and they report what they did themselves
-        what = ", ".join(f"{s.actor}[{','.join(map(str, s.replicas))}]" if s.actor else "" for s in steps)
         self.progress(f"step {done}/{total}: {steps[0].kind} {what}".rstrip())
 
     def stop(self, step: Step) -> None:
         actor = self.spec.actors.get(step.actor)
         drain = actor.drain if actor else 1.0
-        names = [replica_name(step.actor, i) for i in step.replicas]
-        cluster.kill(names, self.namespace, timeout=drain + 5.0, drain=drain)
+        self.cluster.stop([replica_name(step.actor, i) for i in step.replicas], drain=drain)
         for i in step.replicas:
             self.info.pop((step.actor, i), None)
         if actor:
             self._collect_endpoints(step.actor)
 
     def place(self, step: Step) -> None:
-        from ray.util.placement_group import get_placement_group, placement_group
-        import hashlib
-        import json
-        bundles = self.builder.bundles()
-        digest = hashlib.sha256(json.dumps([self.spec.ray.placement, bundles], sort_keys=True).encode()).hexdigest()[:10]
-        pg_name = f"_oob-{self.spec.name}-{digest}"
-        try:
-            placement = get_placement_group(pg_name)
-        except ValueError:
-            self.progress(f"placement group {self.spec.ray.placement} for {len(bundles)} replicas")
-            placement = placement_group(bundles, strategy=self.spec.ray.placement, name=pg_name,
-                                        lifetime="detached" if self.detached else None)
-        if not placement.wait(timeout_seconds=60):
-            raise ApplyError(f"placement group {self.spec.ray.placement} for {len(bundles)} replicas cannot be "
-                             "placed on this cluster (not enough nodes or resources)")
-        self.builder.placement = placement
-        old = cluster.get_meta(self.namespace, "placement")
-        if old and old["name"] != pg_name:
-            cluster.remove_placement(old["name"])
-        cluster.put_meta(self.namespace, "placement", {"name": pg_name})
+        self.cluster.place(self.spec, self.builder, self.detached, self.progress)
 
     def start(self, steps: list[Step]) -> None:
-        refs, stand_ins = {}, self._stand_ins()
+        stand_ins = self.cluster.stand_ins()
+        cfgs = []
         for step in steps:
             for i in step.replicas:
                 # A stand-in an earlier apply left serving this replica's ports hands them over.
+                if (step.actor, i) in stand_ins:
+                    self.serving[(step.actor, i)] = surge_name(step.actor, i)
                 shared = _ports(stand_ins.get((step.actor, i)))
-                cfg = self.builder.config(step.actor, i, shared_ports=shared)
-                self.started.append(cfg.name)  # before .remote(): an interrupt there still cleans it
-                refs[cfg.name] = self.builder.start(step.actor, i, cfg)._oob_ready.remote(self.timeout)
-        self.info.update(self._wait_ready(refs))
-        retire = [surge_name(*key) for key in stand_ins if replica_name(*key) in refs]
-        if retire:
-            cluster.kill(retire, self.namespace, timeout=15.0, drain=1.0, hand_over=True)
+                cfgs.append(self.builder.config(step.actor, i, shared_ports=shared))
+        self._start(self.builder, cfgs)
         for step in steps:
+            self._retire_stand_ins(step.actor, step.replicas)
             self._collect_endpoints(step.actor)
-
-    def _stand_ins(self) -> dict[tuple[str, int], ReplicaInfo | None]:
-        """Stand-ins still running (an apply was cut short mid-roll) and what they report."""
-        names = sorted(n for n in cluster.named_actors(self.namespace) if n.startswith(SURGE_PREFIX))
-        if not names:
-            return {}
-        return {split_name(n): info for n, info in cluster.infos(self.namespace, names).items()}
 
     def roll(self, step: Step) -> None:
         name, i = step.actor, step.replicas[0]
         drain = self.spec.actors[name].drain
-        shared = _ports(self.info.get((name, i)))
+        old = self.info.get((name, i))
         stand_in, replica = surge_name(name, i), replica_name(name, i)
         self.progress(f"roll {replica}: stand-in {stand_in} starts beside it")
-        cluster.kill([stand_in], self.namespace, timeout=5.0, drain=0.0)  # one an interrupted apply left
-        self.started.append(stand_in)
-        cfg = self.builder.config(name, i, shared_ports=shared, surge=True)
+        self.cluster.stop([stand_in], drain=0.0)  # one an interrupted apply left
         try:
-            self._wait_ready({stand_in: self.builder.start(name, i, cfg)._oob_ready.remote(self.timeout)})
-        except BaseException:
-            self._roll_back(replica, stand_in)
+            surge = self._start(self.builder, [self.builder.config(name, i, shared_ports=_ports(old), surge=True)])
+        except Exception:
+            self._give_back(replica, stand_in)
             raise
+        self.beside[(name, i)] = stand_in
         self.progress(f"roll {replica}: draining it (in-flight requests finish, {drain:g}s at most)")
-        cluster.kill([replica], self.namespace, timeout=drain + 5.0, drain=drain, hand_over=True)
-        self.info.pop((name, i), None)
-        self.started.append(replica)
-        cfg = self.builder.config(name, i, shared_ports=shared)
         try:
-            self.info.update(self._wait_ready({replica: self.builder.start(name, i, cfg)._oob_ready.remote(self.timeout)}))
-        except ApplyError as exc:  # the stand-in has the same config and started: it keeps serving
-            raise ApplyError(f"{exc}; its stand-in {stand_in} serves its ports meanwhile (apply again)", exc.log_tail)
-        self.started.remove(stand_in)
-        cluster.kill([stand_in], self.namespace, timeout=drain + 5.0, drain=drain, hand_over=True)
+            self.cluster.stop([replica], drain=drain, hand_over=True)
+        except Exception:
+            self._give_back(replica, stand_in)
+            raise
+        self.info.pop((name, i), None)
+        self.serving[(name, i)] = self.beside.pop((name, i))
+        # The successor shares what the replica held and what the stand-in holds: after a
+        # port move, the new port is the stand-in's until the stand-in retires.
+        shared = _ports(old) | _ports(surge[stand_in])
+        self._start(self.builder, [self.builder.config(name, i, shared_ports=shared)])
+        self._retire_stand_ins(name, [i])
         self._collect_endpoints(name)
 
-    def _roll_back(self, replica: str, stand_in: str) -> None:
-        """The stand-in failed: connections go back to the replica, the stand-in goes. The
-        replica never stopped serving."""
-        import ray
-        try:
-            ray.get(cluster.handle(replica, self.namespace)._oob_reclaim.remote(), timeout=5)
-        except Exception:  # busy or gone: nothing to steer back
-            pass
-        cluster.kill([stand_in], self.namespace, timeout=2.0, drain=0.0)
-        self.started.remove(stand_in)
-        self.progress(f"rolled back: {replica} keeps serving, unchanged")
-
     def wire(self, step: Step) -> None:
-        setup_links(self.spec, self.namespace, self.info, self.progress)
+        self.cluster.wire(self.spec, self.info, self.progress)
 
     def update(self, step: Step) -> None:
         """Replicas kept from before learn their actor's replica count and their peers'
-        endpoints as they are now (scaling changes both without restarting anyone). A busy
-        replica is not waited for long."""
-        import ray
-        refs = {}
-        started = set(self.started)
-        for (name, i) in sorted(self.info):
-            if replica_name(name, i) in started or name not in self.spec.actors or i >= self.spec.actors[name].replicas:
-                continue
-            try:
-                handle = cluster.handle(replica_name(name, i), self.namespace)
-            except ValueError:  # gone meanwhile
-                continue
-            refs[handle._oob_update.remote(self.spec.actors[name].replicas, self.builder.peer_endpoints(name))] = \
-                replica_name(name, i)
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0) if refs else ([], [])
-        changed = [refs[r] for r in done if _answer(r)]
+        endpoints as they are now (scaling changes both without restarting anyone)."""
+        todo = {}
+        for (name, i), info in sorted(self.info.items()):
+            actor = self.spec.actors.get(name)
+            if actor is None or i >= actor.replicas or self.before.get((name, i)) is not info:
+                continue  # gone, or started by this apply (it has the counts already)
+            todo[replica_name(name, i)] = (actor.replicas, self.builder.peer_endpoints(name))
+        changed = self.cluster.update(todo) if todo else []
         if changed:
             self.progress(f"updated in place: {', '.join(changed)} (replica count or peers' endpoints)")
 
-    # --- waiting and reporting ---
+    # --- starting, handing over, settling ---
 
-    def _wait_ready(self, refs: dict[str, object]) -> dict[tuple[str, int], ReplicaInfo]:
-        """Wait for the replicas' `_oob_ready`, in short steps so Ctrl-C is seen at once."""
-        import ray
-        pending = {ref: name for name, ref in refs.items()}
-        ready_infos = {}
-        while pending:
-            left = self.deadline - time.monotonic()
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(0.25, max(0.0, left)))
-            if not ready:
-                if time.monotonic() >= self.deadline:
-                    raise self._not_ready(sorted(pending.values()))
-                continue
-            name = pending.pop(ready[0])
-            try:
-                info: ReplicaInfo = ray.get(ready[0])
-            except Exception as exc:
-                raise ApplyError(f"{_label(name)} failed to start: {_cause(exc)}", self._log_tail(name)) from None
-            if not name.startswith("_oob"):
-                # What a later apply needs of this replica even while it is too busy to answer.
-                cluster.put_meta(self.namespace, f"replica/{name}", info.record())
-            ready_infos[split_name(name)] = info
-            self.progress(f"ready {name} (pid {info.pid})" + "".join(f"  {s}: {u}" for s, u in info.endpoints.items()))
-        return ready_infos
-
-    def _not_ready(self, names: list[str]) -> ApplyError:
-        """Name every replica still pending and what it was doing, from Ray's own records."""
-        records = state.actor_records(self.namespace)
-        doing = []
-        for name in names:
-            record = records.get(name)
-            if record is None or (record.state == "PENDING_CREATION" and not record.pid):
-                what = f"waiting for resources ({self.builder.resources_text(split_name(name)[0])})"
-            elif record.state == "PENDING_CREATION":
-                what = f"still in __init__ (pid {record.pid})"
-            elif record.state == "ALIVE":
-                what = "servers not accepting connections yet"
-            else:
-                what = record.words
-            doing.append(f"{_label(name, '')} {what}")
-        return ApplyError(f"not ready after {self.timeout:g}s: " + "; ".join(doing), self._log_tail(names[0]))
-
-    def _log_tail(self, name: str, lines: int = 20) -> str:
-        """The replica's last output, from its worker's log files (it may be stuck in __init__
-        or dead), else asked of the replica itself."""
-        import ray
-        record = state.actor_records(self.namespace).get(name)
-        text = state.tail(record, lines) if record else ""
-        if text:
-            return text
+    def _start(self, builder: Builder, cfgs: list[ReplicaConfig]) -> dict[str, ReplicaInfo]:
+        """Start these together and wait until each serves. On a failure the ones not ready are
+        stopped; the ready ones stay (they run and may hold traffic)."""
+        names, ready = [c.name for c in cfgs], {}
         try:
-            chunks = ray.get(cluster.handle(name, self.namespace)._oob_read_logs.remote([0, 0]), timeout=5)
-            text = "".join(t for _o, t in chunks)
-        except Exception:  # the replica is gone: nothing to show
-            text = ""
-        return "\n".join(text.splitlines()[-lines:])
+            for cfg in cfgs:
+                self.pending.add(cfg.name)  # before the start: an interrupt there still removes it
+                self.cluster.start(builder, cfg)
+            for name, info in self.cluster.wait_ready(names, self.deadline):
+                self.pending.discard(name)
+                ready[name] = info
+                if name == replica_name(*split_name(name)):
+                    self.info[split_name(name)] = info
+                    self.cluster.record(name, info)
+                self.progress(f"ready {name} (pid {info.pid})" + "".join(f"  {s}: {u}" for s, u in info.endpoints.items()))
+        except Exception as exc:
+            left = [n for n in names if n not in ready]
+            self.cluster.stop(left, drain=0.0)
+            self.pending.difference_update(left)
+            if isinstance(exc, ApplyError):
+                raise
+            raise StartFailed(left[0], f"{_label(left[0])} failed to start: {type(exc).__name__}: {exc}") from None
+        return ready
+
+    def _give_back(self, replica: str, stand_in: str) -> None:
+        """The roll cannot go on while the replica still runs: its connections come back to it
+        and the stand-in goes. The replica never stopped serving."""
+        try:
+            self.cluster.reclaim(replica)
+        except Exception:  # busy or gone: nothing to steer back
+            pass
+        self.cluster.stop([stand_in], drain=0.0)
+        self.beside.pop(split_name(stand_in), None)
+        self.progress(f"rolled back: {replica} keeps serving, unchanged")
+
+    def _retire_stand_ins(self, name: str, replicas: list[int]) -> None:
+        """Each replica runs again under its own name: the stand-in that served its ports goes."""
+        for i in replicas:
+            stand_in = self.serving.pop((name, i), None)
+            if stand_in is None or (name, i) not in self.info:
+                if stand_in:
+                    self.serving[(name, i)] = stand_in
+                continue
+            drain = self.spec.actors[name].drain if name in self.spec.actors else 1.0
+            try:
+                self.cluster.stop([stand_in], drain=drain, hand_over=True)
+            except Exception:  # once more, at once: both serve the same version meanwhile
+                self.cluster.stop([stand_in], drain=0.0, hand_over=True)
+
+    def _settle(self, failure: ApplyError) -> Outcome:
+        """After a failed step: every replica that ran before and was stopped by this apply
+        starts again at the version it ran (sharing its ports with a stand-in that serves them),
+        then the stand-ins retire. Returns where every replica stands."""
+        outcome = Outcome(self._step or "start", str(failure).split("\n")[0])
+        self.pending.clear()
+        for key in sorted(self.replaced & set(self.before) - set(self.info)):
+            name = replica_name(*key)
+            error = self._restore(key)
+            if error:
+                outcome.down.append(f"{name} ({error})")
+                self.progress(f"{name} could not start again at its previous version: {error}")
+            else:
+                self.progress(f"restored {name} at the version it ran before")
+            self._retire_stand_ins(key[0], [key[1]])
+        outcome.stand_ins = sorted(self.serving.values())
+        want_code = self.builder.code
+        for key in sorted(self.replaced | {k for k in self.info if k not in self.before}):
+            info = self.info.get(key)
+            if info is None or key[0] not in self.spec.actors:
+                continue
+            new = (info.config_hash == config_hash(self.spec, key[0])
+                   and info.code_hash == want_code.get(key[0], info.code_hash))
+            (outcome.new if new else outcome.old).append(replica_name(*key))
+        for name in self.spec.actors:
+            self._collect_endpoints(name)
+        try:  # the replicas kept learn where their peers are now
+            self.update(Step(StepKind.UPDATE))
+        except Exception:
+            pass
+        return outcome
+
+    def _restore(self, key: tuple[str, int]) -> str | None:
+        """Start the replica again at the version it ran when the apply began; None when done,
+        else why not."""
+        builder = self._previous_builder(self.before[key])
+        if builder is None:
+            return "its previous version is not recorded in the cluster"
+        stand_in = self.serving.get(key)
+        shared = _ports(self.cluster.stand_ins().get(key)) if stand_in else frozenset()
+        try:
+            self._start(builder, [builder.config(key[0], key[1], shared_ports=shared)])
+        except ApplyError as exc:
+            return str(exc).split("\n")[0]
+        return None
+
+    def _previous_builder(self, old: ReplicaInfo) -> Builder | None:
+        """A builder for the revision whose version of the actor `old` runs."""
+        for revision in self.cluster.revisions():
+            spec = revision.spec_model()
+            if old.actor not in spec.actors or config_hash(spec, old.actor) != old.config_hash:
+                continue
+            if old.code_hash and revision.code.get(old.actor, old.code_hash) != old.code_hash:
+                continue
+            builder = revision.builder(self.progress)
+            builder.endpoints = self.builder.endpoints
+            return builder
+        return None
 
     def _collect_endpoints(self, name: str) -> None:
         actor = self.spec.actors[name]
@@ -271,6 +379,7 @@ class Executor(Steps):
 
 
 def _label(name: str, word: str = "actor ") -> str:
+    from ..contract import SURGE_PREFIX
     if name.startswith(SURGE_PREFIX):
         return f"the new version of {name[len(SURGE_PREFIX):]} (stand-in {name})"
     return f"{word}{name}"
@@ -283,19 +392,4 @@ def _ports(info: ReplicaInfo | None) -> frozenset[int]:
     return frozenset(p for p in (urlsplit(u if "//" in u else f"//{u}").port for u in info.endpoints.values()) if p)
 
 
-def _answer(ref) -> bool:
-    import ray
-    try:
-        return bool(ray.get(ref, timeout=0))
-    except Exception:
-        return False
-
-
-def _cause(exc: Exception) -> str:
-    cause = getattr(exc, "cause", None)
-    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
-__all__ = ["Executor", "Steps"]
+__all__ = ["Cluster", "Executor", "Outcome", "StartFailed", "Steps"]

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from ..errors import ClusterError
 from ..models import Spec
 from . import cluster
 from .apply import apply_with_errors, handling_signals, preflight, start_embedded
@@ -22,7 +23,7 @@ def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
-def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
+def apply_cli(spec: Spec, address: str | None, timeout: float, atomic: bool = False) -> None:
     from rich.console import Console
     console = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
@@ -35,7 +36,7 @@ def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
         with handling_signals(_interrupt):
             try:
                 cluster.connect(explicit, spec.namespace)
-                endpoints = apply_with_errors(spec, progress, timeout, detached=True)
+                endpoints = apply_with_errors(spec, progress, timeout, detached=True, atomic=atomic)
             except KeyboardInterrupt:
                 console.print("interrupted: what this apply started is removed")
                 raise
@@ -44,10 +45,15 @@ def apply_cli(spec: Spec, address: str | None, timeout: float) -> None:
                     ray.shutdown()
         out.print(_endpoints(endpoints))
         return
-    _foreground(spec, timeout, console, out, progress)
+    running = cluster.foreground_owner(spec.name)
+    if running is not None:  # one deployment, one owner: touch nothing of the running one
+        raise ClusterError(f"'{spec.name}' is already running in the foreground (oob apply, pid {running['pid']}, "
+                           f"Ray at {running['address']}): stop it first, or change it with "
+                           f"`oob apply --address {running['address']}`")
+    _foreground(spec, timeout, console, out, progress, atomic)
 
 
-def _foreground(spec: Spec, timeout: float, console, out, progress) -> None:
+def _foreground(spec: Spec, timeout: float, console, out, progress, atomic: bool) -> None:
     import ray
     stop = threading.Event()
     registry = None
@@ -61,7 +67,7 @@ def _foreground(spec: Spec, timeout: float, console, out, progress) -> None:
         with handling_signals(_interrupt):
             if stop.is_set():
                 raise KeyboardInterrupt
-            endpoints = apply_with_errors(spec, progress, timeout, detached=False)
+            endpoints = apply_with_errors(spec, progress, timeout, detached=False, atomic=atomic)
         with handling_signals(lambda *_: stop.set()):
             out.print(_endpoints(endpoints))
             console.print(f"running in the foreground on a local Ray ({gcs}); Ctrl-C to stop")
@@ -81,7 +87,7 @@ def _foreground(spec: Spec, timeout: float, console, out, progress) -> None:
                     log.debug("teardown", exc_info=True)
             ray.shutdown()
             if registry is not None:
-                registry.unlink(missing_ok=True)
+                cluster.unregister_embedded(registry)
     console.print("stopped")
     if interrupted:
         raise KeyboardInterrupt

@@ -14,10 +14,10 @@ from .context import env_key
 
 
 class Builder:
-    def __init__(self, spec: Spec, progress: Callable[[str], None]):
+    def __init__(self, spec: Spec, progress: Callable[[str], None], base_dir: Path | None = None):
         self.spec, self.progress = spec, progress
         source = spec._source
-        self.base_dir = source.base_dir if source else Path.cwd()
+        self.base_dir = base_dir or (source.base_dir if source else Path.cwd())
         self.endpoints: dict[str, dict[str, list[str]]] = {}  # actor -> server -> urls, as known now
         self.code: dict[str, str] = {}  # actor -> digest of its class's source
         self.shipped: dict | None = None  # runtime_env of uploaded code, on a remote cluster
@@ -25,6 +25,10 @@ class Builder:
         self.placement = None
         self.bundle_index: dict[tuple[str, int], int] = {}
         self._classes: dict[str, object] = {}
+        # actor -> the user's class, when it does not come from importing the spec's module (a
+        # revision's own class, as it ran then); None: import it
+        self.class_source: Callable[[str], type | None] = lambda _name: None
+        self.pickles: dict[str, bytes] = {}  # actor -> its class pickled by value (for revisions)
 
     def peer_endpoints(self, name: str) -> dict[str, list[str]]:
         out = {}
@@ -122,15 +126,21 @@ class Builder:
         actor = self.spec.actors[name]
         if actor.command is not None:
             return ray.remote(make_command_class())
-        with import_path(self.base_dir):
-            try:
-                user_cls = import_object(actor.class_)
-            except ImportError as exc:
-                raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
+        user_cls = self.class_source(name)
+        from_revision = user_cls is not None  # unpickled by value: it travels by value again
+        if user_cls is None:
+            with import_path(self.base_dir):
+                try:
+                    user_cls = import_object(actor.class_)
+                except ImportError as exc:
+                    raise ApplyError(f"actor {name}: class '{actor.class_}' does not import: {exc}") from None
         actor_cls = make_actor_class(user_cls)
         # The user's module travels inside the pickled class: workers need no PYTHONPATH (and
         # no runtime_env), and a handle taken in any process has the real method signatures.
-        if not ship_by_value(actor_cls):
+        if from_revision or ship_by_value(actor_cls):
+            from ray import cloudpickle
+            self.pickles[name] = cloudpickle.dumps(user_cls)
+        else:
             self.by_reference.add(name)
             self.progress(f"actor {name}: its module cannot be pickled by value; the workers import it "
                           "from the spec's folder (handles in other processes need it importable too)")
