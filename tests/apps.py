@@ -190,11 +190,18 @@ class Broken:
 class Chatty:
     """Prints the way user code does: plain print, no flush."""
 
-    def __init__(self, greeting: str = "hi", fail: bool = False):
+    def __init__(self, greeting: str = "hi", fail: bool = False, fail_replica: int = -1, broken: str = "",
+                 once: str = ""):
         self.greeting = greeting
         print(f"chatty starting (pid {os.getpid()})")
-        if fail:
+        # fail_replica: that replica fails (while the file `broken` exists, when one is named)
+        mine = int(os.environ.get("OOB_REPLICA", -1)) == fail_replica
+        if fail or (mine and (not broken or os.path.exists(broken))):
             raise ValueError(f"cannot greet with {greeting!r}")
+        if once:  # this version starts once: its second process (a successor) fails
+            if os.path.exists(once):
+                raise RuntimeError(f"{greeting!r} already started once")
+            open(once, "w").close()
 
     def say(self, text: str, times: int = 1) -> str:
         for _ in range(times):

@@ -137,6 +137,11 @@ def test_foreground_status_and_logs_from_another_terminal(project):
         status = oob("status", "fgchat", "-o", "json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["healthy"] is True
+        # One deployment, one owner: a second foreground apply refuses at once, touching nothing.
+        second = oob("apply", spec, timeout=60)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"'fgchat' is already running in the foreground (oob apply, pid {proc.pid}" in second.stderr
+        assert oob("status", "fgchat").returncode == 0
         logs = oob("logs", "fgchat")
         assert logs.returncode == 0 and "chatty starting" in logs.stdout, logs.stdout + logs.stderr
         assert "fgchat" in oob("list").stdout

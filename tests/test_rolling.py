@@ -176,3 +176,161 @@ def test_moving_to_a_taken_port_fails_and_keeps_the_old_port_serving(ray_head, p
         assert status_of(ray_head, "taken")["healthy"] is True
     finally:
         oob("delete", "taken", "--address", ray_head)
+
+
+# --- whatever fails in the middle of an apply, what ran keeps running ----------------------
+
+PARTS = """
+version: 1
+name: {name}
+actors:
+  batch:
+    class: apps:Chatty
+    kwargs: {{greeting: {batch}}}
+  part:
+    class: apps:Chatty
+    replicas: 2
+    drain: 2
+    kwargs: {{greeting: {greeting}, fail_replica: {fail_replica}, broken: "{broken}", once: "{once}"}}
+    servers:
+      - {{name: http, port: {http}, routes: [{{path: /, call: get}}]}}
+"""
+
+# HTTP only, a new connection per request; each replica's ports are tried in order (a port move
+# serves the old port, then the new one): a request fails only when none of them answers.
+HTTP_CLIENT = r'''
+import json, os, sys, time
+import requests
+groups, stop, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+seen, n = [], 0
+while not os.path.exists(stop):
+    i = n % len(groups)
+    answer = [i, 0, "no port answered"]
+    for port in groups[i]:
+        try:
+            r = requests.get(f"http://127.0.0.1:{port}/", timeout=10, headers={"Connection": "close"})
+            answer = [i, r.status_code, r.text]
+            break
+        except requests.ConnectionError:
+            continue
+        except requests.RequestException as exc:
+            answer = [i, 0, type(exc).__name__]
+            break
+    seen.append(answer)
+    n += 1
+    time.sleep(0.02)
+with open(out, "w") as f:
+    json.dump(seen, f)
+'''
+
+
+@contextmanager
+def http_loop(tmp_path: Path, groups: list[list[int]]):
+    """Yields a list that holds, once the block ends, every answer the client saw."""
+    script, stop, out = tmp_path / "http_client.py", tmp_path / "http_stop", tmp_path / "http_seen.json"
+    script.write_text(HTTP_CLIENT)
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(groups), str(stop), str(out)], cwd="/",
+                            env=user_env())
+    seen: list = []
+    try:
+        time.sleep(2)
+        yield seen
+    finally:
+        stop.touch()
+        proc.wait(timeout=60)
+    seen.extend(json.loads(out.read_text()))
+
+
+def parts(project, name, http, greeting="v1", batch="b1", fail_replica=-1, broken="", once=""):
+    return write_in(project, PARTS.format(name=name, greeting=greeting, batch=batch, fail_replica=fail_replica,
+                                          broken=broken, once=once, http=http))
+
+
+def texts(port: int) -> list[str]:
+    import requests
+    return [requests.get(f"http://127.0.0.1:{port + i}/", timeout=10).text for i in range(2)]
+
+
+def test_a_rollout_whose_second_replica_fails_keeps_every_replica_serving(ray_head, project, tmp_path):
+    """A stop-first actor moved, part-0 rolled, part-1's new version raises: nothing stops, the
+    message says who runs what, the next apply continues from there, --atomic goes back."""
+    http, _ = ports()
+    assert oob("apply", parts(project, "midway", http), "--address", ray_head).returncode == 0
+    try:
+        before = alive_pids(ray_head, "midway")
+        broken = tmp_path / "broken"  # part-1 fails while this file exists
+        broken.touch()
+        v2 = parts(project, "midway", http, "v2", "b2", fail_replica=1, broken=broken)
+        with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+            update = oob("apply", v2, "--address", ray_head)
+        assert update.returncode == 1, update.stdout + update.stderr
+        assert "ValueError: cannot greet with 'v2'" in update.stderr
+        assert ("at the new version: batch-0, part-0; at the version they ran before: part-1; fix and apply "
+                "again to continue from here") in update.stderr, update.stderr
+        assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20
+        assert texts(http) == ["v2", "v1"]
+        after = alive_pids(ray_head, "midway")
+        assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
+        assert status_of(ray_head, "midway")["healthy"] is True
+        assert surge_actors(ray_head, "oob-midway") == []
+
+        # Fixed: the same spec again replaces only part-1 (part-0 and batch-0 are new already).
+        broken.unlink()
+        fixed = oob("apply", v2, "--address", ray_head)
+        assert fixed.returncode == 0, fixed.stderr
+        now = alive_pids(ray_head, "midway")
+        assert now["part-0"] == after["part-0"] and now["batch-0"] == after["batch-0"]
+        assert now["part-1"] != after["part-1"] and texts(http) == ["v2", "v2"]
+
+        # --atomic: part-0 rolls to v3, part-1 fails, and both are rolled back to v2.
+        broken.touch()
+        with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+            atomic = oob("apply", parts(project, "midway", http, "v3", "b2", fail_replica=1, broken=broken),
+                         "--atomic", "--address", ray_head)
+        assert atomic.returncode == 1
+        assert "--atomic: rolled back, every actor runs revision" in atomic.stderr, atomic.stderr
+        assert [r for r in seen if r[1] != 200] == []
+        assert texts(http) == ["v2", "v2"]
+        assert status_of(ray_head, "midway")["healthy"] is True
+        assert surge_actors(ray_head, "oob-midway") == []
+    finally:
+        oob("delete", "midway", "--address", ray_head)
+
+
+def test_a_successor_failing_after_its_stand_in_took_over_restores_the_old_version(ray_head, project, tmp_path):
+    http, _ = ports()
+    assert oob("apply", parts(project, "relay", http), "--address", ray_head).returncode == 0
+    try:
+        before = alive_pids(ray_head, "relay")
+        once = tmp_path / "started-once"
+        with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+            update = oob("apply", parts(project, "relay", http, "v2", once=once), "--address", ray_head)
+        assert update.returncode == 1, update.stdout + update.stderr
+        assert "RuntimeError: 'v2' already started once" in update.stderr
+        assert "restored part-0 at the version it ran before" in update.stderr
+        assert "at the version they ran before: part-0, part-1" in update.stderr, update.stderr
+        assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20
+        assert texts(http) == ["v1", "v1"]
+        after = alive_pids(ray_head, "relay")
+        assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
+        assert status_of(ray_head, "relay")["healthy"] is True
+        assert surge_actors(ray_head, "oob-relay") == []
+    finally:
+        oob("delete", "relay", "--address", ray_head)
+
+
+def test_a_port_move_rolls_and_serves_the_old_port_until_the_new_one_does(ray_head, project, tmp_path):
+    http, moved = ports()
+    assert oob("apply", parts(project, "moving", http), "--address", ray_head).returncode == 0
+    try:
+        with http_loop(tmp_path, [[http, moved], [http + 1, moved + 1]]) as seen:
+            update = oob("apply", parts(project, "moving", moved), "--address", ray_head)
+        assert update.returncode == 0, update.stdout + update.stderr
+        assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20
+        assert texts(moved) == ["v1", "v1"] and port_free(http) and port_free(http + 1)
+        assert status_of(ray_head, "moving")["healthy"] is True
+        assert surge_actors(ray_head, "oob-moving") == []
+        again = oob("apply", parts(project, "moving", moved), "--address", ray_head)
+        assert again.returncode == 0 and "replace" not in again.stderr, again.stderr
+    finally:
+        oob("delete", "moving", "--address", ray_head)
