@@ -446,6 +446,25 @@ def test_code_digest_follows_local_imports_not_installed_packages(tmp_path):
     assert code_digest("json:JSONDecoder", tmp_path) == code_digest("json:JSONEncoder", tmp_path)  # stdlib: no files
 
 
+def test_code_digest_is_the_same_in_any_folder_and_never_covers_oobspec(tmp_path, monkeypatch):
+    """Ray Jobs unpacks the spec's folder elsewhere; oobspec (an editable install here) and any
+    installed package are the tool's, not the user's code."""
+    import oobspec.code as code
+    for folder in ("here", "elsewhere/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "svc.py").write_text("import oobspec\nimport oobspec.runtime.actor\nimport helpers\n"
+                                                  "class Svc:\n    pass\n")
+        (tmp_path / folder / "helpers.py").write_text("X = 1\n")
+    first = code.code_digest("svc:Svc", tmp_path / "here")
+    assert code.code_digest("svc:Svc", tmp_path / "elsewhere/deeper") == first
+    # As if oobspec's own files were edited (a `git pull` of the tool): the digest stays.
+    real_find = code._find
+    seen = []
+    monkeypatch.setattr(code, "_find", lambda name: seen.append(name) or real_find(name))
+    assert code.code_digest("svc:Svc", tmp_path / "here") == first
+    assert "oobspec" in seen and all(real_find(n) is None for n in seen if n.startswith("oobspec"))
+
+
 # --- how changes are carried out: strategies and steps ---------------------------------------------
 
 

@@ -24,7 +24,8 @@ def head():
     with started_head(f"--port={gcs}", f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
                       "--dashboard-host=127.0.0.1", env=user_env(REMOTE_TOKEN="remote-secret"),
                       ports=(gcs, client, dashboard)):
-        yield {"client": f"ray://127.0.0.1:{client}", "jobs": f"http://127.0.0.1:{dashboard}"}
+        yield {"client": f"ray://127.0.0.1:{client}", "jobs": f"http://127.0.0.1:{dashboard}",
+               "gcs": f"127.0.0.1:{gcs}"}
 
 
 MODULE = '''
@@ -118,6 +119,16 @@ def test_remote_apply_status_sync_logs_delete(head, tmp_path, via):
         assert logs.returncode == 0 and "remote store starting" in logs.stdout, logs.stdout + logs.stderr
         listed = oob("list", "--address", address, env=env)
         assert name in listed.stdout
+        # The same spec and code, whichever way oob connects: nothing to change (the module
+        # imports oobspec, which never counts), and a re-apply the other way restarts nobody.
+        pids = {r["name"]: r["pid"] for r in state["replicas"]}
+        for other in ("client", "jobs", "gcs"):
+            again = oob("plan", spec, "--address", head[other], env=env)
+            assert again.returncode == 0 and "replace" not in again.stdout, (other, again.stdout + again.stderr)
+        other = "jobs" if via == "client" else "client"
+        assert oob("apply", spec, "--address", head[other], env=env).returncode == 0
+        status = json.loads(oob("status", name, "--address", address, "-o", "json", env=env).stdout)
+        assert {r["name"]: r["pid"] for r in status["replicas"]} == pids
     finally:
         deleted = oob("delete", name, "--address", address, env=env)
     assert deleted.returncode == 0, deleted.stderr
