@@ -101,6 +101,11 @@ def endpoints_text(endpoints: dict[str, dict[str, list[str]]]) -> str:
 def status_text(status: dict) -> str:
     health = "healthy" if status.get("healthy") else "NOT healthy"
     out = [f"deployment {status['name']} (namespace {status['namespace']}): {health}", ""]
+    last = status.get("last_apply")
+    if last and not last.get("ok"):  # what the failed apply left, until an apply completes
+        out[-1:] = [f"last apply stopped at {last['step']}: {last['cause']}",
+                    f"  new version: {', '.join(last['new']) or '-'}; previous version: {', '.join(last['old']) or '-'}",
+                    ""]
     rows = [[r["name"], r["state"], r.get("restarts", 0), r.get("pid") or "-", (r.get("node_id") or "-")[:12],
              " ".join(r.get("endpoints", {}).values()) or "-"] for r in status["replicas"]]
     out.append(table(["ACTOR", "STATE", "RESTARTS", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")

@@ -246,6 +246,13 @@ def parts(project, name, http, greeting="v1", batch="b1", fail_replica=-1, broke
                                           broken=broken, once=once, http=http))
 
 
+def assert_served_throughout(address: str, name: str, seen: list) -> None:
+    """No request of the client loop failed; the deployment is healthy; no stand-in is left."""
+    assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20, [r for r in seen if r[1] != 200][:5]
+    assert status_of(address, name)["healthy"] is True
+    assert surge_actors(address, f"oob-{name}") == []
+
+
 def texts(port: int) -> list[str]:
     import requests
     return [requests.get(f"http://127.0.0.1:{port + i}/", timeout=10).text for i in range(2)]
@@ -267,12 +274,13 @@ def test_a_rollout_whose_second_replica_fails_keeps_every_replica_serving(ray_he
         assert "ValueError: cannot greet with 'v2'" in update.stderr
         assert ("at the new version: batch-0, part-0; at the version they ran before: part-1; fix and apply "
                 "again to continue from here") in update.stderr, update.stderr
-        assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20
+        assert_served_throughout(ray_head, "midway", seen)
         assert texts(http) == ["v2", "v1"]
         after = alive_pids(ray_head, "midway")
         assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
-        assert status_of(ray_head, "midway")["healthy"] is True
-        assert surge_actors(ray_head, "oob-midway") == []
+        shown = oob("status", "midway", "--address", ray_head).stdout
+        assert "last apply stopped at step" in shown and "new version: batch-0, part-0; previous version: part-1" \
+            in shown, shown
 
         # Fixed: the same spec again replaces only part-1 (part-0 and batch-0 are new already).
         broken.unlink()
@@ -289,10 +297,8 @@ def test_a_rollout_whose_second_replica_fails_keeps_every_replica_serving(ray_he
                          "--atomic", "--address", ray_head)
         assert atomic.returncode == 1
         assert "--atomic: rolled back, every actor runs revision" in atomic.stderr, atomic.stderr
-        assert [r for r in seen if r[1] != 200] == []
+        assert_served_throughout(ray_head, "midway", seen)
         assert texts(http) == ["v2", "v2"]
-        assert status_of(ray_head, "midway")["healthy"] is True
-        assert surge_actors(ray_head, "oob-midway") == []
     finally:
         oob("delete", "midway", "--address", ray_head)
 
@@ -309,12 +315,10 @@ def test_a_successor_failing_after_its_stand_in_took_over_restores_the_old_versi
         assert "RuntimeError: 'v2' already started once" in update.stderr
         assert "restored part-0 at the version it ran before" in update.stderr
         assert "at the version they ran before: part-0, part-1" in update.stderr, update.stderr
-        assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20
+        assert_served_throughout(ray_head, "relay", seen)
         assert texts(http) == ["v1", "v1"]
         after = alive_pids(ray_head, "relay")
         assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
-        assert status_of(ray_head, "relay")["healthy"] is True
-        assert surge_actors(ray_head, "oob-relay") == []
     finally:
         oob("delete", "relay", "--address", ray_head)
 
@@ -326,10 +330,8 @@ def test_a_port_move_rolls_and_serves_the_old_port_until_the_new_one_does(ray_he
         with http_loop(tmp_path, [[http, moved], [http + 1, moved + 1]]) as seen:
             update = oob("apply", parts(project, "moving", moved), "--address", ray_head)
         assert update.returncode == 0, update.stdout + update.stderr
-        assert [r for r in seen if r[1] != 200] == [] and len(seen) > 20
+        assert_served_throughout(ray_head, "moving", seen)
         assert texts(moved) == ["v1", "v1"] and port_free(http) and port_free(http + 1)
-        assert status_of(ray_head, "moving")["healthy"] is True
-        assert surge_actors(ray_head, "oob-moving") == []
         again = oob("apply", parts(project, "moving", moved), "--address", ray_head)
         assert again.returncode == 0 and "replace" not in again.stderr, again.stderr
     finally:

@@ -79,7 +79,7 @@ def status(name: str, address: str | None) -> dict:
                 links.append({"name": lname, "from": link.get("from", f"{row['actor']}.?"), "to": link.get("to", []),
                               "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
         return {"name": name, "namespace": namespace, "healthy": all(r["healthy"] for r in replicas),
-                "replicas": replicas, "links": links}
+                "replicas": replicas, "links": links, "last_apply": get_meta(namespace, "last-apply")}
 
 
 def deployments(address: str | None) -> list[dict]:
