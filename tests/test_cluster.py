@@ -222,8 +222,16 @@ def test_logs_and_failed_apply(cluster, project):
     """))
     failed = oob("apply", bad, "--address", addr, check=False)
     assert failed.returncode == 1
-    assert "error: actor broken-0 failed to start: RuntimeError: config file /etc/missing.conf not found" in failed.stderr
+    assert ("error: apply stopped at step 2/2 (start broken[0], fine[0]): actor broken-0 failed to start: "
+            "RuntimeError: config file /etc/missing.conf not found") in failed.stderr, failed.stderr
     assert "about to fail: checking the config" in failed.stderr  # the tail of its log
     assert 'apps.py", line' in failed.stderr and "/oobspec/" not in failed.stderr  # the user's frames only
+    # Only what became ready may stay (fine-0, when it was ready before broken-0 failed).
+    shown = oob("status", "bad", "--address", addr, "-o", "json", check=False)
+    alive = [r["name"] for r in json.loads(shown.stdout)["replicas"] if r["state"] == "alive"] \
+        if shown.returncode == 0 else []
+    assert set(alive) <= {"fine-0"}, shown.stdout
+    assert ("at the new version: fine-0" in failed.stderr) == (alive == ["fine-0"])
+    assert oob("delete", "bad", "--address", addr, check=False).returncode in (0, 1)
     gone = oob("status", "bad", "--address", addr, check=False)
-    assert gone.returncode == 1  # nothing half-started is left
+    assert gone.returncode == 1
