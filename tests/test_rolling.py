@@ -229,6 +229,7 @@ def http_loop(tmp_path: Path, groups: list[list[int]]):
     """Yields a list that holds, once the block ends, every answer the client saw."""
     script, stop, out = tmp_path / "http_client.py", tmp_path / "http_stop", tmp_path / "http_seen.json"
     script.write_text(HTTP_CLIENT)
+    stop.unlink(missing_ok=True)  # a second loop in the same test
     proc = subprocess.Popen([sys.executable, str(script), json.dumps(groups), str(stop), str(out)], cwd="/",
                             env=user_env())
     seen: list = []
