@@ -18,7 +18,7 @@ With --diagnose, more hand-written variants show what oobspec's differences cost
                                   OOB_DEPLOYMENT/PYTHONPATH: one distinct runtime_env per replica)
   d. hand-written + shared env    the same env_vars minus OOB_REPLICA: one runtime_env shared
                                   by all N actors
-  e. hand-written + oob imports   b, whose start method first imports oobspec.runtime.actor
+  e. hand-written + oob imports   b, whose start method first imports oobspec.replica.actor
                                   (what every oobspec replica imports)
   f. oobspec, no runtime_env      a with Builder.runtime_env patched (in this process only) to
                                   return {}: what oobspec would take without a runtime_env
@@ -57,7 +57,7 @@ class HandServer(Hits):
 
     async def start(self, import_oob: bool = False) -> tuple[int, int]:
         if import_oob:
-            import oobspec.runtime.actor  # noqa: F401  (what an oobspec replica imports)
+            import oobspec.replica.actor  # noqa: F401  (what an oobspec replica imports)
         from aiohttp import web
 
         async def handle(_request):
@@ -119,12 +119,12 @@ def run_oobspec(spec, phases: dict | None, no_runtime_env: bool = False) -> floa
     import ray
 
     import oobspec
-    from oobspec.runtime import apply as apply_mod
+    from oobspec.control import apply as apply_mod
 
     if phases is not None:
         _instrument(apply_mod, phases)
     if no_runtime_env:  # what-if, in this process only: replicas get no runtime_env at all
-        from oobspec.runtime.replicas import Builder
+        from oobspec.control.replicas import Builder
         _PATCHED.append((Builder, "runtime_env", Builder.runtime_env))
         Builder.runtime_env = lambda self, *args, **kwargs: {}
     try:
@@ -170,7 +170,7 @@ _PATCHED: list = []
 
 
 def _instrument(apply_mod, phases: dict) -> None:
-    from oobspec.runtime import cluster, executor, replicas
+    from oobspec.control import cluster, executor, replicas
 
     def timed(owner, attr, label):
         original = getattr(owner, attr, None)

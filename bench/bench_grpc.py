@@ -153,7 +153,7 @@ def main() -> None:
     import ray
 
     import oobspec
-    from oobspec.runtime.apply import start_embedded
+    from oobspec.control.apply import start_embedded
 
     protos = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
     if args.serve:

@@ -155,7 +155,7 @@ def main() -> None:
     import ray
 
     import oobspec
-    from oobspec.runtime.apply import start_embedded
+    from oobspec.control.apply import start_embedded
 
     folder = Path(tempfile.mkdtemp(prefix="bench-push-"))
     (folder / "pushapp.py").write_text(MODULE)

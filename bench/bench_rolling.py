@@ -22,7 +22,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from oobspec.runtime.ports import port_free
+from oobspec.replica.ports import port_free
 
 MODULE = '''
 class Versioned:
@@ -84,8 +84,8 @@ def main() -> None:
     import ray
 
     import oobspec
-    from oobspec.runtime import cluster
-    from oobspec.runtime.apply import Applier, start_embedded
+    from oobspec.control import cluster
+    from oobspec.control.apply import Applier, start_embedded
 
     folder = Path(tempfile.mkdtemp(prefix="bench-rolling-"))
     (folder / "versioned.py").write_text(MODULE)

@@ -67,7 +67,7 @@ def main() -> None:
     import ray
 
     import oobspec
-    from oobspec.runtime.apply import start_embedded
+    from oobspec.control.apply import start_embedded
 
     folder = Path(tempfile.mkdtemp(prefix="bench-rss-"))
     (folder / "rssapp.py").write_text(MODULE)

@@ -21,11 +21,11 @@ def __getattr__(name: str):
 
 def deploy(spec, **kwargs):
     """Apply a spec on Ray and wait until it is ready; a context manager that deletes it on exit."""
-    from .runtime.deploy import deploy as _deploy
+    from .control.deploy import deploy as _deploy
     return _deploy(spec, **kwargs)
 
 
 def context():
     """Inside an actor: this replica's endpoints of its peers, its buffers and link push."""
-    from .runtime.context import current
+    from .replica.context import current
     return current()

@@ -38,7 +38,7 @@ def load(path: str | os.PathLike, values: dict | None = None, *, value_files=(),
 def lint(spec: Spec, imports: bool = True, *, address: str | None = None) -> list[Diagnostic]:
     """Cross-reference, port, link and (with imports) code checks of a loaded spec. `address`:
     where it will run, when not the spec's own ray.address (a remote one adds its checks)."""
-    from .checks import remote_address
+    from .addresses import remote_address
     source: Source | None = spec._source
     doc = source.document if source else Document(spec.model_dump(by_alias=True))
     return check(spec, doc, source.base_dir if source else None, imports,

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .addresses import remote_address
 from .contract import Ref
 from .errors import Diagnostic, SpecError
 from .imports import import_object, import_path, suggest
@@ -159,20 +160,6 @@ def validate(doc: Document) -> Spec:
 
 
 # --- semantic checks --------------------------------------------------------------------------
-
-
-def address_kind(address: str | None) -> str:
-    """"client" (ray://, Ray Client), "jobs" (http[s]://HEAD:8265, the job API) or "gcs"."""
-    if address and address.startswith("ray://"):
-        return "client"
-    if address and address.startswith(("http://", "https://")):
-        return "jobs"
-    return "gcs"
-
-
-def remote_address(address: str | None) -> bool:
-    """Ray Client and Ray Jobs reach a cluster that is not this machine."""
-    return address_kind(address) != "gcs"
 
 
 class _Checker:

@@ -21,7 +21,7 @@ address_option = click.option("--address", default=None, metavar="ADDR",
 def _via_jobs(address, argv: list[str], spec=None) -> None:
     """With a Ray Jobs address (http://HEAD:8265), the command runs on the cluster as a job:
     its output streams here and its exit code is ours."""
-    from .runtime.jobs import forward, jobs_address
+    from .control.jobs import forward, jobs_address
     url = jobs_address(address, spec)
     if url:
         sys.exit(forward(url, argv, spec))
@@ -84,7 +84,7 @@ def render(spec, value_files, sets):
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
 def plan(spec, value_files, sets, address, fmt):
     """Show what apply would change (offline when no cluster is running)."""
-    from .runtime.commands import plan_for
+    from .control.commands import plan_for
     loaded = _load(spec, value_files, sets)
     _via_jobs(address, ["plan", "{spec}", "-o", fmt], loaded)
     result = plan_for(loaded, address)
@@ -104,7 +104,7 @@ def apply(spec, value_files, sets, address, timeout, atomic):
 
     Whatever fails, what ran before keeps running (at its old or new version); the error says
     which replica runs which, and applying again continues from there."""
-    from .runtime.foreground import apply_cli
+    from .control.foreground import apply_cli
     loaded = _load(spec, value_files, sets)
     _via_jobs(address, ["apply", "{spec}", "--timeout", str(timeout)] + (["--atomic"] if atomic else []), loaded)
     apply_cli(loaded, address=address, timeout=timeout, atomic=atomic)
@@ -116,7 +116,7 @@ def apply(spec, value_files, sets, address, timeout, atomic):
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
 def status(name, address, fmt):
     """Show a deployment's replicas, endpoints and links."""
-    from .runtime.commands import status as get_status
+    from .control.commands import status as get_status
     _via_jobs(address, ["status", name, "-o", fmt])
     result = get_status(name, address)
     click.echo(json.dumps(result, indent=2) if fmt == "json" else report.status_text(result))
@@ -128,7 +128,7 @@ def status(name, address, fmt):
 @address_option
 def sync(name, link, address):
     """Push a link's source buffer into every target now."""
-    from .runtime.commands import sync as do_sync
+    from .control.commands import sync as do_sync
     _via_jobs(address, ["sync", name, link])
     result = do_sync(name, link, address)
     click.echo(f"{link}: version {result['version']}, {report.size(result['bytes'])} to "
@@ -141,7 +141,7 @@ def sync(name, link, address):
 @address_option
 def delete(target, address):
     """Delete a deployment: its actors, servers, processes and shared memory."""
-    from .runtime.commands import delete as do_delete
+    from .control.commands import delete as do_delete
     name, loaded = target, None
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
         loaded = _load(target, (), ())
@@ -158,7 +158,7 @@ def delete(target, address):
 @address_option
 def logs(name, actor, follow, address):
     """Print an actor's output (its wrapped process's too). ACTOR: <actor> or <actor>-<i>."""
-    from .runtime.commands import logs as stream_logs
+    from .control.commands import logs as stream_logs
     _via_jobs(address, ["logs", name] + ([actor] if actor else []) + (["-f"] if follow else []))
     for chunk in stream_logs(name, actor, follow, address):
         click.echo(chunk, nl=False)
@@ -169,7 +169,7 @@ def logs(name, actor, follow, address):
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
 def list_(address, fmt):
     """List the deployments on the cluster (without an address: the clusters on this machine)."""
-    from .runtime.commands import deployments
+    from .control.commands import deployments
     _via_jobs(address, ["list", "-o", fmt])
     found = deployments(address)
     click.echo(json.dumps(found, indent=2) if fmt == "json" else report.deployments_text(found))

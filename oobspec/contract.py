@@ -38,6 +38,18 @@ class Topology:
     gpu_uuid: str | None = None
 
 
+def choose_transport(device: str, source: Topology | None, target: Topology | None) -> str | None:
+    """`auto` as a pure function of where the two ends run; None when that is not known yet.
+    The only place the choice is made (the plan shows it, link wiring and transports use it)."""
+    if source is None or target is None:
+        return None
+    same_node = source.node_id == target.node_id
+    if device in ("gpu", "cuda"):
+        # Peer GPUs on one node still use IPC: one direct copy, no communicator to set up.
+        return "cuda_ipc" if same_node else "nccl"
+    return "shm" if same_node else "object_store"
+
+
 # --- names: one place each ---------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import Diagnostic, SpecError
+from .scalars import YamlFloat, scalar_text  # noqa: F401 (the loader makes them; models read them)
 
 MAX_BYTES = 8 * 1024 * 1024
 MAX_DEPTH = 64
@@ -39,37 +40,11 @@ _ALLOWED_TAGS = {
 }
 
 
-class YamlFloat(float):
-    """A float that remembers how it was written, so `python: 3.10` can still be the string '3.10'."""
-
-    text: str
-
-    def __new__(cls, value: float, text: str):
-        obj = super().__new__(cls, value)
-        obj.text = text
-        return obj
-
-    def __str__(self) -> str:  # "python{{ v }}" with v: 3.10 renders as written: python3.10
-        return self.text
-
-    def __reduce__(self):
-        return (float, (float(self),))
-
-
 def one_line(text: str | None) -> str | None:
     """A message is one line: control characters and line breaks from user text are escaped."""
     if text is None or text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def scalar_text(value: Any) -> str:
-    """The text a user wrote for a plain scalar, for fields that want a string."""
-    if isinstance(value, YamlFloat):
-        return value.text
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def resolve_plain(text: str) -> Any:

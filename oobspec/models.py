@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       field_validator, model_validator)
 
-from .loader import scalar_text
+from .scalars import scalar_text
 
 NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
 ACTOR_RE = r"^[a-z][a-z0-9-]*$"

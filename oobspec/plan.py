@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-from .contract import Ref, Topology, server_url
+from .contract import Ref, Topology, choose_transport, server_url
 from .models import Spec, memory_bytes
 
 
@@ -223,18 +223,6 @@ def start_waves(spec: Spec) -> list[list[str]]:
         waves.append(wave)
         done.update(wave)
     return waves
-
-
-def choose_transport(device: str, source: Topology | None, target: Topology | None) -> str | None:
-    """`auto` as a pure function of where the two ends run; None when that is not known yet.
-    The only place the choice is made (the plan shows it, link wiring and transports use it)."""
-    if source is None or target is None:
-        return None
-    same_node = source.node_id == target.node_id
-    if device in ("gpu", "cuda"):
-        # Peer GPUs on one node still use IPC: one direct copy, no communicator to set up.
-        return "cuda_ipc" if same_node else "nccl"
-    return "shm" if same_node else "object_store"
 
 
 def strategy_of(spec: Spec, name: str) -> tuple[Strategy, StopFirst | None]:

@@ -45,7 +45,7 @@ def write_spec(tmp_path):
 def local_ray():
     """A private local Ray for one test module (our own, shut down at the end)."""
     import ray
-    from oobspec.runtime.apply import start_embedded
+    from oobspec.control.apply import start_embedded
     if ray.is_initialized():
         ray.shutdown()
     try:

@@ -57,7 +57,7 @@ def kv_project(tmp_path, name, port=0, restarts=-1, replicas=1):
 
 def client(address, namespace, code, cwd="/"):
     """Python in a process that cannot import the user's module (cwd `/`, no PYTHONPATH)."""
-    script = ("import json, ray\nfrom oobspec.runtime.cluster import connect\n"
+    script = ("import json, ray\nfrom oobspec.control.cluster import connect\n"
               f"connect({address!r}, {namespace!r})\n" + code)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=cwd,
                          env=user_env())
@@ -366,7 +366,7 @@ def test_a_busy_replica_is_not_replaced(ray_head, project):
     try:
         before = status_of(ray_head, "busy")["replicas"][0]["pid"]
         blocker = subprocess.Popen([sys.executable, "-c", (
-            "import ray\nfrom oobspec.runtime.cluster import connect\n"
+            "import ray\nfrom oobspec.control.cluster import connect\n"
             f"connect({ray_head!r}, 'oob-busy')\nray.get(ray.get_actor('chat-0').block.remote(90))")],
             cwd="/", env=user_env())
         try:

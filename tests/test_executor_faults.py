@@ -17,9 +17,9 @@ import yaml
 
 from oobspec.models import Spec
 from oobspec.plan import Observed, ReplicaState, config_hash, make_plan
-from oobspec.runtime.executor import Executor, StartFailed
-from oobspec.runtime.replicas import Builder
-from oobspec.runtime.revisions import Revision
+from oobspec.control.executor import Executor, StartFailed
+from oobspec.control.replicas import Builder
+from oobspec.control.revisions import Revision
 
 SPEC = """
 version: 1

@@ -452,7 +452,7 @@ def test_code_digest_is_the_same_in_any_folder_and_never_covers_oobspec(tmp_path
     import oobspec.code as code
     for folder in ("here", "elsewhere/deeper"):
         (tmp_path / folder).mkdir(parents=True)
-        (tmp_path / folder / "svc.py").write_text("import oobspec\nimport oobspec.runtime.actor\nimport helpers\n"
+        (tmp_path / folder / "svc.py").write_text("import oobspec\nimport oobspec.replica.actor\nimport helpers\n"
                                                   "class Svc:\n    pass\n")
         (tmp_path / folder / "helpers.py").write_text("X = 1\n")
     first = code.code_digest("svc:Svc", tmp_path / "here")
@@ -545,7 +545,7 @@ def test_step_order_stop_place_start_by_wave_roll_wire_update():
 
 def test_steps_run_in_order_and_one_waves_starts_together():
     """A fake executor records what the plan's walker hands it: no Ray."""
-    from oobspec.runtime.executor import Steps
+    from oobspec.control.executor import Steps
 
     class Recorder(Steps):
         def __init__(self):

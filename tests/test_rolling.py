@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, oob, user_env, write_in
-from oobspec.runtime.ports import port_free
+from oobspec.replica.ports import port_free
 from test_anywhere import alive_pids, status_of
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
@@ -94,7 +94,7 @@ def ports() -> tuple[int, int]:
 
 def surge_actors(address: str, namespace: str) -> list[str]:
     """oob's stand-ins left in the namespace (there should be none once apply returns)."""
-    code = ("import ray, json\nfrom oobspec.runtime.cluster import connect\n"
+    code = ("import ray, json\nfrom oobspec.control.cluster import connect\n"
             f"connect({address!r}, {namespace!r})\n"
             "print(json.dumps([a['name'] for a in ray.util.list_named_actors(all_namespaces=True) "
             f"if a['namespace'] == {namespace!r} and a['name'].startswith('_oob-surge')]))")

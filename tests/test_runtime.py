@@ -293,13 +293,13 @@ def test_command_actor_supervises_a_real_process(local_ray, write_spec):
 
 
 def _logs(name):
-    from oobspec.runtime.commands import logs
+    from oobspec.control.commands import logs
     return logs(name, "files", False, None)
 
 
 def test_failed_start_names_the_actor_and_leaves_nothing(local_ray, write_spec):
     from oobspec.errors import ApplyError
-    from oobspec.runtime.cluster import replica_names
+    from oobspec.control.cluster import replica_names
     port = free_port()
     path = write_spec(f"""
         version: 1
@@ -325,7 +325,7 @@ def test_failed_start_names_the_actor_and_leaves_nothing(local_ray, write_spec):
 def test_deploy_refuses_lint_errors_before_starting_anything(local_ray, write_spec):
     """The lint check comes first: a kwarg that __init__ does not take starts nothing."""
     from oobspec.errors import SpecError
-    from oobspec.runtime.cluster import replica_names
+    from oobspec.control.cluster import replica_names
     path = write_spec("""
         version: 1
         name: unfit

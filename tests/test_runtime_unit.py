@@ -40,18 +40,18 @@ from oobspec.models import Auth, Buffer, GrpcServer, HttpServer
 from oobspec.plan import (Action, ActionKind, LinkReason, LinkRow, Plan, Reason, ServerRow, Step, StepKind, StopFirst,
                           Strategy, config_hash)
 from oobspec.report import endpoints_text, plan_text, size, status_text
-from oobspec.runtime import actor as actor_module
-from oobspec.runtime import cluster, state
-from oobspec.runtime.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
-from oobspec.runtime.ray_cluster import _cause
-from oobspec.runtime.replicas import Builder
-from oobspec.runtime.context import env_key as _env_key
-from oobspec.runtime.context import Context, current, set_current
-from oobspec.runtime.links import Allocation, Links
-from oobspec.runtime.grpc_server import start_grpc
-from oobspec.runtime.servers import (Signature, _to_bool, dumps, free_port, start_http, token_from_env,
+from oobspec.replica import actor as actor_module
+from oobspec.control import cluster, state
+from oobspec.replica.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
+from oobspec.control.ray_cluster import _cause
+from oobspec.control.replicas import Builder
+from oobspec.replica.context import env_key as _env_key
+from oobspec.replica.context import Context, current, set_current
+from oobspec.replica.links import Allocation, Links
+from oobspec.replica.grpc_server import start_grpc
+from oobspec.replica.servers import (Signature, _to_bool, dumps, free_port, start_http, token_from_env,
                                      wait_connectable)
-from oobspec.runtime.state import ActorRecord
+from oobspec.control.state import ActorRecord
 from oobspec.transports import TransportError, Topology, choose, get_transport, object_store, shm
 from oobspec.transports.auto import is_gpu
 from oobspec.transports.base import import_cupy
@@ -567,7 +567,7 @@ def test_metrics_are_counted_here_and_reach_ray_as_prometheus_histograms(monkeyp
     """The counting and the flush, with Ray's Counter replaced by a recorder (no Ray here)."""
     import ray
     import ray.util.metrics
-    from oobspec.runtime import metrics as metrics_module
+    from oobspec.replica import metrics as metrics_module
     recorded = []
 
     class Recorder:
@@ -1298,7 +1298,7 @@ def test_worker_log_reading_drops_ray_markers(tmp_path):
 
 
 def test_status_rows_declare_every_replica():
-    from oobspec.runtime.commands import _replica_row, declared
+    from oobspec.control.commands import _replica_row, declared
     meta = {"actors": {"web": {"replicas": 2}, "db": {}}}
     assert declared(meta) == ["web-0", "web-1", "db-0"] and declared(None) == []
     record = lambda st, death=None: ActorRecord("web-0", st, 7, "w", "n", 2, 1, death)  # noqa: E731
@@ -1425,7 +1425,7 @@ def test_status_and_endpoints_text():
 
 
 def test_upload_scan_honours_excludes_and_the_cap(tmp_path):
-    from oobspec.runtime import remote
+    from oobspec.control import remote
     (tmp_path / "app.py").write_text("x = 1\n")
     (tmp_path / "__pycache__").mkdir()
     (tmp_path / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0" * 5000)
@@ -1447,8 +1447,8 @@ def test_upload_scan_honours_excludes_and_the_cap(tmp_path):
 
 
 def test_address_kinds_and_jobs_routing(monkeypatch):
-    from oobspec.checks import address_kind
-    from oobspec.runtime.jobs import _own, jobs_address
+    from oobspec.addresses import address_kind
+    from oobspec.control.jobs import _own, jobs_address
     assert [address_kind(a) for a in ("ray://h:10001", "http://h:8265", "https://h", "h:6379", None)] == \
         ["client", "jobs", "jobs", "gcs", "gcs"]
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -1463,7 +1463,7 @@ def test_address_kinds_and_jobs_routing(monkeypatch):
 
 
 def test_job_entrypoint_writes_the_rendered_spec_and_runs_the_command(tmp_path, monkeypatch, capsys):
-    from oobspec.runtime import jobs
+    from oobspec.control import jobs
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(jobs.SPEC_ENV, "version: 1\nname: injob\nactors:\n  a: {class: 'nope:Nope'}\n")
     with pytest.raises(SystemExit) as done:

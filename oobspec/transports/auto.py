@@ -15,6 +15,6 @@ def is_gpu(device: str) -> bool:
 
 
 def choose(device: str, source: Topology, target: Topology) -> str:
-    """The planner's choice (oobspec.plan.choose_transport), for a device name checked here."""
-    from ..plan import choose_transport
+    """The one choice (oobspec.contract.choose_transport), for a device name checked here."""
+    from ..contract import choose_transport
     return choose_transport("gpu" if is_gpu(device) else "cpu", source, target)

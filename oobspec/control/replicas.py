@@ -10,7 +10,7 @@ from ..contract import LinkRole, Ref, ReplicaConfig, replica_name, surge_name
 from ..errors import ApplyError
 from ..models import Spec, memory_bytes
 from ..plan import config_hash
-from .context import env_key
+from ..replica.context import env_key
 
 
 class Builder:
@@ -122,7 +122,7 @@ class Builder:
     def _make_class(self, name: str):
         import ray
         from ..imports import import_object, import_path, ship_by_value
-        from .actor import make_actor_class, make_command_class
+        from ..replica.actor import make_actor_class, make_command_class
         actor = self.spec.actors[name]
         if actor.command is not None:
             return ray.remote(make_command_class())

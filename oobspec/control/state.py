@@ -6,6 +6,9 @@ import glob
 import os
 from dataclasses import dataclass
 
+from .. import ray_private
+from ..replica.logs import clean, read_from  # noqa: F401 (one reader of log files for both sides)
+
 # Ray's actor states, as `oob status` words them.
 _STATES = {"DEPENDENCIES_UNREADY": "waiting for its dependencies", "PENDING_CREATION": "starting",
            "ALIVE": "alive", "RESTARTING": "restarting", "DEAD": "dead"}
@@ -78,8 +81,7 @@ def actor_records(namespace: str) -> dict[str, ActorRecord]:
 
 
 def _actor_table() -> list[bytes]:
-    from ray._private.state import state
-    return list(state._connect_and_get_accessor().get_actor_table(None, None))
+    return ray_private.actor_table()
 
 
 def _records(table: list[bytes], namespace: str) -> dict[str, ActorRecord]:
@@ -106,29 +108,13 @@ def log_files(record: ActorRecord) -> list[str]:
     if not record.worker_id:
         return []
     try:
-        import ray
-        session = ray._private.worker._global_node.get_session_dir_path()
+        session = ray_private.session_dir()
     except Exception:
         return []
     found = []
     for ext in ("out", "err"):
         found += sorted(glob.glob(os.path.join(session, "logs", f"worker-{record.worker_id}-*.{ext}")))[:1]
     return found
-
-
-_RAY_MARKERS = (":job_id:", ":actor_name:", ":task_name:")
-
-
-def clean(text: str) -> str:
-    """Output without Ray's own marker lines (":job_id:…", ":actor_name:…", ":task_name:…")."""
-    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith(_RAY_MARKERS))
-
-
-def read_from(path: str, offset: int, limit: int = 4 * 1024 * 1024) -> tuple[int, str]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(limit)
-    return offset + len(data), clean(data.decode("utf-8", "replace"))
 
 
 def tail(record: ActorRecord, lines: int = 20) -> str:

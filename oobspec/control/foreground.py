@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from ..addresses import explicit_address
 from ..errors import ClusterError
 from ..models import Spec
 from . import cluster
@@ -28,7 +29,7 @@ def apply_cli(spec: Spec, address: str | None, timeout: float, atomic: bool = Fa
     console = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
     progress = lambda msg: console.print(f"[dim]·[/dim] {msg}")  # noqa: E731
-    explicit = address or os.environ.get("RAY_ADDRESS") or spec.ray.address
+    explicit = explicit_address(address, spec.ray.address)
     for warning in preflight(spec, explicit):
         console.print(str(warning), markup=False)
     import ray

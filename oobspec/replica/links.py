@@ -13,6 +13,7 @@ get a Ray call per push, as before.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -271,8 +272,9 @@ class Links:
         try:
             import ray
 
-            from . import cluster
-            recorded = await asyncio.to_thread(cluster.get_meta, self.cfg.namespace, f"links/{link}")
+            from .. import ray_private
+            raw = await asyncio.to_thread(ray_private.kv_get, f"{self.cfg.namespace}/links/{link}")
+            recorded = json.loads(raw) if raw else None
             if not recorded or any(t["transport"] == "nccl" for t in recorded):
                 return False
             handles = await asyncio.to_thread(

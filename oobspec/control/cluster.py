@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Iterator
 
 from ..contract import ReplicaInfo, namespace_of, split_name
+from .. import ray_private
+from ..addresses import address_kind, explicit_address
 from ..errors import ClusterError
 from ..plan import Observed, ReplicaState
 
-KV_NAMESPACE = "oobspec"
 INFO_TIMEOUT = 15.0
 PROBE_TIMEOUT = 5.0
 
@@ -85,7 +86,7 @@ def local_cluster() -> str | None:
 
 def find_address(name: str, address: str | None, spec_address: str | None = None) -> str | None:
     """Explicit flag, RAY_ADDRESS, the spec's ray.address, a foreground apply's Ray, a local cluster."""
-    explicit = address or os.environ.get("RAY_ADDRESS") or spec_address
+    explicit = explicit_address(address, spec_address)
     if explicit:
         return explicit
     return _embedded_address(name) or local_cluster()
@@ -94,7 +95,7 @@ def find_address(name: str, address: str | None, spec_address: str | None = None
 def addresses(address: str | None) -> list[str]:
     """The clusters `oob list` looks at: the one named, else every foreground apply's Ray on
     this machine and the local cluster."""
-    explicit = address or os.environ.get("RAY_ADDRESS")
+    explicit = explicit_address(address)
     if explicit:
         return [explicit]
     found = [_embedded_address(p.stem) for p in sorted(registry_dir().glob("*.json"))]
@@ -114,8 +115,7 @@ def _use_token_if_any(address: str) -> None:
 def token_mode() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # Ray caches its config at import; refresh it so this process sees token mode
-        from ray._raylet import Config
-        Config.initialize("")
+        ray_private.reload_config()
     except Exception:
         pass
 
@@ -167,7 +167,6 @@ def connect(address: str, namespace: str) -> None:
                                "`ray start --head`, or pass --address")
     probe(address)
     _use_token_if_any(address)
-    from ..checks import address_kind
     client = address_kind(address) == "client"
     extra = {} if client else {"configure_logging": True}
     for attempt in range(3):
@@ -266,37 +265,30 @@ def observe(namespace: str) -> Observed:
 
 
 def put_meta(namespace: str, key: str, value: dict) -> None:
-    from ray.experimental import internal_kv
-    internal_kv._internal_kv_put(f"{namespace}/{key}".encode(), json.dumps(value).encode(), overwrite=True,
-                                 namespace=KV_NAMESPACE)
+    ray_private.kv_put(f"{namespace}/{key}", json.dumps(value).encode())
 
 
 def get_meta(namespace: str, key: str) -> dict | None:
-    from ray.experimental import internal_kv
-    raw = internal_kv._internal_kv_get(f"{namespace}/{key}".encode(), namespace=KV_NAMESPACE)
+    raw = ray_private.kv_get(f"{namespace}/{key}")
     return json.loads(raw) if raw else None
 
 
 def del_meta(namespace: str, key: str) -> None:
-    from ray.experimental import internal_kv
-    internal_kv._internal_kv_del(f"{namespace}/{key}".encode(), namespace=KV_NAMESPACE)
+    ray_private.kv_del(f"{namespace}/{key}")
 
 
 def deployment_names() -> list[str]:
     """Deployments on the connected cluster: applied specs, and namespaces with oob actors."""
     import ray
-    from ray.experimental import internal_kv
-    names = {key.decode().split("/", 1)[0][4:] for key in internal_kv._internal_kv_list("oob-", namespace=KV_NAMESPACE)
-             if key.decode().endswith("/spec")}
+    names = {key.split("/", 1)[0][4:] for key in ray_private.kv_keys("oob-") if key.endswith("/spec")}
     names |= {a["namespace"][4:] for a in ray.util.list_named_actors(all_namespaces=True)
               if a["namespace"].startswith("oob-")}
     return sorted(names)
 
 
 def forget(namespace: str) -> None:
-    from ray.experimental import internal_kv
-    for key in internal_kv._internal_kv_list(f"{namespace}/".encode(), namespace=KV_NAMESPACE):
-        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+    for key in ray_private.kv_keys(f"{namespace}/"):
+        ray_private.kv_del(key)
 
 
 def named_actors(namespace: str) -> set[str]:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..contract import Ref, ReplicaInfo, Topology, replica_name
+from ..contract import Ref, ReplicaInfo, Topology, choose_transport, replica_name
 from ..models import Spec
-from ..plan import choose_transport
 from . import cluster
 
 

@@ -18,6 +18,7 @@ import sys
 import traceback
 from typing import Any
 
+from .. import ray_private
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, env_key, set_current
 from .metrics import Metrics
@@ -29,8 +30,8 @@ READY_TIMEOUT = 60.0
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # oobspec's own files
 
 
-def _kv_key(cfg: ReplicaConfig, server: str) -> bytes:
-    return f"{cfg.namespace}/{replica_name(cfg.actor, cfg.replica)}/{server}".encode()
+def _kv_key(cfg: ReplicaConfig, server: str) -> str:
+    return f"{cfg.namespace}/{replica_name(cfg.actor, cfg.replica)}/{server}"
 
 
 def _remembered_port(cfg: ReplicaConfig, server) -> int:
@@ -39,8 +40,7 @@ def _remembered_port(cfg: ReplicaConfig, server) -> int:
     if server.port:
         return server.port
     try:
-        from ray.experimental import internal_kv
-        value = internal_kv._internal_kv_get(_kv_key(cfg, server.name), namespace="oobspec")
+        value = ray_private.kv_get(_kv_key(cfg, server.name))
         return int(value) if value else 0
     except Exception:
         return 0
@@ -48,8 +48,7 @@ def _remembered_port(cfg: ReplicaConfig, server) -> int:
 
 def _remember_port(cfg: ReplicaConfig, name: str, port: int) -> None:
     try:
-        from ray.experimental import internal_kv
-        internal_kv._internal_kv_put(_kv_key(cfg, name), str(port).encode(), overwrite=True, namespace="oobspec")
+        ray_private.kv_put(_kv_key(cfg, name), str(port).encode())
     except Exception:  # only restarts lose their port; never fail a start for it
         log.debug("could not record port", exc_info=True)
 
@@ -177,7 +176,7 @@ class OobMixin:
 
     async def _oob_read_logs(self, offsets: list[int]) -> list[tuple[int, str]]:
         """New output of this replica since `offsets` (one per log file): [(new offset, text)]."""
-        from .state import read_from
+        from .logs import read_from
         sys.stdout.flush()
         sys.stderr.flush()
         return [read_from(path, offset) for path, offset in zip(await self._oob_log_files(), offsets)]

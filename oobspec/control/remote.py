@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import ray_private
 from ..errors import OobError
 
 UPLOAD_CAP = int(os.environ.get("OOB_UPLOAD_CAP_MB", "100")) * 1024**2
@@ -45,7 +46,6 @@ class Upload:
 
 def scan(folder: Path) -> Upload:
     """Walk the folder with the same exclusion rules the upload applies."""
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
     folder = folder.resolve()
     up = Upload(folder)
     sizes: list[tuple[str, int]] = []
@@ -56,7 +56,7 @@ def scan(folder: Path) -> Upload:
             up.files += 1
             up.bytes += n
             sizes.append((str(path.relative_to(folder)), n))
-    _dir_travel(folder, [_get_excludes(folder, excludes(folder))], count, include_gitignore=True)
+    ray_private.walk_upload(folder, excludes(folder), count)
     up.largest = sorted(sizes, key=lambda x: -x[1])[:3]
     return up
 
@@ -73,12 +73,11 @@ def package_env(folder: Path) -> dict:
     """Upload the spec's folder and oobspec to the connected cluster; a runtime_env naming them."""
     import tempfile
 
-    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
     check_cap(scan(folder))
     _no_pin()
     env = {"working_dir": str(folder.resolve()), "excludes": excludes(folder)}
     with tempfile.TemporaryDirectory() as scratch:
-        env = upload_working_dir_if_needed(env, include_gitignore=True, scratch_dir=scratch)
+        env = ray_private.upload_working_dir(env, scratch)
     env.pop("excludes", None)
     return dict(env, **oob_env())
 
@@ -93,11 +92,9 @@ def oob_env() -> dict:
     _no_pin()
     if _OOB_ENV is None:
         import tempfile
-
-        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
         env = {"py_modules": [str(Path(__file__).resolve().parent.parent)], "excludes": EXCLUDES}
         with tempfile.TemporaryDirectory() as scratch:
-            env = upload_py_modules_if_needed(env, include_gitignore=True, scratch_dir=scratch)
+            env = ray_private.upload_py_modules(env, scratch)
         env.pop("excludes", None)
         _OOB_ENV = env
     return _OOB_ENV

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..checks import address_kind
+from ..addresses import address_kind, explicit_address
 from ..errors import ClusterError
 from ..models import Spec
 
@@ -24,7 +24,7 @@ SPEC_FILE = ".oob-spec.yaml"
 
 def jobs_address(address: str | None, spec: Spec | None = None) -> str | None:
     """The job API's URL when that is where this command goes (flag, RAY_ADDRESS, the spec)."""
-    found = address or os.environ.get("RAY_ADDRESS") or (spec.ray.address if spec else None)
+    found = explicit_address(address, spec.ray.address if spec else None)
     return found if address_kind(found) == "jobs" else None
 
 
@@ -74,7 +74,7 @@ def forward(url: str, argv: list[str], spec: Spec | None = None) -> int:
     # the cluster's environment (or use ray://, which passes them as a local apply does).
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    entrypoint = " ".join([sys.executable if _same_machine(url) else "python", "-m", "oobspec.runtime.jobs",
+    entrypoint = " ".join([sys.executable if _same_machine(url) else "python", "-m", "oobspec.control.jobs",
                            *(_quote(a) for a in argv)])
     job = _submit(client, url, entrypoint, runtime_env)
     try:
