@@ -6,6 +6,7 @@ Every rule has a stable code. All problems are collected; none stops the others.
 """
 from __future__ import annotations
 
+import graphlib
 import inspect
 import re
 import sys
@@ -192,24 +193,7 @@ class _Checker:
                 seen.setdefault(server.name, i)
                 who = f"{aname}.{server.name}"
                 if server.port:
-                    last = server.port + actor.replicas - 1
-                    if last > 65535:
-                        self.add("OOB305", f"{who}: {actor.replicas} replicas need ports {server.port}-{last}, "
-                                 "past 65535", spath + ("port",))
-                    if server.port < 1024:
-                        self.add("OOB302", f"{who}: port {server.port} is below 1024 (needs root)",
-                                 spath + ("port",), severity="warning")
-                    for port in range(server.port, min(last, 65535) + 1):
-                        mine = f"{who} (replica {port - server.port})" if actor.replicas > 1 else who
-                        for host, other, opath in bound.get(port, ()):
-                            if host == server.host or "0.0.0.0" in (host, server.host) or "::" in (host, server.host):
-                                self.add("OOB301", f"{mine} and {other} both claim {server.host}:{port}",
-                                         spath + ("port",), hint=f"{other.split(' ')[0]} is at line {self.doc.where(opath)[0]}")
-                                break
-                        else:
-                            bound.setdefault(port, []).append((server.host, mine, spath + ("port",)))
-                            continue
-                        break
+                    self._claim(actor.replicas, server, who, spath, bound)
                 tls = getattr(server, "tls", None)
                 if server.host in ("0.0.0.0", "::") and server.auth is None:
                     self.add("OOB303", f"{who} listens on {server.host} (every interface) without auth",
@@ -246,6 +230,27 @@ class _Checker:
                 if buf.device == "gpu" and actor.resources.gpus == 0:
                     self.add("OOB403", f"buffer '{aname}.{bname}' is on gpu but actor '{aname}' has gpus: 0",
                              ("actors", aname, "buffers", bname, "device"), hint="set resources.gpus")
+
+    def _claim(self, replicas: int, server, who: str, spath: tuple, bound: dict) -> None:
+        """The ports a server's replicas bind (port + i): in range, and nobody else's."""
+        last = server.port + replicas - 1
+        if last > 65535:
+            self.add("OOB305", f"{who}: {replicas} replicas need ports {server.port}-{last}, "
+                     "past 65535", spath + ("port",))
+        if server.port < 1024:
+            self.add("OOB302", f"{who}: port {server.port} is below 1024 (needs root)",
+                     spath + ("port",), severity="warning")
+        for port in range(server.port, min(last, 65535) + 1):
+            mine = f"{who} (replica {port - server.port})" if replicas > 1 else who
+            for host, other, opath in bound.get(port, ()):
+                if host == server.host or "0.0.0.0" in (host, server.host) or "::" in (host, server.host):
+                    self.add("OOB301", f"{mine} and {other} both claim {server.host}:{port}",
+                             spath + ("port",), hint=f"{other.split(' ')[0]} is at line {self.doc.where(opath)[0]}")
+                    break
+            else:
+                bound.setdefault(port, []).append((server.host, mine, spath + ("port",)))
+                continue
+            break
 
     def routes(self, aname: str, server: HttpServer, spath: tuple) -> None:
         seen: dict[tuple, int] = {}
@@ -370,30 +375,11 @@ class _Checker:
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A cycle in a dependency graph as a list of nodes, or None. Iterative, linear."""
-    state: dict[str, int] = {}
-    for start in graph:
-        if state.get(start):
-            continue
-        stack = [(start, iter(sorted(graph[start])))]
-        trail = [start]
-        state[start] = 1
-        while stack:
-            node, children = stack[-1]
-            for child in children:
-                if child not in graph:
-                    continue
-                if state.get(child) == 1:
-                    return trail[trail.index(child):]
-                if not state.get(child):
-                    state[child] = 1
-                    trail.append(child)
-                    stack.append((child, iter(sorted(graph[child]))))
-                    break
-            else:
-                stack.pop()
-                trail.pop()
-                state[node] = 2
+    """A cycle in a dependency graph (node -> the nodes it needs), in the graph's direction."""
+    try:
+        graphlib.TopologicalSorter({n: deps & graph.keys() for n, deps in graph.items()}).prepare()
+    except graphlib.CycleError as exc:  # reported predecessor first: reversed, it reads "a needs b"
+        return list(reversed(exc.args[1]))[:-1]
     return None
 
 

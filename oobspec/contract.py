@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .models import Buffer, GrpcServer, HttpServer, TcpServer
+from .models import Buffer, GrpcServer, HttpServer, TcpServer, namespace_of  # noqa: F401 (a name, re-exported)
 
 ServerConfig = Union[HttpServer, GrpcServer, TcpServer]  # the spec's server, its port resolved
 
@@ -51,10 +51,6 @@ def choose_transport(device: str, source: Topology | None, target: Topology | No
 
 
 # --- names: one place each ---------------------------------------------------------------------
-
-
-def namespace_of(deployment: str) -> str:
-    return f"oob-{deployment}"
 
 
 def replica_name(actor: str, index: int) -> str:

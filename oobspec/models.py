@@ -329,8 +329,12 @@ class Spec(Strict):
 
     @property
     def namespace(self) -> str:
-        from .contract import namespace_of
         return namespace_of(self.name)
+
+
+def namespace_of(deployment: str) -> str:
+    """The Ray namespace of a deployment (the contract re-exports it with the other names)."""
+    return f"oob-{deployment}"
 
 
 def _server_variants() -> dict[str, type[ServerBase]]:

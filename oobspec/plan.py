@@ -5,6 +5,7 @@ No Ray here. The runtime gathers `Observed`, calls `make_plan`, and executes the
 """
 from __future__ import annotations
 
+import graphlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -212,16 +213,25 @@ def config_hash(spec: Spec, name: str) -> str:
 
 
 def start_waves(spec: Spec) -> list[list[str]]:
-    """Topological levels of the connect graph (Kahn): peers start before those that need them."""
+    """Levels of the connect graph: peers start before those that need them. A cycle (lint
+    reports it) starts what remains together, after the rest."""
     deps = {a: {Ref.parse(ref).actor for ref in actor.connect.values()} & set(spec.actors)
             for a, actor in spec.actors.items()}
-    waves, done = [], set()
-    while len(done) < len(deps):
-        wave = sorted(a for a, d in deps.items() if a not in done and d <= done)
-        if not wave:  # a cycle; lint reports it, the rest still get an order
-            wave = sorted(set(deps) - done)
+    order = graphlib.TopologicalSorter(deps)
+    try:
+        order.prepare()
+    except graphlib.CycleError:
+        done, waves = set(), []
+        while len(done) < len(deps):
+            wave = sorted(a for a, d in deps.items() if a not in done and d <= done) or sorted(set(deps) - done)
+            waves.append(wave)
+            done.update(wave)
+        return waves
+    waves = []
+    while order.is_active():
+        wave = sorted(order.get_ready())
         waves.append(wave)
-        done.update(wave)
+        order.done(*wave)
     return waves
 
 
@@ -275,6 +285,19 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                                          url or server_url(server.protocol, server.host, port,
                                                            getattr(server, "tls", None) is not None)))
 
+    links = _link_rows(spec, observed, topology, single_node)
+
+    totals = {"actors": 0, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0}
+    for actor in spec.actors.values():
+        totals["actors"] += actor.replicas
+        totals["cpus"] += (actor.resources.cpus or 0) * actor.replicas
+        totals["gpus"] += actor.resources.gpus * actor.replicas
+        totals["memory_bytes"] += (memory_bytes(actor.resources.memory) or 0) * actor.replicas
+    return Plan(spec.name, spec.namespace, observed.online, actions, waves, steps, servers, links, totals)
+
+
+def _link_rows(spec: Spec, observed: Observed, topology: dict | None, single_node: bool | None) -> list[LinkRow]:
+    """Each link target's transport: set in the spec, decided by where the ends run, or open."""
     links = []
     topology = dict(topology or {})
     for r in observed.replicas:
@@ -306,14 +329,7 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                 options = ["cuda_ipc", "nccl"] if device == "gpu" else ["shm", "object_store"]
                 links.append(LinkRow(link.name, link.from_, target, device, None, LinkReason.NOT_PLACED, options,
                                      **size))
-
-    totals = {"actors": 0, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0}
-    for actor in spec.actors.values():
-        totals["actors"] += actor.replicas
-        totals["cpus"] += (actor.resources.cpus or 0) * actor.replicas
-        totals["gpus"] += actor.resources.gpus * actor.replicas
-        totals["memory_bytes"] += (memory_bytes(actor.resources.memory) or 0) * actor.replicas
-    return Plan(spec.name, spec.namespace, observed.online, actions, waves, steps, servers, links, totals)
+    return links
 
 
 def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str | None) -> list[Action]:

@@ -47,7 +47,8 @@ from oobspec.control.ray_cluster import _cause
 from oobspec.control.replicas import Builder
 from oobspec.replica.context import env_key as _env_key
 from oobspec.replica.context import Context, current, set_current
-from oobspec.replica.links import Allocation, Links
+from oobspec.replica.buffers import Allocation
+from oobspec.replica.links import Links
 from oobspec.replica.grpc_server import start_grpc
 from oobspec.replica.servers import (Signature, _to_bool, dumps, free_port, start_http, token_from_env,
                                      wait_connectable)
@@ -1463,11 +1464,12 @@ def test_address_kinds_and_jobs_routing(monkeypatch):
 
 
 def test_job_entrypoint_writes_the_rendered_spec_and_runs_the_command(tmp_path, monkeypatch, capsys):
+    from oobspec import job_entry
     from oobspec.control import jobs
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(jobs.SPEC_ENV, "version: 1\nname: injob\nactors:\n  a: {class: 'nope:Nope'}\n")
     with pytest.raises(SystemExit) as done:
-        jobs.main(["lint", "{spec}", "--no-import"])
+        job_entry.main(["lint", "{spec}", "--no-import"])
     assert done.value.code == 0
     assert (tmp_path / jobs.SPEC_FILE).read_text().startswith("version: 1")
     assert jobs.SPEC_ENV not in os.environ

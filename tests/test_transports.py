@@ -39,7 +39,7 @@ def _target(conn, segment, shape, dtype, slots):
     import asyncio
 
     from oobspec.models import Buffer
-    from oobspec.replica.links import Allocation
+    from oobspec.replica.buffers import Allocation
 
     alloc = Allocation(Buffer(shape=list(shape), dtype=dtype), slots, segment)
 

@@ -155,7 +155,7 @@ def _inbox_target(conn, segment, nbytes, slots):
     import asyncio
 
     from oobspec.models import Buffer
-    from oobspec.replica.links import Allocation
+    from oobspec.replica.buffers import Allocation
 
     alloc = Allocation(Buffer(shape=[nbytes // 4], dtype="float32", device="gpu"), slots, segment)
 

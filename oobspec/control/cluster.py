@@ -15,17 +15,12 @@ from typing import Iterator
 from ..contract import ReplicaInfo, namespace_of, split_name
 from .. import ray_private
 from ..addresses import address_kind, explicit_address
+from .state import actor_records, is_client  # noqa: F401 (is_client: used by callers of cluster)
 from ..errors import ClusterError
 from ..plan import Observed, ReplicaState
 
 INFO_TIMEOUT = 15.0
 PROBE_TIMEOUT = 5.0
-
-
-def is_client() -> bool:
-    """Connected through Ray Client (ray://): this process is outside the cluster."""
-    from ray.util.client import ray as client
-    return client.is_connected()
 
 
 def registry_dir() -> Path:
@@ -244,7 +239,6 @@ def observe(namespace: str) -> Observed:
 
     Dead is what Ray says; a replica alive by Ray's account whose answer times out is busy,
     not dead, and keeps the hashes and endpoints apply recorded when it became ready."""
-    from .state import actor_records
     records = {n: r for n, r in actor_records(namespace).items() if not n.startswith("_oob") and r.state != "DEAD"}
     answers = infos(namespace, sorted(records))
     replicas = []
@@ -309,7 +303,6 @@ def kill(names: list[str], namespace: str, timeout: float = 15.0, drain: float =
         except ValueError:
             pass
     # A replica still in __init__ cannot take the stop call before __init__ ends: kill it now.
-    from .state import actor_records
     alive = {n for n, r in actor_records(namespace).items() if r.state == "ALIVE"}
     stops = [h._oob_stop.remote(drain, hand_over) for n, h in handles.items() if n in alive]
     if stops:

@@ -6,7 +6,6 @@ started and exits 130; once running in the foreground it tears everything down a
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading

@@ -74,7 +74,7 @@ def forward(url: str, argv: list[str], spec: Spec | None = None) -> int:
     # the cluster's environment (or use ray://, which passes them as a local apply does).
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    entrypoint = " ".join([sys.executable if _same_machine(url) else "python", "-m", "oobspec.control.jobs",
+    entrypoint = " ".join([sys.executable if _same_machine(url) else "python", "-m", "oobspec.job_entry",
                            *(_quote(a) for a in argv)])
     job = _submit(client, url, entrypoint, runtime_env)
     try:
@@ -141,19 +141,3 @@ def _exit_code(client, job: str) -> int:
         message = next((line for line in (info.message or "").splitlines() if line.strip()), str(info.status))
         raise ClusterError(f"job {job} {str(info.status).lower()}: {message}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The job's entrypoint on the cluster: write the rendered spec, run the command."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    text = os.environ.pop(SPEC_ENV, None)
-    if text is not None and SPEC_PLACEHOLDER in args:
-        path = Path.cwd() / SPEC_FILE
-        path.write_text(text)
-        args[args.index(SPEC_PLACEHOLDER)] = str(path)
-    from ..cli import main as cli_main
-    cli_main(args)
-
-
-if __name__ == "__main__":
-    main()

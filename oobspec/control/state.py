@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .. import ray_private
-from ..replica.logs import clean, read_from  # noqa: F401 (one reader of log files for both sides)
+from ..replica.logs import read_from
 
 # Ray's actor states, as `oob status` words them.
 _STATES = {"DEPENDENCIES_UNREADY": "waiting for its dependencies", "PENDING_CREATION": "starting",
@@ -67,10 +67,15 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def is_client() -> bool:
+    """Connected through Ray Client (ray://): this process is outside the cluster."""
+    from ray.util.client import ray as client
+    return client.is_connected()
+
+
 def actor_records(namespace: str) -> dict[str, ActorRecord]:
     """Newest record of every named actor in the namespace (a live one wins over a dead one
     of the same name: a replaced replica leaves its predecessor's record behind)."""
-    from .cluster import is_client
     if is_client():  # the actor table is read inside the cluster
         import ray
 

@@ -220,7 +220,7 @@ def _prepare(cfg: ReplicaConfig) -> Context:
             pass  # not importable here (a remote node without the folder): the class is enough
     ctx = Context(cfg.deployment, cfg.actor, cfg.replica, cfg.replicas,
                   endpoints={k: list(v) for k, v in cfg.endpoints.items()})
-    from .links import allocate_buffers
+    from .buffers import allocate_buffers
     ctx._owners = allocate_buffers(cfg)
     set_current(ctx)
     return ctx
