@@ -167,8 +167,15 @@ class ReplicaInfo:
     links: dict[str, Any] = field(default_factory=dict)  # link -> push stats
     versions: dict[str, int] = field(default_factory=dict)
     draining: bool = False
+    ports: dict[str, int] = field(default_factory=dict)  # server name -> the port it bound
+
+    RECORDED = ("config_hash", "code_hash", "endpoints", "gpu_uuid", "ports")
 
     def record(self) -> dict:
         """What apply keeps of it in the cluster's KV: enough to plan while it is too busy to answer."""
-        return {"config_hash": self.config_hash, "code_hash": self.code_hash, "endpoints": self.endpoints,
-                "gpu_uuid": self.gpu_uuid}
+        return {key: getattr(self, key) for key in self.RECORDED}
+
+    @classmethod
+    def from_record(cls, actor: str, replica: int, record: dict, pid: int = 0, node_id: str = "") -> "ReplicaInfo":
+        """A replica as apply recorded it (KeyError: a record an older oobspec wrote)."""
+        return cls(actor, replica, pid=pid, node_id=node_id, **{key: record[key] for key in cls.RECORDED})

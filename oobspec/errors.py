@@ -30,6 +30,17 @@ class Diagnostic:
         return self.severity == "error"
 
 
+def first_line(text: str, default: str = "") -> str:
+    """The first non-empty line of a message (what a one-line error shows)."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), default)
+
+
+def last_line(text: str, default: str = "") -> str:
+    """The last non-empty line (of a traceback: the exception itself)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else default
+
+
 class OobError(Exception):
     """Base of every error a user can cause; the CLI prints it as one line and exits 1."""
 

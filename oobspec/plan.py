@@ -29,6 +29,7 @@ class ReplicaState:
     gpu_uuid: str | None = None
     code_hash: str = ""  # digest of its class's source ("" when unknown)
     answering: bool = True  # False: alive by Ray's account but busy (its answer timed out)
+    ports: dict[str, int] = field(default_factory=dict)  # server name -> the port it holds
 
 
 @dataclass

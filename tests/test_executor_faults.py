@@ -84,7 +84,8 @@ class FakeCluster:
         if taken:
             self.doomed[cfg.name] = f"cannot bind 127.0.0.1:{taken[0]}"
         self.running[cfg.name] = ReplicaInfo(cfg.actor, cfg.replica, cfg.config_hash, cfg.code_hash, next(self.pids),
-                                             "node", {s.name: f"http://127.0.0.1:{s.port}" for s in cfg.servers})
+                                             "node", {s.name: f"http://127.0.0.1:{s.port}" for s in cfg.servers},
+                                             ports={s.name: s.port for s in cfg.servers})
         self.ready = getattr(self, "ready", set())
         self.ready.discard(cfg.name)
 
@@ -94,7 +95,7 @@ class FakeCluster:
             if name in self.doomed:
                 raise StartFailed(name, f"{name} failed to start: {self.doomed[name]}")
             info = self.running[name]
-            for port in (int(u.rsplit(":", 1)[1]) for u in info.endpoints.values()):
+            for port in info.ports.values():
                 self.holders[port].add(name)
             self._snapshot()
             yield name, info
@@ -131,7 +132,8 @@ class FakeCluster:
         pass
 
     def observed(self) -> Observed:
-        return Observed(True, [ReplicaState(i.actor, i.replica, i.config_hash, i.pid, i.node_id, True, i.endpoints)
+        return Observed(True, [ReplicaState(i.actor, i.replica, i.config_hash, i.pid, i.node_id, True, i.endpoints,
+                                            ports=i.ports)
                                for n, i in self.running.items() if not n.startswith(SURGE_PREFIX)])
 
 

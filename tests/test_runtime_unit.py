@@ -1269,7 +1269,8 @@ def test_actor_records_in_words():
     assert (record("DEAD", death="out of memory").words, record("DEAD").words) == ("dead: out of memory",
                                                                                   "dead: unknown cause")
     assert state._first_line("\n  The actor died. Details follow.\nmore") == "The actor died"
-    assert (state._first_line(" \n"), state._last_line("a\nValueError: x\n\n"), state._last_line("")) == \
+    from oobspec.errors import last_line
+    assert (state._first_line(" \n"), last_line("a\nValueError: x\n\n"), last_line("", "unknown error")) == \
         ("unknown cause", "ValueError: x", "unknown error")
     assert (state.log_files(record("ALIVE")), state.tail(record("ALIVE"))) == ([], "")  # no worker yet: no files
 
@@ -1300,8 +1301,10 @@ def test_worker_log_reading_drops_ray_markers(tmp_path):
 
 def test_status_rows_declare_every_replica():
     from oobspec.control.commands import _replica_row, declared
-    meta = {"actors": {"web": {"replicas": 2}, "db": {}}}
-    assert declared(meta) == ["web-0", "web-1", "db-0"] and declared(None) == []
+    from oobspec.models import Spec
+    spec = Spec.model_validate({"version": 1, "name": "d", "actors": {"web": {"class": "m:W", "replicas": 2},
+                                                                      "db": {"class": "m:D"}}})
+    assert declared(spec) == ["web-0", "web-1", "db-0"] and declared(None) == []
     record = lambda st, death=None: ActorRecord("web-0", st, 7, "w", "n", 2, 1, death)  # noqa: E731
     info = ReplicaInfo("web", 0, "c", "", pid=7, node_id="n", endpoints={"http": "http://127.0.0.1:1"})
     rows = [_replica_row("web-0", record("ALIVE"), info), _replica_row("web-1", None, None),

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import ApplyError, ClusterError
+from ..errors import ApplyError, ClusterError, first_line
 from ..models import Spec
 from ..plan import Observed, Plan, make_plan
 from ..contract import ReplicaInfo
@@ -82,7 +82,7 @@ class Applier:
     def _roll_back(self, previous: Revision | None, ran_before: bool, failure: ApplyError, timeout: float) -> None:
         """--atomic: every actor back at the revision that ran before, through the same rolling
         path (or, when nothing ran before, nothing left)."""
-        first = str(failure).split("\n")[0]
+        first = first_line(str(failure))
         if not ran_before:
             self.progress("--atomic: nothing ran before this apply; removing what it started")
             cluster.delete_all(self.spec.name)
@@ -110,7 +110,7 @@ class Applier:
 def running(observed: Observed) -> dict[tuple[str, int], ReplicaInfo]:
     """The replicas that run (busy ones included), as the executor starts from them."""
     return {(r.actor, r.replica): ReplicaInfo(r.actor, r.replica, r.config_hash, r.code_hash, r.pid or 0,
-                                              r.node_id or "", r.endpoints, gpu_uuid=r.gpu_uuid)
+                                              r.node_id or "", r.endpoints, gpu_uuid=r.gpu_uuid, ports=r.ports)
             for r in observed.replicas if r.alive}
 
 

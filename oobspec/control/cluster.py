@@ -16,7 +16,7 @@ from ..contract import ReplicaInfo, namespace_of, split_name
 from .. import ray_private
 from ..addresses import address_kind, explicit_address
 from .state import actor_records, is_client  # noqa: F401 (is_client: used by callers of cluster)
-from ..errors import ClusterError
+from ..errors import ClusterError, first_line
 from ..plan import Observed, ReplicaState
 
 INFO_TIMEOUT = 15.0
@@ -98,7 +98,7 @@ def addresses(address: str | None) -> list[str]:
     return list(dict.fromkeys(a for a in found if a))
 
 
-def _use_token_if_any(address: str) -> None:
+def use_token_if_any(address: str) -> None:
     # Ray 2.60 turns token auth on for `ray start --head` (and for a local ray.init); a client
     # given an explicit address is refused unless it is in token mode with the token.
     if address == "auto" or os.environ.get("RAY_AUTH_MODE"):
@@ -161,7 +161,7 @@ def connect(address: str, namespace: str) -> None:
             raise ClusterError("no Ray cluster is running on this machine (address 'auto'): start one with "
                                "`ray start --head`, or pass --address")
     probe(address)
-    _use_token_if_any(address)
+    use_token_if_any(address)
     client = address_kind(address) == "client"
     extra = {} if client else {"configure_logging": True}
     for attempt in range(3):
@@ -174,7 +174,7 @@ def connect(address: str, namespace: str) -> None:
             if client and "Initialization failure" in str(exc) and attempt < 2:
                 time.sleep(1.0)
                 continue
-            raise ClusterError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+            raise ClusterError(f"cannot connect to Ray at {address}: {first_line(str(exc))}") from None
 
 
 @contextmanager
@@ -245,17 +245,29 @@ def observe(namespace: str) -> Observed:
     for name, record in records.items():
         actor, index = split_name(name)
         info = answers.get(name)
+        if info is None and record.state in ("ALIVE", "RESTARTING"):
+            info = _recorded(namespace, name, record)
+            if info is not None:
+                replicas.append(ReplicaState(actor, index, info.config_hash, info.pid or None, info.node_id, True,
+                                             info.endpoints, info.gpu_uuid, info.code_hash, answering=False,
+                                             ports=info.ports))
+                continue
         if info is not None and not info.error:
             replicas.append(ReplicaState(actor, index, info.config_hash, info.pid, info.node_id, True,
-                                         info.endpoints, info.gpu_uuid, info.code_hash))
-        elif info is None and record.state in ("ALIVE", "RESTARTING"):
-            known = get_meta(namespace, f"replica/{name}") or {}
-            replicas.append(ReplicaState(actor, index, known.get("config_hash", ""), record.pid or None,
-                                         record.node_id, True, known.get("endpoints", {}), known.get("gpu_uuid"),
-                                         known.get("code_hash", ""), answering=False))
+                                         info.endpoints, info.gpu_uuid, info.code_hash, ports=info.ports))
         else:  # failed in __init__, or still pending: not a working replica
             replicas.append(ReplicaState(actor, index, "", alive=False))
     return Observed(online=True, replicas=replicas)
+
+
+def _recorded(namespace: str, name: str, record) -> ReplicaInfo | None:
+    """What apply recorded of a replica that is alive but does not answer."""
+    actor, index = split_name(name)
+    known = get_meta(namespace, f"replica/{name}")
+    try:
+        return ReplicaInfo.from_record(actor, index, known, record.pid or 0, record.node_id or "") if known else None
+    except KeyError:  # recorded by an older oobspec: plan with what Ray says
+        return ReplicaInfo(actor, index, "", "", record.pid or 0, record.node_id or "", {})
 
 
 def put_meta(namespace: str, key: str, value: dict) -> None:
@@ -265,6 +277,19 @@ def put_meta(namespace: str, key: str, value: dict) -> None:
 def get_meta(namespace: str, key: str) -> dict | None:
     raw = ray_private.kv_get(f"{namespace}/{key}")
     return json.loads(raw) if raw else None
+
+
+def stored_spec(namespace: str):
+    """The spec the last complete apply deployed, validated again into the models (None: none
+    recorded, or one an older oobspec wrote that no longer validates)."""
+    from pydantic import ValidationError
+
+    from ..models import Spec
+    raw = get_meta(namespace, "spec")
+    try:
+        return Spec.model_validate(raw) if raw else None
+    except ValidationError:
+        return None
 
 
 def del_meta(namespace: str, key: str) -> None:
@@ -340,8 +365,8 @@ def delete_all(name: str) -> int:
     names = sorted(named_actors(namespace))  # stand-ins an interrupted apply left too
     # In-flight requests finish first: each server stops accepting, then waits for them up to
     # the actors' `drain` (the longest of the applied spec's).
-    spec = get_meta(namespace, "spec") or {}
-    drain = max([float(a.get("drain", 10)) for a in spec.get("actors", {}).values()] or [1.0])
+    spec = stored_spec(namespace)
+    drain = max(a.drain for a in spec.actors.values()) if spec else 1.0
     kill(names, namespace, timeout=drain + 5.0, drain=drain)
     placement = get_meta(namespace, "placement")
     if placement:

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ClusterError, OobError
+from ..errors import ClusterError, OobError, last_line
 from ..models import Spec
 from ..plan import Plan, make_plan
 from . import cluster, remote, state
 from ..contract import Ref, ReplicaInfo, namespace_of, replica_name, split_name
-from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session
+from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session, stored_spec
 
 
 def plan_for(spec: Spec, address: str | None) -> Plan:
@@ -31,10 +31,9 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
         return plan
 
 
-def declared(meta: dict | None) -> list[str]:
+def declared(spec: Spec | None) -> list[str]:
     """Every replica the applied spec declares, in spec order."""
-    return [replica_name(actor, i) for actor, body in (meta or {}).get("actors", {}).items()
-            for i in range(body.get("replicas", 1))]
+    return [replica_name(name, i) for name, actor in (spec.actors.items() if spec else ()) for i in range(actor.replicas)]
 
 
 def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo | None) -> dict:
@@ -63,7 +62,7 @@ def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo 
 def status(name: str, address: str | None) -> dict:
     namespace = namespace_of(name)
     with session(name, address):
-        meta = get_meta(namespace, "spec")
+        meta = stored_spec(namespace)
         records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
         live = [n for n, r in records.items() if r.state != "DEAD"]
         if meta is None and not live:
@@ -75,8 +74,9 @@ def status(name: str, address: str | None) -> dict:
         for row in replicas:
             info = details.get(row["name"])
             for lname, stats in (info.links if info else {}).items():
-                link = next((x for x in (meta or {}).get("links", []) if x["name"] == lname), {})
-                links.append({"name": lname, "from": link.get("from", f"{row['actor']}.?"), "to": link.get("to", []),
+                link = next((x for x in meta.links if x.name == lname), None) if meta else None
+                links.append({"name": lname, "from": link.from_ if link else f"{row['actor']}.?",
+                              "to": list(link.to) if link else [],
                               "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
         return {"name": name, "namespace": namespace, "healthy": all(r["healthy"] for r in replicas),
                 "replicas": replicas, "links": links, "last_apply": get_meta(namespace, "last-apply")}
@@ -91,7 +91,7 @@ def deployments(address: str | None) -> list[dict]:
                 if name in out:
                     continue
                 namespace = namespace_of(name)
-                want = declared(get_meta(namespace, "spec"))
+                want = declared(stored_spec(namespace))
                 records = state.actor_records(namespace)
                 alive = [n for n in want if n in records and records[n].state == "ALIVE"]
                 out[name] = {"name": name, "namespace": namespace, "address": found,
@@ -103,21 +103,21 @@ def sync(name: str, link: str, address: str | None) -> dict:
     import ray
     namespace = namespace_of(name)
     with session(name, address):
-        meta = get_meta(namespace, "spec")
+        meta = stored_spec(namespace)
         if meta is None:
             raise ClusterError(f"no deployment '{name}' in this cluster")
-        entry = next((x for x in meta.get("links", []) if x["name"] == link), None)
+        entry = next((x for x in meta.links if x.name == link), None)
         if entry is None:
-            known = ", ".join(x["name"] for x in meta.get("links", [])) or "none"
+            known = ", ".join(x.name for x in meta.links) or "none"
             raise OobError(f"deployment '{name}' has no link '{link}' (links: {known})")
-        source = replica_name(Ref.parse(entry["from"]).actor, 0)
+        source = replica_name(Ref.parse(entry.from_).actor, 0)
         try:
             return ray.get(handle(source, namespace)._oob_push.remote(link))
         except ValueError:
             raise ClusterError(f"the source of '{link}', {source}, is not running") from None
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None) or exc
-            raise OobError(f"push of '{link}' failed: {str(cause).strip().splitlines()[-1]}") from None
+            raise OobError(f"push of '{link}' failed: {last_line(str(cause))}") from None
 
 
 def delete(name: str, address: str | None, spec_address: str | None = None) -> int:
@@ -173,7 +173,7 @@ def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Ite
     namespace = namespace_of(name)
     with session(name, address):
         records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
-        meta = get_meta(namespace, "spec")
+        meta = stored_spec(namespace)
         live = {n for n, r in records.items() if r.state != "DEAD"}  # dead ones only when declared
         names = declared(meta) + sorted(live - set(declared(meta))) if meta else sorted(live)
         if not names:

@@ -25,10 +25,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
-from urllib.parse import urlsplit
 
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, split_name, surge_name
-from ..errors import ApplyError
+from ..errors import ApplyError, first_line
 from ..models import Spec
 from ..plan import ActionKind, Plan, Step, StepKind, config_hash
 from .replicas import Builder
@@ -144,6 +143,7 @@ class Executor(Steps):
         self.info: dict[tuple[str, int], ReplicaInfo] = {}  # what runs now under a replica's name
         self.before: dict[tuple[str, int], ReplicaInfo] = {}  # what ran when the apply began
         self.replaced: set[tuple[str, int]] = set()  # the plan replaces these (they must run again)
+        self.kept: set[tuple[str, int]] = set()  # the plan keeps these: told counts and peers in place
         self.pending: set[str] = set()  # started, not ready yet: removed on failure or interrupt
         self.beside: dict[tuple[str, int], str] = {}  # ready stand-ins beside a running replica
         self.serving: dict[tuple[str, int], str] = {}  # stand-ins holding a stopped replica's ports
@@ -160,6 +160,7 @@ class Executor(Steps):
         """Run the plan; on a failure settle (see the module's doc) and raise one ApplyError
         that says where every replica stands."""
         self.replaced = {(a.actor, i) for a in plan.actions if a.kind == ActionKind.REPLACE for i in a.replicas}
+        self.kept = {(a.actor, i) for a in plan.actions if a.kind == ActionKind.KEEP for i in a.replicas}
         try:
             self.run_steps(plan)
             return
@@ -247,12 +248,8 @@ class Executor(Steps):
     def update(self, step: Step) -> None:
         """Replicas kept from before learn their actor's replica count and their peers'
         endpoints as they are now (scaling changes both without restarting anyone)."""
-        todo = {}
-        for (name, i), info in sorted(self.info.items()):
-            actor = self.spec.actors.get(name)
-            if actor is None or i >= actor.replicas or self.before.get((name, i)) is not info:
-                continue  # gone, or started by this apply (it has the counts already)
-            todo[replica_name(name, i)] = (actor.replicas, self.builder.peer_endpoints(name))
+        todo = {replica_name(name, i): (self.spec.actors[name].replicas, self.builder.peer_endpoints(name))
+                for name, i in sorted(self.kept) if (name, i) in self.info}
         changed = self.cluster.update(todo) if todo else []
         if changed:
             self.progress(f"updated in place: {', '.join(changed)} (replica count or peers' endpoints)")
@@ -312,7 +309,7 @@ class Executor(Steps):
         """After a failed step: every replica that ran before and was stopped by this apply
         starts again at the version it ran (sharing its ports with a stand-in that serves them),
         then the stand-ins retire. Returns where every replica stands."""
-        outcome = Outcome(self._step or "start", str(failure).split("\n")[0])
+        outcome = Outcome(self._step or "start", first_line(str(failure)))
         self.pending.clear()
         for key in sorted(self.replaced & set(self.before) - set(self.info)):
             name = replica_name(*key)
@@ -351,7 +348,7 @@ class Executor(Steps):
         try:
             self._start(builder, [builder.config(key[0], key[1], shared_ports=shared)])
         except ApplyError as exc:
-            return str(exc).split("\n")[0]
+            return first_line(str(exc))
         return None
 
     def _previous_builder(self, old: ReplicaInfo) -> Builder | None:
@@ -387,9 +384,7 @@ def _label(name: str, word: str = "actor ") -> str:
 
 def _ports(info: ReplicaInfo | None) -> frozenset[int]:
     """The ports a running replica holds, which its stand-in and successor share."""
-    if info is None:
-        return frozenset()
-    return frozenset(p for p in (urlsplit(u if "//" in u else f"//{u}").port for u in info.endpoints.values()) if p)
+    return frozenset(info.ports.values()) if info is not None else frozenset()
 
 
 __all__ = ["Cluster", "Executor", "Outcome", "StartFailed", "Steps"]

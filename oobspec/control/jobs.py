@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from ..addresses import address_kind, explicit_address
-from ..errors import ClusterError
+from ..errors import ClusterError, first_line
 from ..models import Spec
 
 SPEC_ENV = "OOB_RENDERED_SPEC"
@@ -29,16 +28,14 @@ def jobs_address(address: str | None, spec: Spec | None = None) -> str | None:
 
 
 def _client(url: str):
-    from .cluster import PROBE_TIMEOUT, probe_tcp, token_mode
+    from .cluster import PROBE_TIMEOUT, probe_tcp, use_token_if_any
     probe_tcp(url)
     import requests
     try:  # the SDK's own check has no timeout: a port that never answers would hang it
         requests.get(url.rstrip("/") + "/api/version", timeout=PROBE_TIMEOUT)
     except requests.RequestException as exc:
         raise ClusterError(f"cannot connect to Ray at {url}: no answer from the job API ({type(exc).__name__})") from None
-    if not os.environ.get("RAY_AUTH_MODE") and (os.environ.get("RAY_AUTH_TOKEN")
-                                                 or (Path.home() / ".ray" / "auth_token").exists()):
-        token_mode()
+    use_token_if_any(url)
     from ray.job_submission import JobSubmissionClient
     for name in list(logging.root.manager.loggerDict):  # the SDK's notes on uploads and websockets
         if name.startswith("ray"):
@@ -46,7 +43,7 @@ def _client(url: str):
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # the SDK raises ConnectionError, RuntimeError, ValueError...
-        text = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        text = first_line(str(exc), type(exc).__name__)
         raise ClusterError(f"cannot connect to Ray at {url}: {text}") from None
 
 
@@ -101,7 +98,7 @@ def _submit(client, url: str, entrypoint: str, runtime_env: dict, wait: float = 
             if "No available agent" in str(exc) and time.monotonic() < deadline:
                 time.sleep(0.5)
                 continue
-            text = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            text = first_line(str(exc), type(exc).__name__)
             raise ClusterError(f"the job API at {url} refused the job: {text}") from None
 
 
@@ -138,6 +135,6 @@ def _exit_code(client, job: str) -> int:
     if code is not None:
         return int(code)
     if info.status != JobStatus.SUCCEEDED:  # it ended before the command ran (its runtime_env, say)
-        message = next((line for line in (info.message or "").splitlines() if line.strip()), str(info.status))
+        message = first_line(info.message or "", str(info.status))
         raise ClusterError(f"job {job} {str(info.status).lower()}: {message}")
     return 0

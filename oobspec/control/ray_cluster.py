@@ -8,7 +8,7 @@ import time
 from typing import Iterator
 
 from ..contract import SURGE_PREFIX, ReplicaConfig, ReplicaInfo, split_name
-from ..errors import ApplyError
+from ..errors import ApplyError, last_line
 from ..models import Spec
 from . import cluster, state
 from .executor import Progress, StartFailed, _label
@@ -171,8 +171,7 @@ def _answer(ref) -> bool:
 def _cause(exc: Exception) -> str:
     cause = getattr(exc, "cause", None)
     text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    return last_line(text, type(exc).__name__)
 
 
 __all__ = ["RayCluster"]

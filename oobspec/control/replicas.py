@@ -10,7 +10,7 @@ from ..contract import LinkRole, Ref, ReplicaConfig, replica_name, surge_name
 from ..errors import ApplyError
 from ..models import Spec, memory_bytes
 from ..plan import config_hash
-from ..replica.context import env_key
+from ..replica.context import endpoint_env
 
 
 class Builder:
@@ -91,10 +91,7 @@ class Builder:
         """OOB_* variables, set in the replica's environment before the user's __init__ runs."""
         out = {"OOB_REPLICA": str(index), "OOB_REPLICAS": str(self.spec.actors[name].replicas),
                "OOB_DEPLOYMENT": self.spec.name}
-        for key, urls in endpoints.items():
-            out[f"OOB_{env_key(key)}_URL"] = urls[0] if urls else ""
-            out[f"OOB_{env_key(key)}_URLS"] = ",".join(urls)
-        return out
+        return out | endpoint_env(endpoints)
 
     def runtime_env(self, name: str) -> dict:
         """The same for every replica of an actor (and for every actor without `env`), so Ray

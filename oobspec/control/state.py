@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .. import ray_private
+from ..errors import first_line, last_line
 from ..replica.logs import read_from
 
 # Ray's actor states, as `oob status` words them.
@@ -47,7 +48,7 @@ def death_reason(cause) -> str:
         text = _KILL_REASONS.get(reason) or _first_line(ctx.error_message)
         return f"{text} before it started" if ctx.never_started and reason != "RAY_KILL" else text
     if kind == "creation_task_failure_context":
-        return "__init__ raised: " + _last_line(cause.creation_task_failure_context.formatted_exception_string)
+        return "__init__ raised: " + last_line(cause.creation_task_failure_context.formatted_exception_string, "unknown error")
     if kind == "runtime_env_failed_context":
         return "runtime_env failed: " + _first_line(cause.runtime_env_failed_context.error_message)
     if kind == "actor_unschedulable_context":
@@ -58,13 +59,8 @@ def death_reason(cause) -> str:
 
 
 def _first_line(text: str) -> str:
-    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
-    return line.split(". ")[0].rstrip(".") if line else "unknown cause"
-
-
-def _last_line(text: str) -> str:
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
-    return lines[-1] if lines else "unknown error"
+    """Ray's reasons are paragraphs: their first sentence."""
+    return first_line(text, "unknown cause").split(". ")[0].rstrip(".")
 
 
 def is_client() -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import ray_private
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
-from .context import Context, env_key, set_current
+from .context import Context, endpoint_env, set_current
 from .metrics import Metrics
 from .grpc_server import start_grpc
 from .servers import Running, free_port, start_http, wait_connectable
@@ -130,7 +130,8 @@ class OobMixin:
             error=f"{type(failed).__name__}: {failed}" if failed else None,
             gpu_uuid=links.gpu_uuid() if links else None, process=process.describe() if process else None,
             links=links.stats() if links else {}, versions=dict(ctx.versions) if ctx else {},
-            draining=any(r.draining for r in getattr(self, "_oob_servers", [])))
+            draining=any(r.draining for r in getattr(self, "_oob_servers", [])),
+            ports={s.name: port for s in cfg.servers if (port := self._oob_port(s.name))})
 
     async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
         """Scaling in place: this actor's replica count and its peers' endpoints, live. Calls the
@@ -138,9 +139,7 @@ class OobMixin:
         ctx = self._oob_context
         if not ctx.update(replicas, endpoints):
             return False
-        for key, urls in ctx.endpoints.items():  # for code that reads the environment again
-            os.environ[f"OOB_{env_key(key)}_URL"] = urls[0] if urls else ""
-            os.environ[f"OOB_{env_key(key)}_URLS"] = ",".join(urls)
+        os.environ.update(endpoint_env(ctx.endpoints))  # for code that reads the environment again
         hook = getattr(self, "on_peers_changed", None)
         if hook is not None:
             result = hook(ctx.replicas, ctx.endpoints)

@@ -123,6 +123,15 @@ def env_key(key: str) -> str:
     return key.upper().replace("-", "_")
 
 
+def endpoint_env(endpoints: dict[str, list[str]]) -> dict[str, str]:
+    """OOB_<KEY>_URL (the first) and OOB_<KEY>_URLS (all, comma-separated) of each connect key."""
+    out = {}
+    for key, urls in endpoints.items():
+        out[f"OOB_{env_key(key)}_URL"] = urls[0] if urls else ""
+        out[f"OOB_{env_key(key)}_URLS"] = ",".join(urls)
+    return out
+
+
 _current: Context | None = None
 
 
