@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+from pydantic import (BaseModel, BeforeValidator, ByteSize, TypeAdapter, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       field_validator, model_validator)
 
 from .scalars import scalar_text
@@ -17,9 +17,6 @@ NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
 ACTOR_RE = r"^[a-z][a-z0-9-]*$"
 REF_RE = r"^[a-z][a-z0-9-]*\.[A-Za-z_][A-Za-z0-9_-]*$"
 MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T|Ki|Mi|Gi|Ti)?\s*$")
-_UNITS = {None: 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-          "T": 1000**4, "TB": 1000**4, "Ki": 1024, "KiB": 1024, "Mi": 1024**2, "MiB": 1024**2,
-          "Gi": 1024**3, "GiB": 1024**3, "Ti": 1024**4, "TiB": 1024**4}
 DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 DTYPE_SIZES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2, "int32": 4,
@@ -37,11 +34,15 @@ def _text(value: Any) -> Any:
 Text = Annotated[str, BeforeValidator(_text)]
 
 
+_BYTE_SIZE = TypeAdapter(ByteSize)
+
+
 def memory_bytes(value: int | str | None) -> int | None:
+    """Bytes of a size as MEMORY_RE accepts it (pydantic's ByteSize; Kubernetes' Gi is its GiB)."""
     if value is None or isinstance(value, int):
         return value
-    number, unit = MEMORY_RE.match(value).groups()
-    return int(float(number) * _UNITS[unit])
+    text = value.strip()
+    return int(_BYTE_SIZE.validate_python(text + "B" if text.endswith("i") else text))
 
 
 class Strict(BaseModel):

@@ -1,6 +1,7 @@
 """Shared fixtures. Ray costs seconds to start: one session per test module, never `ray stop`."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -75,6 +76,24 @@ def oob(*args, cwd="/", timeout=180, env=None, **kw) -> subprocess.CompletedProc
 
 
 @pytest.fixture
+def deployed():
+    """`oob apply SPEC --address A ARGS` from `/`, asserted to succeed; every deployment applied
+    through it is deleted when the test ends, whether it passed or not."""
+    made: dict[tuple[str, str], dict | None] = {}
+
+    def apply(spec: Path, address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        import yaml
+        made[(yaml.safe_load(Path(spec).read_text())["name"], address)] = env
+        out = oob("apply", spec, "--address", address, *args, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
+
+    yield apply
+    for (name, address), env in reversed(list(made.items())):
+        oob("delete", name, "--address", address, env=env)
+
+
+@pytest.fixture
 def project(tmp_path):
     """A user's folder: their module (a copy of tests/apps.py) beside the specs they write."""
     folder = tmp_path / "proj"
@@ -117,3 +136,39 @@ def ray_head():
     port = free_port()
     with started_head(f"--port={port}", "--include-dashboard=false", ports=(port,)):
         yield f"127.0.0.1:{port}"
+
+
+def status_of(address, name) -> dict:
+    """`oob status NAME -o json` as a user runs it."""
+    out = oob("status", name, "--address", address, "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def alive_pids(address, name) -> dict[str, int]:
+    return {r["name"]: r["pid"] for r in status_of(address, name)["replicas"] if r["state"] == "alive"}
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as a test makes them."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "oobspec test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "srv.pem", tmp_path / "srv.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

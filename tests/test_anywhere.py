@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from conftest import free_port, oob, port_open, user_env, write_in
+from conftest import alive_pids, free_port, oob, port_open, status_of, user_env, write_in
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 
@@ -63,17 +63,6 @@ def client(address, namespace, code, cwd="/"):
                          env=user_env())
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
-
-
-def status_of(address, name) -> dict:
-    """`oob status NAME -o json` as a user runs it."""
-    out = oob("status", name, "--address", address, "-o", "json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def alive_pids(address, name) -> dict[str, int]:
-    return {r["name"]: r["pid"] for r in status_of(address, name)["replicas"] if r["state"] == "alive"}
 
 
 @pytest.mark.parametrize("where", ["parent", "root"])

@@ -89,3 +89,11 @@ def test_no_file_over_400_lines_and_no_function_over_60():
                 if length > 60 and key not in LONG_FUNCTIONS:
                     long_functions.append(f"{key}: {length} lines")
     assert not long_functions, long_functions
+
+
+def test_test_modules_share_helpers_through_conftest_only():
+    tests = Path(__file__).resolve().parent
+    for path in tests.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_"):
+                raise AssertionError(f"{path.name} imports {node.module}: shared helpers live in conftest.py")

@@ -15,7 +15,7 @@ import requests
 
 from conftest import free_port, oob, started_head, user_env, write_in
 from oobspec.replica.ports import port_free
-from test_runtime_unit import self_signed
+from conftest import self_signed
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import free_port, oob, user_env, write_in
 from oobspec.replica.ports import port_free
-from test_anywhere import alive_pids, status_of
+from conftest import alive_pids, status_of
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
 
@@ -103,79 +103,69 @@ def surge_actors(address: str, namespace: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_rolling_update_answers_every_request_and_replaces_every_replica(ray_head, project, tmp_path):
+def test_rolling_update_answers_every_request_and_replaces_every_replica(deployed, ray_head, project, tmp_path):
     http, rpc = ports()
     spec = lambda greeting: write_in(project, SPEC.format(name="roll", greeting=greeting, fail="false",  # noqa: E731
                                                           http=http, rpc=rpc))
-    first = oob("apply", spec("v1"), "--address", ray_head)
-    assert first.returncode == 0, first.stderr
-    try:
-        before = alive_pids(ray_head, "roll")
-        plan = oob("plan", spec("v2"), "--address", ray_head).stdout
-        assert "~ replace  chat [0,1]  (spec changed; rolling, no downtime)" in plan, plan
-        assert "steps: roll chat[0] -> roll chat[1]" in plan, plan
-        with client_loop(tmp_path, http, rpc) as seen:
-            update = oob("apply", spec("v2"), "--address", ray_head)
-            time.sleep(1)
-        assert update.returncode == 0, update.stderr
-        assert "roll chat-0: stand-in _oob-surge-chat-0 starts beside it" in update.stderr + update.stdout
-        # Every request answered, by the old version and then by the new one, on both ports.
-        assert len(seen["http"]) > 100
-        assert [r for r in seen["http"] if r[1] != 200] == []
-        for i in range(2):
-            texts = [t for j, _s, t in seen["http"] if j == i]
-            assert texts[0] == "v1" and texts[-1] == "v2"
-        assert set(s for _i, s in seen["grpc"]) == {"SERVING"}, [s for s in seen["grpc"] if s[1] != "SERVING"]
-        after = alive_pids(ray_head, "roll")
-        assert set(after) == {"chat-0", "chat-1"} and not set(after.values()) & set(before.values())
-        assert status_of(ray_head, "roll")["healthy"] is True
-        assert surge_actors(ray_head, "oob-roll") == []
-    finally:
-        oob("delete", "roll", "--address", ray_head)
+    deployed(spec("v1"), ray_head)
+    before = alive_pids(ray_head, "roll")
+    plan = oob("plan", spec("v2"), "--address", ray_head).stdout
+    assert "~ replace  chat [0,1]  (spec changed; rolling, no downtime)" in plan, plan
+    assert "steps: roll chat[0] -> roll chat[1]" in plan, plan
+    with client_loop(tmp_path, http, rpc) as seen:
+        update = oob("apply", spec("v2"), "--address", ray_head)
+        time.sleep(1)
+    assert update.returncode == 0, update.stderr
+    assert "roll chat-0: stand-in _oob-surge-chat-0 starts beside it" in update.stderr + update.stdout
+    # Every request answered, by the old version and then by the new one, on both ports.
+    assert len(seen["http"]) > 100
+    assert [r for r in seen["http"] if r[1] != 200] == []
+    for i in range(2):
+        texts = [t for j, _s, t in seen["http"] if j == i]
+        assert texts[0] == "v1" and texts[-1] == "v2"
+    assert set(s for _i, s in seen["grpc"]) == {"SERVING"}, [s for s in seen["grpc"] if s[1] != "SERVING"]
+    after = alive_pids(ray_head, "roll")
+    assert set(after) == {"chat-0", "chat-1"} and not set(after.values()) & set(before.values())
+    assert status_of(ray_head, "roll")["healthy"] is True
+    assert surge_actors(ray_head, "oob-roll") == []
 
 
-def test_a_failed_update_leaves_the_running_replicas_serving(ray_head, project, tmp_path):
+def test_a_failed_update_leaves_the_running_replicas_serving(deployed, ray_head, project, tmp_path):
     http, rpc = ports()
     spec = lambda fail: write_in(project, SPEC.format(name="failed", greeting="v1", fail=fail,  # noqa: E731
                                                       http=http, rpc=rpc))
-    assert oob("apply", spec("false"), "--address", ray_head).returncode == 0
-    try:
-        before = alive_pids(ray_head, "failed")
-        with client_loop(tmp_path, http, rpc) as seen:
-            update = oob("apply", spec("true"), "--address", ray_head)
-        assert update.returncode == 1, update.stdout + update.stderr
-        assert "ValueError: cannot greet with 'v1'" in update.stderr  # the reason, from the log tail
-        assert "rolled back: chat-0 keeps serving, unchanged" in update.stderr
-        assert "Traceback" not in update.stderr.split("--- last lines")[0]
-        assert [r for r in seen["http"] if r[1] != 200] == [] and len(seen["http"]) > 20
-        assert alive_pids(ray_head, "failed") == before
-        status = status_of(ray_head, "failed")
-        assert status["healthy"] is True and [r["restarts"] for r in status["replicas"]] == [0, 0]
-        assert surge_actors(ray_head, "oob-failed") == []
-        # The update never happened: the plan still wants it.
-        assert "~ replace  chat [0,1]" in oob("plan", spec("true"), "--address", ray_head).stdout
-    finally:
-        oob("delete", "failed", "--address", ray_head)
+    deployed(spec("false"), ray_head)
+    before = alive_pids(ray_head, "failed")
+    with client_loop(tmp_path, http, rpc) as seen:
+        update = oob("apply", spec("true"), "--address", ray_head)
+    assert update.returncode == 1, update.stdout + update.stderr
+    assert "ValueError: cannot greet with 'v1'" in update.stderr  # the reason, from the log tail
+    assert "rolled back: chat-0 keeps serving, unchanged" in update.stderr
+    assert "Traceback" not in update.stderr.split("--- last lines")[0]
+    assert [r for r in seen["http"] if r[1] != 200] == [] and len(seen["http"]) > 20
+    assert alive_pids(ray_head, "failed") == before
+    status = status_of(ray_head, "failed")
+    assert status["healthy"] is True and [r["restarts"] for r in status["replicas"]] == [0, 0]
+    assert surge_actors(ray_head, "oob-failed") == []
+    # The update never happened: the plan still wants it.
+    assert "~ replace  chat [0,1]" in oob("plan", spec("true"), "--address", ray_head).stdout
 
 
-def test_moving_to_a_taken_port_fails_and_keeps_the_old_port_serving(ray_head, project):
+def test_moving_to_a_taken_port_fails_and_keeps_the_old_port_serving(deployed, ray_head, project):
     http, rpc = ports()
     taken, _ = ports()
     write = lambda port: write_in(project, SPEC.format(name="taken", greeting="v1", fail="false",  # noqa: E731
                                                        http=port, rpc=rpc))
-    assert oob("apply", write(http), "--address", ray_head).returncode == 0
-    try:
-        before = alive_pids(ray_head, "taken")
-        with socket.create_server(("127.0.0.1", taken)):  # somebody else's server holds the new port
-            update = oob("apply", write(taken), "--address", ray_head)
-        assert update.returncode == 1
-        assert f"cannot bind 127.0.0.1:{taken}" in update.stderr, update.stderr
-        assert alive_pids(ray_head, "taken") == before
-        import requests
-        assert requests.get(f"http://127.0.0.1:{http}/", timeout=10).text == "v1"
-        assert status_of(ray_head, "taken")["healthy"] is True
-    finally:
-        oob("delete", "taken", "--address", ray_head)
+    deployed(write(http), ray_head)
+    before = alive_pids(ray_head, "taken")
+    with socket.create_server(("127.0.0.1", taken)):  # somebody else's server holds the new port
+        update = oob("apply", write(taken), "--address", ray_head)
+    assert update.returncode == 1
+    assert f"cannot bind 127.0.0.1:{taken}" in update.stderr, update.stderr
+    assert alive_pids(ray_head, "taken") == before
+    import requests
+    assert requests.get(f"http://127.0.0.1:{http}/", timeout=10).text == "v1"
+    assert status_of(ray_head, "taken")["healthy"] is True
 
 
 # --- whatever fails in the middle of an apply, what ran keeps running ----------------------
@@ -259,81 +249,72 @@ def texts(port: int) -> list[str]:
     return [requests.get(f"http://127.0.0.1:{port + i}/", timeout=10).text for i in range(2)]
 
 
-def test_a_rollout_whose_second_replica_fails_keeps_every_replica_serving(ray_head, project, tmp_path):
+def test_a_rollout_whose_second_replica_fails_keeps_every_replica_serving(deployed, ray_head, project, tmp_path):
     """A stop-first actor moved, part-0 rolled, part-1's new version raises: nothing stops, the
     message says who runs what, the next apply continues from there, --atomic goes back."""
     http, _ = ports()
-    assert oob("apply", parts(project, "midway", http), "--address", ray_head).returncode == 0
-    try:
-        before = alive_pids(ray_head, "midway")
-        broken = tmp_path / "broken"  # part-1 fails while this file exists
-        broken.touch()
-        v2 = parts(project, "midway", http, "v2", "b2", fail_replica=1, broken=broken)
-        with http_loop(tmp_path, [[http], [http + 1]]) as seen:
-            update = oob("apply", v2, "--address", ray_head)
-        assert update.returncode == 1, update.stdout + update.stderr
-        assert "ValueError: cannot greet with 'v2'" in update.stderr
-        assert ("at the new version: batch-0, part-0; at the version they ran before: part-1; fix and apply "
-                "again to continue from here") in update.stderr, update.stderr
-        assert_served_throughout(ray_head, "midway", seen)
-        assert texts(http) == ["v2", "v1"]
-        after = alive_pids(ray_head, "midway")
-        assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
-        shown = oob("status", "midway", "--address", ray_head).stdout
-        assert "last apply stopped at step" in shown and "new version: batch-0, part-0; previous version: part-1" \
-            in shown, shown
+    deployed(parts(project, "midway", http), ray_head)
+    before = alive_pids(ray_head, "midway")
+    broken = tmp_path / "broken"  # part-1 fails while this file exists
+    broken.touch()
+    v2 = parts(project, "midway", http, "v2", "b2", fail_replica=1, broken=broken)
+    with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+        update = oob("apply", v2, "--address", ray_head)
+    assert update.returncode == 1, update.stdout + update.stderr
+    assert "ValueError: cannot greet with 'v2'" in update.stderr
+    assert ("at the new version: batch-0, part-0; at the version they ran before: part-1; fix and apply "
+            "again to continue from here") in update.stderr, update.stderr
+    assert_served_throughout(ray_head, "midway", seen)
+    assert texts(http) == ["v2", "v1"]
+    after = alive_pids(ray_head, "midway")
+    assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
+    shown = oob("status", "midway", "--address", ray_head).stdout
+    assert "last apply stopped at step" in shown and "new version: batch-0, part-0; previous version: part-1" \
+        in shown, shown
 
-        # Fixed: the same spec again replaces only part-1 (part-0 and batch-0 are new already).
-        broken.unlink()
-        fixed = oob("apply", v2, "--address", ray_head)
-        assert fixed.returncode == 0, fixed.stderr
-        now = alive_pids(ray_head, "midway")
-        assert now["part-0"] == after["part-0"] and now["batch-0"] == after["batch-0"]
-        assert now["part-1"] != after["part-1"] and texts(http) == ["v2", "v2"]
+    # Fixed: the same spec again replaces only part-1 (part-0 and batch-0 are new already).
+    broken.unlink()
+    fixed = oob("apply", v2, "--address", ray_head)
+    assert fixed.returncode == 0, fixed.stderr
+    now = alive_pids(ray_head, "midway")
+    assert now["part-0"] == after["part-0"] and now["batch-0"] == after["batch-0"]
+    assert now["part-1"] != after["part-1"] and texts(http) == ["v2", "v2"]
 
-        # --atomic: part-0 rolls to v3, part-1 fails, and both are rolled back to v2.
-        broken.touch()
-        with http_loop(tmp_path, [[http], [http + 1]]) as seen:
-            atomic = oob("apply", parts(project, "midway", http, "v3", "b2", fail_replica=1, broken=broken),
-                         "--atomic", "--address", ray_head)
-        assert atomic.returncode == 1
-        assert "--atomic: rolled back, every actor runs revision" in atomic.stderr, atomic.stderr
-        assert_served_throughout(ray_head, "midway", seen)
-        assert texts(http) == ["v2", "v2"]
-    finally:
-        oob("delete", "midway", "--address", ray_head)
+    # --atomic: part-0 rolls to v3, part-1 fails, and both are rolled back to v2.
+    broken.touch()
+    with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+        atomic = oob("apply", parts(project, "midway", http, "v3", "b2", fail_replica=1, broken=broken),
+                     "--atomic", "--address", ray_head)
+    assert atomic.returncode == 1
+    assert "--atomic: rolled back, every actor runs revision" in atomic.stderr, atomic.stderr
+    assert_served_throughout(ray_head, "midway", seen)
+    assert texts(http) == ["v2", "v2"]
 
 
-def test_a_successor_failing_after_its_stand_in_took_over_restores_the_old_version(ray_head, project, tmp_path):
+def test_a_successor_failing_after_its_stand_in_took_over_restores_the_old_version(deployed, ray_head, project, tmp_path):
     http, _ = ports()
-    assert oob("apply", parts(project, "relay", http), "--address", ray_head).returncode == 0
-    try:
-        before = alive_pids(ray_head, "relay")
-        once = tmp_path / "started-once"
-        with http_loop(tmp_path, [[http], [http + 1]]) as seen:
-            update = oob("apply", parts(project, "relay", http, "v2", once=once), "--address", ray_head)
-        assert update.returncode == 1, update.stdout + update.stderr
-        assert "RuntimeError: 'v2' already started once" in update.stderr
-        assert "restored part-0 at the version it ran before" in update.stderr
-        assert "at the version they ran before: part-0, part-1" in update.stderr, update.stderr
-        assert_served_throughout(ray_head, "relay", seen)
-        assert texts(http) == ["v1", "v1"]
-        after = alive_pids(ray_head, "relay")
-        assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
-    finally:
-        oob("delete", "relay", "--address", ray_head)
+    deployed(parts(project, "relay", http), ray_head)
+    before = alive_pids(ray_head, "relay")
+    once = tmp_path / "started-once"
+    with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+        update = oob("apply", parts(project, "relay", http, "v2", once=once), "--address", ray_head)
+    assert update.returncode == 1, update.stdout + update.stderr
+    assert "RuntimeError: 'v2' already started once" in update.stderr
+    assert "restored part-0 at the version it ran before" in update.stderr
+    assert "at the version they ran before: part-0, part-1" in update.stderr, update.stderr
+    assert_served_throughout(ray_head, "relay", seen)
+    assert texts(http) == ["v1", "v1"]
+    after = alive_pids(ray_head, "relay")
+    assert set(after) == {"batch-0", "part-0", "part-1"} and after["part-1"] == before["part-1"]
 
 
-def test_a_port_move_rolls_and_serves_the_old_port_until_the_new_one_does(ray_head, project, tmp_path):
+def test_a_port_move_rolls_and_serves_the_old_port_until_the_new_one_does(deployed, ray_head, project, tmp_path):
     http, moved = ports()
-    assert oob("apply", parts(project, "moving", http), "--address", ray_head).returncode == 0
-    try:
-        with http_loop(tmp_path, [[http, moved], [http + 1, moved + 1]]) as seen:
-            update = oob("apply", parts(project, "moving", moved), "--address", ray_head)
-        assert update.returncode == 0, update.stdout + update.stderr
-        assert_served_throughout(ray_head, "moving", seen)
-        assert texts(moved) == ["v1", "v1"] and port_free(http) and port_free(http + 1)
-        again = oob("apply", parts(project, "moving", moved), "--address", ray_head)
-        assert again.returncode == 0 and "replace" not in again.stderr, again.stderr
-    finally:
-        oob("delete", "moving", "--address", ray_head)
+    deployed(parts(project, "moving", http), ray_head)
+    with http_loop(tmp_path, [[http, moved], [http + 1, moved + 1]]) as seen:
+        update = oob("apply", parts(project, "moving", moved), "--address", ray_head)
+    assert update.returncode == 0, update.stdout + update.stderr
+    assert_served_throughout(ray_head, "moving", seen)
+    assert texts(moved) == ["v1", "v1"] and port_free(http) and port_free(http + 1)
+    again = oob("apply", parts(project, "moving", moved), "--address", ray_head)
+    assert again.returncode == 0 and "replace" not in again.stderr, again.stderr
