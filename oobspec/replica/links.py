@@ -1,72 +1,45 @@
-"""Buffers and links inside a replica: allocation at start, receivers, senders, push.
+"""Links inside a replica, split by role: `LinkTarget` (this replica receives: its receivers,
+a push by Ray call into the idle slot), `LinkSource` (replica 0 of a link's `from` actor: its
+targets, the push) and `Groups` (NCCL communicators, which both ends join); `Links` is what the
+actor and `oobspec.context()` hold.
 
 Every link target's memory (one slot, or two with `buffering: double`; named shared memory on
 cpu, its own cudaMalloc on gpu) and its inbox (control block + doorbell, `transports.inbox`) are
-made when the replica starts, so a target that Ray restarts can receive again at once.
-
-The source is replica 0 of the link's `from` actor. Targets on its node (shm, and cuda_ipc on
-its own GPU) are written directly: the source copies into each target's mapped memory, then sets
-the version in the target's control block and rings it. No Ray call per push; a target that
-restarted is opened again by name. Other targets (object_store, nccl, cuda_ipc to another GPU)
-get a Ray call per push, as before.
+made when the replica starts (`buffers.py`), so a target that Ray restarts can receive again at
+once. Targets on the source's node (shm, and cuda_ipc on its own GPU) are written directly: the
+source copies into each target's mapped memory, then sets the version in the target's control
+block and rings it; no Ray call per push. Other targets (object_store, nccl, cuda_ipc to another
+GPU) get a Ray call per push.
 """
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import os
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from ..contract import LinkRole, ReplicaConfig
 from ..errors import OobError
-from .metrics import off
-
-log = logging.getLogger(__name__)
-
-INLINE_BYTES = 8 << 20  # pushes up to this size copy on the event loop; bigger ones in a thread
+from .link_source import LinkSource
+from .link_target import LinkTarget
+from .metrics import Metrics
 
 
-@dataclass
-class Target:
-    """One target replica as the source sees it."""
+class LinkBook:
+    """This replica's links by name, and the GPU it runs on (both roles look them up)."""
 
-    key: str  # its replica name
-    handle: Any  # its Ray actor handle
-    transport: str
-    descriptor: dict | None
-    direct: bool = False  # on this node: written by the source, no Ray call
-    sender: Any = None  # direct: shm.Sender / cuda_ipc.Writer; else the transport's Sender (None for nccl)
-    outbox: Any = None  # direct: its control block and doorbell
-
-    def close(self) -> None:
-        for part in (self.sender, self.outbox):
-            if part is not None:
-                part.close()
-        self.sender = self.outbox = None
-
-
-class Links:
-    def __init__(self, ctx, cfg: ReplicaConfig, owner):
+    def __init__(self, ctx, cfg: ReplicaConfig):
         self.ctx, self.cfg = ctx, cfg
         self.links: dict[str, LinkRole] = cfg.links
-        self.receivers: dict[tuple[str, str], Any] = {}  # (link, transport) -> Receiver / nccl Group
-        self.targets: dict[str, list[Target]] = {}  # link -> its targets (source side)
-        self.groups: dict[str, Any] = {}  # link -> nccl Group (source side)
-        self.version: dict[str, int] = {}
-        self.last: dict[str, dict] = {}
         self._uuid: str | None = None
-        self._stream = None  # cupy stream of the source's direct GPU copies
-        self._lock = asyncio.Lock()
-        self.metrics = off()  # the replica's, once it has them
 
-    def _link(self, name: str) -> LinkRole:
+    def role(self, name: str) -> LinkRole:
         if name not in self.links:
             known = ", ".join(self.links) or "none"
             raise OobError(f"actor {self.cfg.actor} has no link '{name}' (links: {known})")
         return self.links[name]
+
+    def owner(self, buffer: str):
+        """The Allocation of one of this replica's buffers."""
+        return self.ctx._owners[buffer]
 
     def gpu_uuid(self) -> str | None:
         if self._uuid is None and any(b.device == "gpu" for b in self.cfg.buffers.values()):
@@ -74,286 +47,88 @@ class Links:
             self._uuid = get_transport("cuda_ipc").gpu_uuid()
         return self._uuid
 
-    # --- target side ---
+
+class Groups:
+    """NCCL communicators by link: the source is rank 0, each target joins with its rank."""
+
+    def __init__(self):
+        self.by_link: dict[str, Any] = {}
+
+    async def join(self, link: str, unique_id, world: int, rank: int):
+        from ..transports import get_transport
+        self.by_link[link] = await asyncio.to_thread(get_transport("nccl").Group, unique_id, world, rank)
+        return self.by_link[link]
+
+    def get(self, link: str):
+        return self.by_link.get(link)
+
+    def close(self) -> None:
+        for group in self.by_link.values():
+            close = getattr(group, "close", None)
+            if close:
+                close()
+        self.by_link.clear()
+
+
+class Links:
+    """What a replica holds of its links: both roles and the groups, behind one interface."""
+
+    def __init__(self, ctx, cfg: ReplicaConfig, owner=None):
+        self.ctx, self.cfg = ctx, cfg
+        self.book = LinkBook(ctx, cfg)
+        self.groups = Groups()
+        self.target = LinkTarget(self.book, self.groups)
+        self.source = LinkSource(self.book, self.groups)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.source.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics) -> None:
+        self.source.metrics = metrics
+
+    @property
+    def links(self) -> dict[str, LinkRole]:
+        return self.book.links
+
+    @property
+    def targets(self):
+        return self.source.targets
+
+    def gpu_uuid(self) -> str | None:
+        return self.book.gpu_uuid()
 
     async def receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
-        """This target's end of `link` over `transport`: what the source needs to reach it."""
-        from ..transports import get_transport
-        buffer = self._link(link).target_buffer
-        alloc = self.ctx._owners[buffer]
-        if transport == "nccl":
-            nccl = get_transport("nccl")
-            self.receivers[(link, transport)] = await asyncio.to_thread(
-                nccl.Group, setup["unique_id"], setup["world"], setup["rank"])
-            return {}
-        receiver = self._receiver(link, transport)
-        described = receiver.descriptor() if receiver is not None else {}
-        return {**described, "segment": alloc.segment, "slots": alloc.slots, "stride": alloc.stride,
-                "shape": alloc.slot(0).shape, "dtype": alloc.slot(0).dtype.str}
-
-    def _receiver(self, link: str, transport: str):
-        key = (link, transport)
-        if key not in self.receivers and transport in ("object_store", "cuda_ipc"):
-            from ..transports import get_transport
-            array = self.ctx._owners[self._link(link).target_buffer].slot(0)
-            self.receivers[key] = get_transport(transport).Receiver(array)
-        return self.receivers.get(key)
+        return await self.target.receiver(link, transport, setup)
 
     async def receive(self, link: str, message: Any, version: int) -> None:
-        """A push that comes by Ray call: into the idle slot, then published in our own inbox."""
-        alloc = self.ctx._owners[self._link(link).target_buffer]
-        transport = message.get("transport") if isinstance(message, dict) else None
-        # Made here too: a target that Ray restarted receives again without a re-apply.
-        receiver = self._receiver(link, transport) if transport != "nccl" else self.receivers.get((link, transport))
-        if receiver is None:
-            raise OobError(f"link '{link}' is not set up on {self.cfg.name}"
-                           + (" (nccl is wired at apply: re-apply after a restart)" if transport == "nccl" else ""))
-        slot = alloc.idle
-        if transport == "nccl":
-            await asyncio.to_thread(receiver.broadcast, alloc.slot(slot))
-        else:
-            await asyncio.to_thread(receiver.receive, message["payload"], alloc.slot(slot))
-        alloc.inbox.publish(version, slot)
-
-    # --- source side ---
-
-    async def connect(self, link: str, targets: list[dict]) -> None:
-        """targets: [{key, handle, transport, descriptor}], called by apply; idempotent."""
-        async with self._lock:  # never while a push of this replica copies
-            self._connect(link, targets)
-        await self._resume(link)
-
-    async def _resume(self, link: str) -> None:
-        """A new source (replaced, or restarted by Ray) goes on from the newest version its targets
-        hold, so their `ctx.updated(after=v)` keeps meaning "newer than v"."""
-        if self.version.get(link):
-            return
-        targets = self.targets[link]
-        found = [t.outbox.version for t in targets if t.outbox is not None]
-        others = [t for t in targets if not t.direct]
-        if others:
-            got = await asyncio.gather(*(t.handle._oob_link_version.remote(link) for t in others),
-                                       return_exceptions=True)
-            found += [v for v in got if isinstance(v, int)]
-        self.version[link] = max(found, default=0)
+        await self.target.receive(link, message, version)
 
     def target_version(self, link: str) -> int:
-        """The version this target holds of `link`."""
-        return self.ctx._owners[self._link(link).target_buffer].inbox.version
+        return self.target.version(link)
 
-    def _connect(self, link: str, targets: list[dict]) -> None:
-        spec = self._link(link)
-        source = self.ctx._owners[spec.source_buffer].array
-        old = {t.key: t for t in self.targets.get(link, [])}
-        fresh = []
-        for given in targets:
-            target = Target(given["key"], given["handle"], given["transport"], given["descriptor"])
-            kept = old.pop(target.key, None)
-            if kept and (kept.transport, kept.descriptor) == (target.transport, target.descriptor) \
-                    and target.transport != "nccl":
-                kept.handle = target.handle
-                fresh.append(kept)
-                continue
-            if kept:
-                kept.close()
-            if target.transport == "shm" or (target.transport == "cuda_ipc"
-                                             and target.descriptor.get("device_uuid") == self.gpu_uuid()):
-                target.direct = True
-                self._open(target, source)
-            elif target.transport != "nccl":
-                from ..transports import get_transport
-                target.sender = get_transport(target.transport).Sender(source, target.descriptor)
-            fresh.append(target)
-        for gone in old.values():
-            gone.close()
-        self.targets[link] = fresh
-        self.version.setdefault(link, 0)
-
-    def _open(self, target: Target, source) -> None:
-        """Map a direct target's memory and control block, by its segment's name."""
-        from ..transports import get_transport
-        from ..transports.inbox import Outbox
-        target.close()
-        d = target.descriptor
-        outbox = Outbox(d["segment"])
-        try:
-            if target.transport == "shm":
-                target.sender = get_transport("shm").Sender(source, {**d, "name": d["segment"]})
-            elif outbox.pid == os.getpid():  # a link between two buffers of this replica
-                local = self.ctx._owners[self._local_target(d["segment"])]
-                target.sender = get_transport("cuda_ipc").Writer(source, d, base=local.slot(0).data.ptr)
-            else:
-                target.sender = get_transport("cuda_ipc").Writer(source, d, outbox.handle)
-        except BaseException:
-            outbox.close()
-            raise
-        target.outbox = outbox
-
-    async def _rewire(self, link: str) -> bool:
-        """A source that Ray restarted: connect from what apply recorded when it wired the link
-        (nccl excepted: its communicator needs every rank, so a re-apply)."""
-        try:
-            import ray
-
-            from .. import ray_private
-            raw = await asyncio.to_thread(ray_private.kv_get, f"{self.cfg.namespace}/links/{link}")
-            recorded = json.loads(raw) if raw else None
-            if not recorded or any(t["transport"] == "nccl" for t in recorded):
-                return False
-            handles = await asyncio.to_thread(
-                lambda: [ray.get_actor(t["key"], namespace=self.cfg.namespace) for t in recorded])
-        except Exception as exc:  # not on Ray, or a target is gone: the caller says how to fix it
-            log.debug("cannot re-wire link %s: %s", link, exc)
-            return False
-        async with self._lock:
-            if link not in self.targets:
-                self._connect(link, [dict(t, handle=h) for t, h in zip(recorded, handles)])
-        await self._resume(link)
-        log.info("link %s: wired again from apply's record (this replica was restarted)", link)
-        return True
-
-    def _local_target(self, segment: str) -> str:
-        return next(name for name, owner in self.ctx._owners.items() if owner.segment == segment)
+    async def connect(self, link: str, targets: list[dict]) -> None:
+        await self.source.connect(link, targets)
 
     async def nccl_root(self, link: str, unique_id, world: int) -> None:
-        from ..transports import get_transport
-        self.groups[link] = await asyncio.to_thread(get_transport("nccl").Group, unique_id, world, 0)
+        await self.groups.join(link, unique_id, world, 0)
 
     async def push(self, link: str) -> dict:
-        spec = self._link(link)
-        if spec.role != "source" or self.cfg.replica != 0:
-            raise OobError(f"link '{link}' pushes from replica 0 of {spec.source.actor}, not from {self.cfg.name}")
-        if link not in self.targets and not await self._rewire(link):
-            raise OobError(f"link '{link}' is not connected yet: apply wires it once every replica is ready "
-                           f"(if Ray restarted {self.cfg.name}, run `oob apply` again to re-wire it)")
-        async with self._lock:  # one push of a link at a time: versions stay in order
-            source = self.ctx._owners[spec.source_buffer].array
-            version = self.version[link] + 1
-            targets = self.targets[link]
-            start = time.perf_counter()
-            failed: dict[str, str] = {}
-            direct = [t for t in targets if t.direct]
-            if direct:
-                await self._push_direct(direct, source, version, failed)
-            others = [t for t in targets if not t.direct]
-            if others:
-                await self._push_by_call(link, others, source, version, failed)
-            seconds = time.perf_counter() - start
-            self.version[link] = version
-            reached = len(targets) - len(failed)
-            nbytes = int(source.nbytes) * reached
-            self.metrics.push(link, seconds, nbytes)
-            self.last[link] = {"version": version, "bytes": nbytes, "seconds": seconds,
-                               "gbps": nbytes / seconds / 1e9 if seconds else 0.0, "targets": reached, "direct": len(direct),
-                               "transport": "/".join(sorted({t.transport for t in targets})), "at": time.time()}
-            if failed:
-                why = "; ".join(f"{key}: {reason}" for key, reason in failed.items())
-                raise OobError(f"link '{link}': version {version} reached {reached} of {len(targets)} targets; "
-                               f"{why}")
-            return self.last[link]
-
-    async def _push_direct(self, targets: list[Target], source, version: int, failed: dict) -> None:
-        from ..transports.inbox import TargetGone
-        live = []
-        for t in targets:
-            if t.outbox is None:  # gone at the last push: has it been restarted since?
-                try:
-                    self._open(t, source)
-                except TargetGone:
-                    failed[t.key] = "not running (restarting, or dead)"
-                    continue
-            live.append(t)
-        slots = [t.outbox.begin() for t in live]
-        await self._copy(live, slots, source)
-        retry = []
-        for t, slot in zip(live, slots):
-            try:
-                t.outbox.publish(version, slot)
-            except TargetGone:
-                retry.append(t)  # it exited since we mapped it; a restarted one has a new segment
-        for t in retry:
-            try:
-                self._open(t, source)
-                slot = t.outbox.begin()
-                await self._copy([t], [slot], source)
-                t.outbox.publish(version, slot)
-            except TargetGone:
-                t.close()
-                failed[t.key] = "not running (it exited; restarting, or dead)"
-
-    async def _copy(self, targets: list[Target], slots: list[int], source) -> None:
-        if not targets:
-            return
-        if any(t.transport == "cuda_ipc" for t in targets):
-            from ..transports.base import import_cupy
-            cp = import_cupy()
-            with source.device:
-                if self._stream is None:
-                    self._stream = cp.cuda.Stream(non_blocking=True)
-                # Queued here, on the caller's thread: after whatever the user queued on the stream
-                # current here, back to back on one stream; then one wait.
-                self._stream.wait_event(cp.cuda.get_current_stream().record())
-                for t, slot in zip(targets, slots):
-                    if t.transport == "cuda_ipc":
-                        t.sender.copy(slot, self._stream, source)
-        if source.nbytes * len(targets) <= INLINE_BYTES:
-            self._finish(targets, slots, source)
-        else:
-            await asyncio.to_thread(self._finish, targets, slots, source)
-
-    def _finish(self, targets: list[Target], slots: list[int], source) -> None:
-        for t, slot in zip(targets, slots):
-            if t.transport == "shm":
-                t.sender.send(slot, source)
-        if self._stream is not None and any(t.transport == "cuda_ipc" for t in targets):
-            self._stream.synchronize()
-
-    async def _push_by_call(self, link: str, targets: list[Target], source, version: int, failed: dict) -> None:
-        calls = []
-        nccl = [t for t in targets if t.transport == "nccl"]
-        if nccl:
-            calls += [(t, t.handle._oob_receive.remote(link, {"transport": "nccl"}, version)) for t in nccl]
-            await asyncio.to_thread(self.groups[link].broadcast, source)
-        others = [t for t in targets if t.transport != "nccl"]
-
-        async def send(t: Target):
-            # cuda_ipc records its event here, on the stream current for the caller; object_store's
-            # ray.put copies, off the event loop.
-            return t.sender.send() if t.transport == "cuda_ipc" else await asyncio.to_thread(t.sender.send)
-        payloads = await asyncio.gather(*(send(t) for t in others))
-        calls += [(t, t.handle._oob_receive.remote(link, {"transport": t.transport, "payload": p}, version))
-                  for t, p in zip(others, payloads)]
-        results = await asyncio.gather(*(ref for _, ref in calls), return_exceptions=True)
-        for (t, _), result in zip(calls, results):
-            if isinstance(result, BaseException):
-                import ray
-                first = (str(result).splitlines() or [""])[0]
-                first = first if len(first) <= 120 else first[:117] + "..."
-                gone = isinstance(result, ray.exceptions.RayActorError)  # dead, or restarting
-                failed[t.key] = f"{'not running (' if gone else ''}{type(result).__name__}: {first}{')' if gone else ''}"
+        return await self.source.push(link)
 
     def stats(self) -> dict:
-        return {name: {"last_push": self.last.get(name), "transports": sorted({t.transport for t in self.targets.get(name, [])})}
-                for name, spec in self.links.items() if spec.role == "source"}
+        return self.source.stats()
 
     async def aclose(self) -> None:
         """close(), once a push in progress has finished (a few seconds at most)."""
-        try:
-            await asyncio.wait_for(self._lock.acquire(), 5)
-        except asyncio.TimeoutError:
-            pass
+        await self.source.wait_idle(5)
         self.close()
 
     def close(self) -> None:
-        for targets in self.targets.values():
-            for t in targets:
-                t.close()
-        self.targets.clear()
-        for receiver in self.receivers.values():
-            close = getattr(receiver, "close", None)
-            if close:
-                close()
-        self.receivers.clear()
+        self.source.close()
+        self.target.close()
+        self.groups.close()
         for owner in self.ctx._owners.values():
             owner.close()
         self.ctx._owners = {}

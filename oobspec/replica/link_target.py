@@ -1,0 +1,63 @@
+"""A link target's side inside a replica: what the source needs to reach it, and a push that
+comes by Ray call (object_store, nccl, cuda_ipc from another GPU), received into the idle slot
+and published in the target's own inbox."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import OobError
+
+
+class LinkTarget:
+    def __init__(self, book, groups):
+        self.book, self.groups = book, groups
+        self.receivers: dict[tuple[str, str], Any] = {}  # (link, transport) -> Receiver / nccl Group
+
+    async def receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
+        """This target's end of `link` over `transport`: what the source needs to reach it."""
+        buffer = self.book.role(link).target_buffer
+        alloc = self.book.owner(buffer)
+        if transport == "nccl":
+            self.receivers[(link, transport)] = await self.groups.join(link, setup["unique_id"], setup["world"],
+                                                                       setup["rank"])
+            return {}
+        receiver = self._receiver(link, transport)
+        described = receiver.descriptor() if receiver is not None else {}
+        return {**described, "segment": alloc.segment, "slots": alloc.slots, "stride": alloc.stride,
+                "shape": alloc.slot(0).shape, "dtype": alloc.slot(0).dtype.str}
+
+    def _receiver(self, link: str, transport: str):
+        key = (link, transport)
+        if key not in self.receivers and transport in ("object_store", "cuda_ipc"):
+            from ..transports import get_transport
+            array = self.book.owner(self.book.role(link).target_buffer).slot(0)
+            self.receivers[key] = get_transport(transport).Receiver(array)
+        return self.receivers.get(key)
+
+    async def receive(self, link: str, message: Any, version: int) -> None:
+        """A push that comes by Ray call: into the idle slot, then published in our own inbox."""
+        alloc = self.book.owner(self.book.role(link).target_buffer)
+        transport = message.get("transport") if isinstance(message, dict) else None
+        # Made here too: a target that Ray restarted receives again without a re-apply.
+        receiver = self._receiver(link, transport) if transport != "nccl" else self.receivers.get((link, transport))
+        if receiver is None:
+            raise OobError(f"link '{link}' is not set up on {self.book.cfg.name}"
+                           + (" (nccl is wired at apply: re-apply after a restart)" if transport == "nccl" else ""))
+        slot = alloc.idle
+        if transport == "nccl":
+            await asyncio.to_thread(receiver.broadcast, alloc.slot(slot))
+        else:
+            await asyncio.to_thread(receiver.receive, message["payload"], alloc.slot(slot))
+        alloc.inbox.publish(version, slot)
+
+    def version(self, link: str) -> int:
+        """The version this target holds of `link`."""
+        return self.book.owner(self.book.role(link).target_buffer).inbox.version
+
+    def close(self) -> None:
+        for (_link, transport), receiver in self.receivers.items():
+            close = getattr(receiver, "close", None)
+            if close and transport != "nccl":  # a group is closed with the others
+                close()
+        self.receivers.clear()
