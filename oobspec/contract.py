@@ -147,6 +147,43 @@ class ReplicaConfig:
         return next(s for s in self.servers if s.name == name)
 
 
+@dataclass(frozen=True)
+class Descriptor:
+    """A link target's receiving end: what its source needs to reach it. Apply hands it over
+    and records it in the cluster's KV, so a source that Ray restarts wires itself again."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy's dtype.str
+    segment: str | None = None  # its inbox (and, on cpu, its memory), by name
+    slots: int = 1
+    stride: int = 0  # bytes from one slot to the next
+    device_uuid: str | None = None  # cuda_ipc: the GPU its memory is on
+
+    def wire(self) -> dict:
+        """The dict the transports take (`name`: the shm segment)."""
+        return {"shape": self.shape, "dtype": self.dtype, "name": self.segment, "segment": self.segment,
+                "slots": self.slots, "stride": self.stride, "device_uuid": self.device_uuid}
+
+
+@dataclass(frozen=True)
+class WiredTarget:
+    """One target replica of a link as apply wired it (its Ray handle travels beside it)."""
+
+    key: str  # its replica name
+    transport: str
+    descriptor: Descriptor | None  # None: nccl (a communicator, no memory to map)
+
+    def record(self) -> dict:
+        return {"key": self.key, "transport": self.transport,
+                "descriptor": None if self.descriptor is None else {**self.descriptor.__dict__,
+                                                                     "shape": list(self.descriptor.shape)}}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "WiredTarget":
+        d = record["descriptor"]
+        return cls(record["key"], record["transport"], None if d is None else Descriptor(**{**d, "shape": tuple(d["shape"])}))
+
+
 # --- replica -> driver -----------------------------------------------------------------------
 
 

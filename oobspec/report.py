@@ -99,22 +99,22 @@ def endpoints_text(endpoints: dict[str, dict[str, list[str]]]) -> str:
 
 
 def status_text(status: dict) -> str:
-    health = "healthy" if status.get("healthy") else "NOT healthy"
+    health = "healthy" if status["healthy"] else "NOT healthy"
     out = [f"deployment {status['name']} (namespace {status['namespace']}): {health}", ""]
-    last = status.get("last_apply")
-    if last and not last.get("ok"):  # what the failed apply left, until an apply completes
+    last = status["last_apply"]
+    if last and not last["ok"]:  # what the failed apply left, until an apply completes
         out[-1:] = [f"last apply stopped at {last['step']}: {last['cause']}",
                     f"  new version: {', '.join(last['new']) or '-'}; previous version: {', '.join(last['old']) or '-'}",
                     ""]
-    rows = [[r["name"], r["state"], r.get("restarts", 0), r.get("pid") or "-", (r.get("node_id") or "-")[:12],
-             " ".join(r.get("endpoints", {}).values()) or "-"] for r in status["replicas"]]
+    rows = [[r["name"], r["state"], r["restarts"], r["pid"] or "-", (r["node_id"] or "-")[:12],
+             " ".join(r["endpoints"].values()) or "-"] for r in status["replicas"]]
     out.append(table(["ACTOR", "STATE", "RESTARTS", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")
-    if status.get("links"):
+    if status["links"]:
         out.append("")
         rows = []
         for link in status["links"]:
-            last = link.get("last_push")
-            rows.append([link["name"], link["from"], ", ".join(link["to"]), link.get("transport", "-"),
+            last = link["last_push"]
+            rows.append([link["name"], link["from"], ", ".join(link["to"]), link["transport"],
                          last["version"] if last else "-", size(last["bytes"]) if last else "-",
                          f"{last['gbps']:.2f}" if last else "-"])
         out.append(table(["LINK", "FROM", "TO", "TRANSPORT", "VERSION", "BYTES", "GB/S"], rows))

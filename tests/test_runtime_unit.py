@@ -34,7 +34,8 @@ from conftest import self_signed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import oobspec
-from oobspec.contract import LinkRole, Ref, ReplicaConfig, ReplicaInfo, host_port, segment_name, split_name
+from oobspec.contract import (Descriptor, LinkRole, Ref, ReplicaConfig, ReplicaInfo, WiredTarget, host_port, segment_name,
+                              split_name)
 from oobspec.errors import ClusterError, OobError
 from oobspec.imports import import_object
 from oobspec.models import Auth, Buffer, GrpcServer, HttpServer
@@ -932,8 +933,8 @@ def test_links_connect_keeps_unchanged_targets_and_closes_the_rest(deployment):
                                            source_buffer="data")})
 
     def connect(*targets):
-        asyncio.run(links.connect("sync", [{"key": k, "handle": h, "transport": "shm", "descriptor": {
-            "segment": owners[i].segment, "slots": 1, "shape": (4,), "dtype": "<f4"}} for k, i, h in targets]))
+        asyncio.run(links.connect("sync", [(WiredTarget(k, "shm", Descriptor((4,), "<f4", owners[i].segment)), h)
+                                           for k, i, h in targets]))
         return {t.key: t for t in links.targets["sync"]}
 
     first = connect(("dst-0", 0, "h1"), ("dst-1", 1, "h1"))
@@ -992,10 +993,10 @@ def test_push_copies_the_source_into_every_target_replica(load_spec, deployment,
             await ctx.push("sync")
         descriptors = [await s._oob_link_receiver("sync", "shm") for s in sinks]
         assert descriptors[0] == await sinks[0]._oob_link_receiver("sync", "shm")  # one receiver per link
-        assert descriptors[0]["segment"] != descriptors[1]["segment"]
-        assert all(in_shm(d["segment"]) for d in descriptors)
-        await source._oob_link_sender("sync", [{"key": f"dst-{i}", "handle": LocalHandle(s), "transport": "shm",
-                                                "descriptor": d} for i, (s, d) in enumerate(zip(sinks, descriptors))])
+        assert descriptors[0].segment != descriptors[1].segment
+        assert all(in_shm(d.segment) for d in descriptors)
+        await source._oob_link_sender("sync", [(WiredTarget(f"dst-{i}", "shm", d), LocalHandle(s))
+                                               for i, (s, d) in enumerate(zip(sinks, descriptors))])
         data, results = ctx.buffers["data"], []
         for seed, push in ((1, ctx.push), (2, source._oob_push)):  # from the user's code, and as `oob sync` does
             data[...] = np.random.default_rng(seed).random(data.shape)
@@ -1020,7 +1021,7 @@ def test_push_copies_the_source_into_every_target_replica(load_spec, deployment,
         for replica in sinks + [source]:
             await replica._oob_stop()
         assert [x.ctx._owners for x in links] == [{}, {}, {}]
-        assert not [d["segment"] for d in descriptors if in_shm(d["segment"])]
+        assert not [d.segment for d in descriptors if in_shm(d.segment)]
     asyncio.run(go())
 
 
@@ -1379,10 +1380,11 @@ def test_status_and_endpoints_text():
     status = {"name": "demo", "namespace": "oob-demo", "healthy": False, "replicas": [
         {"name": "web-0", "state": "alive", "restarts": 2, "pid": 42, "node_id": "abcdef0123456789",
          "endpoints": {"http": "http://127.0.0.1:8080", "rpc": "127.0.0.1:9"}},
-        {"name": "web-1", "state": "missing"}],
+        {"name": "web-1", "state": "missing", "restarts": 0, "pid": None, "node_id": None, "endpoints": {}}],
         "links": [{"name": "w", "from": "db.buf", "to": ["web.buf"], "transport": "shm",
                    "last_push": {"version": 3, "bytes": 4096, "gbps": 1.234}},
-                  {"name": "v", "from": "a.b", "to": ["c.d", "e.f"]}]}
+                  {"name": "v", "from": "a.b", "to": ["c.d", "e.f"], "transport": "-", "last_push": None}],
+        "last_apply": None}
     assert status_text(status).splitlines() == [
         "deployment demo (namespace oob-demo): NOT healthy", "",
         "ACTOR  STATE    RESTARTS  PID  NODE          ENDPOINTS",
@@ -1391,7 +1393,7 @@ def test_status_and_endpoints_text():
         "LINK  FROM    TO        TRANSPORT  VERSION  BYTES    GB/S",
         "w     db.buf  web.buf   shm        3        4.0 KiB  1.23",
         "v     a.b     c.d, e.f  -          -        -        -"]
-    empty = {"name": "x", "namespace": "oob-x", "healthy": True, "replicas": []}
+    empty = {"name": "x", "namespace": "oob-x", "healthy": True, "replicas": [], "links": [], "last_apply": None}
     assert status_text(empty) == "deployment x (namespace oob-x): healthy\n\n(no actors)"
     endpoints = {"web": {"http": ["http://127.0.0.1:8080", "http://127.0.0.1:8081"]}, "db": {"main": []}}
     assert endpoints_text(endpoints) == (

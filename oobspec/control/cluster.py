@@ -38,9 +38,9 @@ def register_embedded(name: str, address: str) -> Path:
 def unregister_embedded(path: Path) -> None:
     """Remove this process's own entry (never another apply's that took the name since)."""
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+        if json.loads(path.read_text())["pid"] == os.getpid():
             path.unlink()
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
 
 

@@ -45,8 +45,7 @@ class Revision:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Revision":
-        return cls(data["spec"], data["base_dir"], dict(data["code"]), dict(data.get("classes", {})),
-                   float(data.get("time", 0.0)))
+        return cls(data["spec"], data["base_dir"], dict(data["code"]), dict(data["classes"]), float(data["time"]))
 
     def spec_model(self) -> Spec:
         return Spec.model_validate(self.spec)

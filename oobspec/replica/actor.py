@@ -180,7 +180,7 @@ class OobMixin:
         sys.stderr.flush()
         return [read_from(path, offset) for path, offset in zip(await self._oob_log_files(), offsets)]
 
-    async def _oob_link_receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
+    async def _oob_link_receiver(self, link: str, transport: str, setup: dict | None = None):
         return await self._oob_context._links.receiver(link, transport, setup)
 
     async def _oob_link_sender(self, link: str, targets: list) -> None:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..contract import Descriptor, WiredTarget
 from ..errors import OobError
 from .metrics import off
 
@@ -25,7 +26,7 @@ class Target:
     key: str  # its replica name
     handle: Any  # its Ray actor handle
     transport: str
-    descriptor: dict | None
+    descriptor: Descriptor | None
     direct: bool = False  # on this node: written by the source, no Ray call
     sender: Any = None  # direct: shm.Sender / cuda_ipc.Writer; else the transport's Sender (None for nccl)
     outbox: Any = None  # direct: its control block and doorbell
@@ -47,8 +48,8 @@ class LinkSource:
         self._lock = asyncio.Lock()
         self.metrics = off()  # the replica's, once it has them
 
-    async def connect(self, link: str, targets: list[dict]) -> None:
-        """targets: [{key, handle, transport, descriptor}], called by apply; idempotent."""
+    async def connect(self, link: str, targets: list[tuple[WiredTarget, Any]]) -> None:
+        """Each target as apply wired it, with its Ray handle; idempotent."""
         async with self._lock:  # never while a push of this replica copies
             self._connect(link, targets)
         await self._resume(link)
@@ -67,13 +68,13 @@ class LinkSource:
             found += [v for v in got if isinstance(v, int)]
         self.version[link] = max(found, default=0)
 
-    def _connect(self, link: str, targets: list[dict]) -> None:
+    def _connect(self, link: str, targets: list[tuple[WiredTarget, Any]]) -> None:
         spec = self.book.role(link)
         source = self.book.owner(spec.source_buffer).array
         old = {t.key: t for t in self.targets.get(link, [])}
         fresh = []
-        for given in targets:
-            target = Target(given["key"], given["handle"], given["transport"], given["descriptor"])
+        for given, handle in targets:
+            target = Target(given.key, handle, given.transport, given.descriptor)
             kept = old.pop(target.key, None)
             if kept and (kept.transport, kept.descriptor) == (target.transport, target.descriptor) \
                     and target.transport != "nccl":
@@ -83,12 +84,12 @@ class LinkSource:
             if kept:
                 kept.close()
             if target.transport == "shm" or (target.transport == "cuda_ipc"
-                                             and target.descriptor.get("device_uuid") == self.book.gpu_uuid()):
+                                             and target.descriptor.device_uuid == self.book.gpu_uuid()):
                 target.direct = True
                 self._open(target, source)
             elif target.transport != "nccl":
                 from ..transports import get_transport
-                target.sender = get_transport(target.transport).Sender(source, target.descriptor)
+                target.sender = get_transport(target.transport).Sender(source, target.descriptor.wire())
             fresh.append(target)
         for gone in old.values():
             gone.close()
@@ -101,15 +102,15 @@ class LinkSource:
         from ..transports.inbox import Outbox
         target.close()
         d = target.descriptor
-        outbox = Outbox(d["segment"])
+        outbox = Outbox(d.segment)
         try:
             if target.transport == "shm":
-                target.sender = get_transport("shm").Sender(source, {**d, "name": d["segment"]})
+                target.sender = get_transport("shm").Sender(source, d.wire())
             elif outbox.pid == os.getpid():  # a link between two buffers of this replica
-                local = self.book.owner(self._local_target(d["segment"]))
-                target.sender = get_transport("cuda_ipc").Writer(source, d, base=local.slot(0).data.ptr)
+                local = self.book.owner(self._local_target(d.segment))
+                target.sender = get_transport("cuda_ipc").Writer(source, d.wire(), base=local.slot(0).data.ptr)
             else:
-                target.sender = get_transport("cuda_ipc").Writer(source, d, outbox.handle)
+                target.sender = get_transport("cuda_ipc").Writer(source, d.wire(), outbox.handle)
         except BaseException:
             outbox.close()
             raise
@@ -123,17 +124,17 @@ class LinkSource:
 
             from .. import ray_private
             raw = await asyncio.to_thread(ray_private.kv_get, f"{self.book.cfg.namespace}/links/{link}")
-            recorded = json.loads(raw) if raw else None
-            if not recorded or any(t["transport"] == "nccl" for t in recorded):
+            recorded = [WiredTarget.from_record(t) for t in json.loads(raw)] if raw else []
+            if not recorded or any(t.transport == "nccl" for t in recorded):
                 return False
             handles = await asyncio.to_thread(
-                lambda: [ray.get_actor(t["key"], namespace=self.book.cfg.namespace) for t in recorded])
+                lambda: [ray.get_actor(t.key, namespace=self.book.cfg.namespace) for t in recorded])
         except Exception as exc:  # not on Ray, or a target is gone: the caller says how to fix it
             log.debug("cannot re-wire link %s: %s", link, exc)
             return False
         async with self._lock:
             if link not in self.targets:
-                self._connect(link, [dict(t, handle=h) for t, h in zip(recorded, handles)])
+                self._connect(link, list(zip(recorded, handles)))
         await self._resume(link)
         log.info("link %s: wired again from apply's record (this replica was restarted)", link)
         return True

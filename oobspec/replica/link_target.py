@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ..contract import Descriptor
 from ..errors import OobError
 
 
@@ -14,18 +15,17 @@ class LinkTarget:
         self.book, self.groups = book, groups
         self.receivers: dict[tuple[str, str], Any] = {}  # (link, transport) -> Receiver / nccl Group
 
-    async def receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
+    async def receiver(self, link: str, transport: str, setup: dict | None = None) -> Descriptor | None:
         """This target's end of `link` over `transport`: what the source needs to reach it."""
-        buffer = self.book.role(link).target_buffer
-        alloc = self.book.owner(buffer)
+        alloc = self.book.owner(self.book.role(link).target_buffer)
         if transport == "nccl":
             self.receivers[(link, transport)] = await self.groups.join(link, setup["unique_id"], setup["world"],
                                                                        setup["rank"])
-            return {}
+            return None
         receiver = self._receiver(link, transport)
-        described = receiver.descriptor() if receiver is not None else {}
-        return {**described, "segment": alloc.segment, "slots": alloc.slots, "stride": alloc.stride,
-                "shape": alloc.slot(0).shape, "dtype": alloc.slot(0).dtype.str}
+        first = alloc.slot(0)
+        return Descriptor(tuple(first.shape), first.dtype.str, alloc.segment, alloc.slots, alloc.stride,
+                          receiver.descriptor()["device_uuid"] if transport == "cuda_ipc" else None)
 
     def _receiver(self, link: str, transport: str):
         key = (link, transport)
@@ -38,7 +38,7 @@ class LinkTarget:
     async def receive(self, link: str, message: Any, version: int) -> None:
         """A push that comes by Ray call: into the idle slot, then published in our own inbox."""
         alloc = self.book.owner(self.book.role(link).target_buffer)
-        transport = message.get("transport") if isinstance(message, dict) else None
+        transport = message["transport"]
         # Made here too: a target that Ray restarted receives again without a re-apply.
         receiver = self._receiver(link, transport) if transport != "nccl" else self.receivers.get((link, transport))
         if receiver is None:

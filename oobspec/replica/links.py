@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..contract import LinkRole, ReplicaConfig
+from ..contract import Descriptor, LinkRole, ReplicaConfig, WiredTarget
 from ..errors import OobError
 from .link_source import LinkSource
 from .link_target import LinkTarget
@@ -99,7 +99,7 @@ class Links:
     def gpu_uuid(self) -> str | None:
         return self.book.gpu_uuid()
 
-    async def receiver(self, link: str, transport: str, setup: dict | None = None) -> dict:
+    async def receiver(self, link: str, transport: str, setup: dict | None = None) -> Descriptor | None:
         return await self.target.receiver(link, transport, setup)
 
     async def receive(self, link: str, message: Any, version: int) -> None:
@@ -108,7 +108,7 @@ class Links:
     def target_version(self, link: str) -> int:
         return self.target.version(link)
 
-    async def connect(self, link: str, targets: list[dict]) -> None:
+    async def connect(self, link: str, targets: list[tuple[WiredTarget, Any]]) -> None:
         await self.source.connect(link, targets)
 
     async def nccl_root(self, link: str, unique_id, world: int) -> None:
