@@ -36,7 +36,7 @@ def main() -> None:
         plain = np.zeros(shape, np.float32)  # pre-faulted like the shm target
 
         target = shm.allocate_shared(prefix + "target", shape, np.float32)
-        tx = shm.Sender(src, {"name": target.name, "shape": shape, "dtype": "<f4"})
+        tx = shm.Sender(src, {"name": target.name, "shape": shape, "dtype": "<f4", "slots": 1, "stride": 0})
 
         ob_rx = object_store.Receiver(np.zeros(shape, np.float32))
         ob_tx = object_store.Sender(src, ob_rx.descriptor())

@@ -332,6 +332,11 @@ class Spec(Strict):
     def namespace(self) -> str:
         return namespace_of(self.name)
 
+    def record(self) -> dict:
+        """The spec as the cluster keeps it: what the user set (defaults are not written, so a
+        field that may not be set beside another validates again), as JSON."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
 
 def namespace_of(deployment: str) -> str:
     """The Ray namespace of a deployment (the contract re-exports it with the other names)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -274,3 +275,15 @@ def test_a_new_actor_that_fails_is_removed_and_nothing_else_is_touched():
     fake, error, _ = apply(old, new, {("ready", "extra-0"): 1})
     assert error is not None and "extra-0" in error
     assert_promise(fake, old, new)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml")
+                                        if p.name != "web.values.yaml"))
+def test_every_example_spec_validates_again_from_what_the_cluster_keeps(path):
+    """The stored spec and a revision's spec are `Spec.record()`: read back, the same actors with the
+    same config hashes (a layout buffer's defaulted dtype must not come back as set)."""
+    import oobspec
+    folder = Path(__file__).resolve().parent.parent / "specs"
+    spec = oobspec.load(folder / path, value_files=[folder / "web.values.yaml"] if path == "web.yaml" else ())
+    again = Revision.of(spec, folder, {}, {}).spec_model()
+    assert {a: config_hash(again, a) for a in again.actors} == {a: config_hash(spec, a) for a in spec.actors}

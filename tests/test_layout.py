@@ -97,3 +97,22 @@ def test_test_modules_share_helpers_through_conftest_only():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_"):
                 raise AssertionError(f"{path.name} imports {node.module}: shared helpers live in conftest.py")
+
+
+# Where `.get("…")` may read a dict: data that is not oobspec's own (oobspec's own data is typed).
+THIRD_PARTY_DICTS = {
+    "render.py": "the user's raw YAML, before validation",
+    "models.py": "the user's raw input before validation; the generated JSON Schema",
+    "checks.py": "the user's raw input; pydantic's error dicts",
+    "transports/cuda_ipc.py": "cupy's device properties",
+    "control/apply.py": "ray.nodes()",
+    "control/replicas.py": "the user's runtime_env",
+    "replica/servers.py": "request headers",
+    "replica/grpc_server.py": "gRPC invocation metadata",
+}
+
+
+def test_no_dict_get_on_oobspecs_own_data():
+    found = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if any('.get("' in line and "environ" not in line for line in p.read_text().splitlines())}
+    assert found <= set(THIRD_PARTY_DICTS), sorted(found - set(THIRD_PARTY_DICTS))

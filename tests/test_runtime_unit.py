@@ -1042,7 +1042,7 @@ def test_shm_copy_is_exact_between_two_mappings(deployment):
     target = shm.allocate_shared(f"oob-{deployment}-t", (3, 5), "float64")
     source = np.random.default_rng(7).standard_normal((3, 5))
     source[0, 0], source[0, 1] = np.nan, -0.0
-    sender = shm.Sender(source, {"name": target.name, "shape": (3, 5), "dtype": "<f8"})
+    sender = shm.Sender(source, {"name": target.name, "shape": (3, 5), "dtype": "<f8", "slots": 1, "stride": 0})
     assert sender.send() is None
     assert target.array.tobytes() == source.tobytes()  # bit for bit, NaN and -0.0 included
     source += 1  # the target only changes on the next send
@@ -1058,7 +1058,7 @@ def test_shm_copy_is_exact_between_two_mappings(deployment):
 
 def test_shm_refuses_mismatches_and_bad_names(deployment):
     target = shm.allocate_shared(f"oob-{deployment}-t", (4,), "int32")
-    descriptor = {"name": target.name, "shape": (4,), "dtype": "<i4"}
+    descriptor = {"name": target.name, "shape": (4,), "dtype": "<i4", "slots": 1, "stride": 0}
     with pytest.raises(TransportError, match=r"source buffer is float32\[4\] but the target buffer is int32\[4\]"):
         shm.Sender(np.zeros(4, np.float32), descriptor)
     with pytest.raises(TransportError, match="source must be a numpy array, got SimpleNamespace"):

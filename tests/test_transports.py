@@ -184,7 +184,7 @@ def test_wait_times_out_and_wakes_every_waiter(prefix):
 
 def test_shm_mismatch_raises(prefix):
     buf = shm.allocate_shared(prefix + "m", (4, 4), "f4")
-    descriptor = {"name": buf.name, "shape": (4, 4), "dtype": "<f4"}
+    descriptor = {"name": buf.name, "shape": (4, 4), "dtype": "<f4", "slots": 1, "stride": 0}
     try:
         with pytest.raises(TransportError, match=r"float64\[4, 4\] but the target buffer is float32\[4, 4\]"):
             shm.Sender(np.zeros((4, 4)), descriptor)

@@ -68,7 +68,7 @@ class Applier:
                 executor.interrupted()
             raise
         ray_cluster.set_current(revision)
-        cluster.put_meta(self.spec.namespace, "spec", self.spec.model_dump(mode="json", by_alias=True))
+        cluster.put_meta(self.spec.namespace, "spec", self.spec.record())
         cluster.put_meta(self.spec.namespace, "last-apply", {"ok": True, "revision": revision.digest,
                                                              "time": time.time()})
         return self.builder.endpoints

@@ -23,7 +23,7 @@ KEEP = 10
 
 @dataclass
 class Revision:
-    spec: dict  # the rendered spec, as `model_dump(mode="json", by_alias=True)` writes it
+    spec: dict  # the rendered spec, as `Spec.record()` writes it
     base_dir: str
     code: dict[str, str]  # actor -> digest of its class's source
     classes: dict[str, str] = field(default_factory=dict)  # actor -> its class, cloudpickled, base64
@@ -31,7 +31,7 @@ class Revision:
 
     @classmethod
     def of(cls, spec: Spec, base_dir: Path, code: dict[str, str], classes: dict[str, bytes]) -> "Revision":
-        return cls(spec.model_dump(mode="json", by_alias=True), str(base_dir), dict(code),
+        return cls(spec.record(), str(base_dir), dict(code),
                    {a: base64.b64encode(b).decode() for a, b in classes.items()}, time.time())
 
     @property

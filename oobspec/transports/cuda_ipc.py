@@ -85,8 +85,7 @@ class Writer:
             with array.device:
                 base = rt.ipcOpenMemHandle(handle)
         self._base = base
-        stride = descriptor.get("stride", self._nbytes)
-        self._slots = [base + i * stride for i in range(descriptor.get("slots", 1))]
+        self._slots = [base + i * descriptor["stride"] for i in range(descriptor["slots"])]
 
     def copy(self, slot: int, stream, source=None) -> None:
         """Queue the copy of `source` (default: the array given at start) into `slot` on `stream`."""

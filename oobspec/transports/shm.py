@@ -121,8 +121,7 @@ class Sender:
     (a target with `buffering: double` has two, one after the other)."""
 
     def __init__(self, array, descriptor: dict):
-        name, slots = descriptor["name"], descriptor.get("slots", 1)
-        stride = descriptor.get("stride", 0)
+        name, slots, stride = descriptor["name"], descriptor["slots"], descriptor["stride"]
         check_match(array, descriptor["shape"], descriptor["dtype"], f"shm segment {name}")
         if not isinstance(array, np.ndarray):
             raise TransportError(f"shm segment {name}: source must be a numpy array, got {type(array).__name__}")
