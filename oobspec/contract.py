@@ -184,6 +184,23 @@ class WiredTarget:
         return cls(record["key"], record["transport"], None if d is None else Descriptor(**{**d, "shape": tuple(d["shape"])}))
 
 
+@dataclass(frozen=True)
+class PushResult:
+    """One push of a link, as its source did it (`ctx.push` and `oob sync` hand it out as a dict)."""
+
+    version: int
+    bytes: int  # copied in all, over every target reached
+    seconds: float
+    gbps: float
+    targets: int  # reached
+    direct: int  # written by the source itself, no Ray call
+    transport: str  # "/"-joined, every transport of the link's targets
+    at: float  # time.time() when it finished
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 # --- replica -> driver -----------------------------------------------------------------------
 
 

@@ -199,7 +199,7 @@ def test_shm_mismatch_raises(prefix):
 def test_shm_in_process_non_contiguous_source(prefix):
     buf = shm.allocate_shared(prefix + "nc", (64, 32), "i4")
     src = np.arange(64 * 32, dtype="i4").reshape(32, 64).T  # Fortran-ordered view
-    tx = shm.Sender(src, {"name": buf.name, "shape": (64, 32), "dtype": "<i4"})
+    tx = shm.Sender(src, {"name": buf.name, "shape": (64, 32), "dtype": "<i4", "slots": 1, "stride": 0})
     assert tx.send() is None
     np.testing.assert_array_equal(buf.array, src)
     tx.close()
@@ -218,7 +218,7 @@ def test_shm_close_unlinks_and_names_are_checked(prefix):
     with pytest.raises(TransportError, match="must start with 'oob-'"):
         shm.allocate_shared("not-oob", (1,), "u1")
     with pytest.raises(TransportError, match="does not exist"):
-        shm.Sender(np.zeros(1), {"name": prefix + "missing", "shape": (1,), "dtype": "<f8"})
+        shm.Sender(np.zeros(1), {"name": prefix + "missing", "shape": (1,), "dtype": "<f8", "slots": 1, "stride": 0})
 
 
 def test_shm_cleanup_after_killed_process(prefix):

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..contract import Descriptor, WiredTarget
+from ..contract import Descriptor, PushResult, WiredTarget
 from ..errors import OobError
 from .metrics import off
 
@@ -43,7 +43,7 @@ class LinkSource:
         self.book, self.groups = book, groups
         self.targets: dict[str, list[Target]] = {}  # link -> its targets
         self.version: dict[str, int] = {}
-        self.last: dict[str, dict] = {}
+        self.last: dict[str, PushResult] = {}
         self._stream = None  # cupy stream of the direct GPU copies
         self._lock = asyncio.Lock()
         self.metrics = off()  # the replica's, once it has them
@@ -166,14 +166,13 @@ class LinkSource:
             reached = len(targets) - len(failed)
             nbytes = int(source.nbytes) * reached
             self.metrics.push(link, seconds, nbytes)
-            self.last[link] = {"version": version, "bytes": nbytes, "seconds": seconds,
-                               "gbps": nbytes / seconds / 1e9 if seconds else 0.0, "targets": reached, "direct": len(direct),
-                               "transport": "/".join(sorted({t.transport for t in targets})), "at": time.time()}
+            self.last[link] = PushResult(version, nbytes, seconds, nbytes / seconds / 1e9 if seconds else 0.0, reached,
+                                         len(direct), "/".join(sorted({t.transport for t in targets})), time.time())
             if failed:
                 why = "; ".join(f"{key}: {reason}" for key, reason in failed.items())
                 raise OobError(f"link '{link}': version {version} reached {reached} of {len(targets)} targets; "
                                f"{why}")
-            return self.last[link]
+            return self.last[link].to_dict()
 
     async def _push_direct(self, targets: list[Target], source, version: int, failed: dict) -> None:
         from ..transports.inbox import TargetGone
@@ -256,7 +255,7 @@ class LinkSource:
                 failed[t.key] = f"{'not running (' if gone else ''}{type(result).__name__}: {first}{')' if gone else ''}"
 
     def stats(self) -> dict:
-        return {name: {"last_push": self.last.get(name), "transports": sorted({t.transport for t in self.targets.get(name, [])})}
+        return {name: {"last_push": self.last[name].to_dict() if name in self.last else None, "transports": sorted({t.transport for t in self.targets.get(name, [])})}
                 for name, spec in self.book.links.items() if spec.role == "source"}
 
     async def wait_idle(self, seconds: float) -> None:
