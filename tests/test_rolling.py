@@ -287,6 +287,7 @@ def test_a_rollout_whose_second_replica_fails_keeps_every_replica_serving(deploy
                      "--atomic", "--address", ray_head)
     assert atomic.returncode == 1
     assert "--atomic: rolled back, every actor runs revision" in atomic.stderr, atomic.stderr
+    assert "continue from here" not in atomic.stderr.splitlines()[-1]  # nothing is left half-way
     assert_served_throughout(ray_head, "midway", seen)
     assert texts(http) == ["v2", "v2"]
 

@@ -61,7 +61,9 @@ class Applier:
             if executor.outcome:
                 cluster.put_meta(self.spec.namespace, "last-apply", executor.outcome.record())
             if atomic:
-                self._roll_back(previous, bool(executor.before), exc, timeout)
+                where = executor.outcome
+                stopped = f"apply stopped at {where.step}: {where.cause}" if where else first_line(str(exc))
+                self._roll_back(previous, bool(executor.before), stopped, exc.log_tail, timeout)
             raise
         except BaseException:
             with handling_signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the clean-up short
@@ -79,17 +81,16 @@ class Applier:
                 self.builder.actor_class(name)  # imports it (an error now, before anything stops)
         return Revision.of(self.spec, self.builder.base_dir, self.builder.code, self.builder.pickles)
 
-    def _roll_back(self, previous: Revision | None, ran_before: bool, failure: ApplyError, timeout: float) -> None:
+    def _roll_back(self, previous: Revision | None, ran_before: bool, first: str, log_tail: str, timeout: float) -> None:
         """--atomic: every actor back at the revision that ran before, through the same rolling
-        path (or, when nothing ran before, nothing left)."""
-        first = first_line(str(failure))
+        path (or, when nothing ran before, nothing left). `first`: where and why the apply stopped."""
         if not ran_before:
             self.progress("--atomic: nothing ran before this apply; removing what it started")
             cluster.delete_all(self.spec.name)
-            raise ApplyError(f"{first}; --atomic: removed what this apply started", failure.log_tail) from None
+            raise ApplyError(f"{first}; --atomic: removed what this apply started", log_tail) from None
         if previous is None:
             raise ApplyError(f"{first}; --atomic: no earlier revision is recorded, so nothing was rolled back",
-                             failure.log_tail) from None
+                             log_tail) from None
         self.progress(f"--atomic: returning every actor to revision {previous.digest}")
         builder = previous.builder(self.progress)
         plan, observed, _ = plan_on_cluster(builder.spec, builder.base_dir, code=previous.code)
@@ -101,10 +102,10 @@ class Applier:
         try:
             executor.execute(plan)
         except ApplyError as exc:
-            raise ApplyError(f"{first}; --atomic: the roll-back failed too: {exc}", failure.log_tail) from None
+            raise ApplyError(f"{first}; --atomic: the roll-back failed too: {exc}", log_tail) from None
         RayCluster(self.spec.namespace, timeout).set_current(previous)
         raise ApplyError(f"{first}; --atomic: rolled back, every actor runs revision {previous.digest} again",
-                         failure.log_tail) from None
+                         log_tail) from None
 
 
 def running(observed: Observed) -> dict[tuple[str, int], ReplicaInfo]:
