@@ -92,6 +92,8 @@ class FakeCluster:
 
     def wait_ready(self, names, deadline):
         for name in names:
+            if self.faults.get(("interrupt", name)):  # Ctrl-C while waiting for this one
+                raise KeyboardInterrupt
             self._fault("ready", name)
             if name in self.doomed:
                 raise StartFailed(name, f"{name} failed to start: {self.doomed[name]}")
@@ -287,3 +289,25 @@ def test_every_example_spec_validates_again_from_what_the_cluster_keeps(path):
     spec = oobspec.load(folder / path, value_files=[folder / "web.values.yaml"] if path == "web.yaml" else ())
     again = Revision.of(spec, folder, {}, {}).spec_model()
     assert {a: config_hash(again, a) for a in again.actors} == {a: config_hash(spec, a) for a in spec.actors}
+
+
+def test_ctrl_c_mid_roll_removes_what_the_apply_started_and_keeps_what_replaced_a_running_replica():
+    """Interrupted while the second replica's stand-in starts: the new actor's replica goes, web-0
+    (already replaced) keeps the new version, web-1 keeps serving; no stand-in, no dark port."""
+    old = spec_of()
+    new = load_text(SPEC.format(greeting="v2", batch="b1", port=18080) + "  extra:\n    class: apps:Chatty\n")
+    fake = FakeCluster([Revision.of(old, "/tmp", {}, {})])
+    fake.seed(Builder(old, lambda _m: None))
+    fake.faults = {("interrupt", "_oob-surge-web-1"): 1}
+    fake.history.clear()
+    fake._snapshot()
+    observed = fake.observed()
+    executor = Executor(new, Builder(new, lambda _m: None), fake, lambda _m: None, detached=True, timeout=10)
+    executor.observed({(r.actor, r.replica): fake.running[replica_name(r.actor, r.replica)] for r in observed.replicas})
+    with pytest.raises(KeyboardInterrupt):
+        executor.execute(make_plan(new, observed))
+    removed = executor.interrupted()
+    assert removed == ["_oob-surge-web-1", "extra-0"]
+    assert_promise(fake, old, new)
+    assert version(fake, new, "web-0") == "new" and version(fake, new, "web-1") == "old"
+

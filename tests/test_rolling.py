@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, oob, user_env, write_in
+from conftest import OOB, alive_pids, free_port, oob, status_of, user_env, write_in
 from oobspec.replica.ports import port_free
-from conftest import alive_pids, status_of
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
 
@@ -319,3 +318,37 @@ def test_a_port_move_rolls_and_serves_the_old_port_until_the_new_one_does(deploy
     assert texts(moved) == ["v1", "v1"] and port_free(http) and port_free(http + 1)
     again = oob("apply", parts(project, "moving", moved), "--address", ray_head)
     assert again.returncode == 0 and "replace" not in again.stderr, again.stderr
+
+
+def test_ctrl_c_of_an_apply_on_a_cluster_removes_what_it_started_and_leaves_what_ran(deployed, ray_head, project,
+                                                                                   tmp_path):
+    """`oob apply --address` interrupted while a new actor is still in __init__: exit 130, the new
+    replica is gone, the running ones were never touched and kept answering."""
+    import signal
+    http, _ = ports()
+    spec = parts(project, "cut", http)
+    deployed(spec, ray_head)
+    before = alive_pids(ray_head, "cut")
+    grown = write_in(project, spec.read_text() + "  slow:\n    class: apps:Slow\n    kwargs: {seconds: 120}\n",
+                     "grown.yaml")
+    with http_loop(tmp_path, [[http], [http + 1]]) as seen:
+        proc = subprocess.Popen([OOB, "apply", str(grown), "--address", ray_head], stderr=subprocess.PIPE, text=True,
+                                cwd="/", env=user_env())
+        try:
+            lines = []
+            while not any("start slow[0]" in line for line in lines):
+                line = proc.stderr.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+            time.sleep(3)  # slow-0 is inside its __init__ by now
+            proc.send_signal(signal.SIGINT)
+            err = "".join(lines) + proc.communicate(timeout=30)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err
+    assert "removed what this apply started: slow-0" in err and "Traceback" not in err, err
+    assert_served_throughout(ray_head, "cut", seen)
+    assert alive_pids(ray_head, "cut") == before
+    assert "slow-0" not in [r["name"] for r in status_of(ray_head, "cut")["replicas"]]  # dead, not pending
+

@@ -67,7 +67,9 @@ class Applier:
             raise
         except BaseException:
             with handling_signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the clean-up short
-                executor.interrupted()
+                removed = executor.interrupted()
+            if removed:
+                self.progress(f"removed what this apply started: {', '.join(removed)}")
             raise
         ray_cluster.set_current(revision)
         cluster.put_meta(self.spec.namespace, "spec", self.spec.record())

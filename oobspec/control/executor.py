@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-from ..contract import ReplicaConfig, ReplicaInfo, replica_name, split_name, surge_name
+from ..contract import SURGE_PREFIX, ReplicaConfig, ReplicaInfo, replica_name, split_name, surge_name
 from ..errors import ApplyError, first_line
 from ..models import Spec
 from ..plan import ActionKind, Plan, Step, StepKind, config_hash
@@ -146,7 +146,9 @@ class Executor(Steps):
         self.kept: set[tuple[str, int]] = set()  # the plan keeps these: told counts and peers in place
         self.pending: set[str] = set()  # started, not ready yet: removed on failure or interrupt
         self.beside: dict[tuple[str, int], str] = {}  # ready stand-ins beside a running replica
-        self.serving: dict[tuple[str, int], str] = {}  # stand-ins holding a stopped replica's ports
+        # stand-ins holding a stopped replica's ports: their name and what they hold
+        self.serving: dict[tuple[str, int], tuple[str, ReplicaInfo | None]] = {}
+        self._revisions: list[Revision] | None = None
         self.outcome: Outcome | None = None
         self._step = ""
 
@@ -169,14 +171,21 @@ class Executor(Steps):
         self.outcome = self._settle(failure)
         raise ApplyError(self.outcome.message(), failure.log_tail)
 
-    def interrupted(self) -> None:
-        """Ctrl-C: what has not become ready goes; stand-ins beside a running replica give its
-        connections back and go; a stand-in serving a stopped replica's ports stays (the next
-        apply hands them over)."""
-        self.cluster.stop(sorted(self.pending), drain=0.0)
+    def interrupted(self) -> list[str]:
+        """Ctrl-C: what this apply started goes (what has not become ready, and replicas that
+        ran nowhere before: new actors, added replicas); stand-ins beside a running replica give
+        its connections back and go. Replicas that already took a running one's place stay, and
+        so does a stand-in serving a stopped replica's ports (the next apply hands them over).
+        Returns the names removed."""
+        created = [replica_name(*key) for key in sorted(self.info) if key not in self.before]
+        removed = sorted(self.pending) + created
+        self.cluster.stop(removed, drain=0.0)
         self.pending.clear()
+        for key in created:
+            self.info.pop(split_name(key), None)
         for key, stand_in in list(self.beside.items()):
             self._give_back(replica_name(*key), stand_in)
+        return removed
 
     # --- steps ---
 
@@ -206,7 +215,7 @@ class Executor(Steps):
             for i in step.replicas:
                 # A stand-in an earlier apply left serving this replica's ports hands them over.
                 if (step.actor, i) in stand_ins:
-                    self.serving[(step.actor, i)] = surge_name(step.actor, i)
+                    self.serving[(step.actor, i)] = (surge_name(step.actor, i), stand_ins[(step.actor, i)])
                 shared = _ports(stand_ins.get((step.actor, i)))
                 cfgs.append(self.builder.config(step.actor, i, shared_ports=shared))
         self._start(self.builder, cfgs)
@@ -234,7 +243,7 @@ class Executor(Steps):
             self._give_back(replica, stand_in)
             raise
         self.info.pop((name, i), None)
-        self.serving[(name, i)] = self.beside.pop((name, i))
+        self.serving[(name, i)] = (self.beside.pop((name, i)), surge[stand_in])
         # The successor shares what the replica held and what the stand-in holds: after a
         # port move, the new port is the stand-in's until the stand-in retires.
         shared = _ports(old) | _ports(surge[stand_in])
@@ -294,11 +303,9 @@ class Executor(Steps):
     def _retire_stand_ins(self, name: str, replicas: list[int]) -> None:
         """Each replica runs again under its own name: the stand-in that served its ports goes."""
         for i in replicas:
-            stand_in = self.serving.pop((name, i), None)
-            if stand_in is None or (name, i) not in self.info:
-                if stand_in:
-                    self.serving[(name, i)] = stand_in
+            if (name, i) not in self.serving or (name, i) not in self.info:
                 continue
+            stand_in, _holds = self.serving.pop((name, i))
             drain = self.spec.actors[name].drain if name in self.spec.actors else 1.0
             try:
                 self.cluster.stop([stand_in], drain=drain, hand_over=True)
@@ -320,7 +327,7 @@ class Executor(Steps):
             else:
                 self.progress(f"restored {name} at the version it ran before")
             self._retire_stand_ins(key[0], [key[1]])
-        outcome.stand_ins = sorted(self.serving.values())
+        outcome.stand_ins = sorted(stand_in for stand_in, _holds in self.serving.values())
         want_code = self.builder.code
         for key in sorted(self.replaced | {k for k in self.info if k not in self.before}):
             info = self.info.get(key)
@@ -343,8 +350,7 @@ class Executor(Steps):
         builder = self._previous_builder(self.before[key])
         if builder is None:
             return "its previous version is not recorded in the cluster"
-        stand_in = self.serving.get(key)
-        shared = _ports(self.cluster.stand_ins().get(key)) if stand_in else frozenset()
+        shared = _ports(self.serving[key][1]) if key in self.serving else frozenset()
         try:
             self._start(builder, [builder.config(key[0], key[1], shared_ports=shared)])
         except ApplyError as exc:
@@ -353,7 +359,9 @@ class Executor(Steps):
 
     def _previous_builder(self, old: ReplicaInfo) -> Builder | None:
         """A builder for the revision whose version of the actor `old` runs."""
-        for revision in self.cluster.revisions():
+        if self._revisions is None:  # read once, however many replicas are restored
+            self._revisions = self.cluster.revisions()
+        for revision in self._revisions:
             spec = revision.spec_model()
             if old.actor not in spec.actors or config_hash(spec, old.actor) != old.config_hash:
                 continue
@@ -376,7 +384,6 @@ class Executor(Steps):
 
 
 def _label(name: str, word: str = "actor ") -> str:
-    from ..contract import SURGE_PREFIX
     if name.startswith(SURGE_PREFIX):
         return f"the new version of {name[len(SURGE_PREFIX):]} (stand-in {name})"
     return f"{word}{name}"

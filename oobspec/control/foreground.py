@@ -38,7 +38,8 @@ def apply_cli(spec: Spec, address: str | None, timeout: float, atomic: bool = Fa
                 cluster.connect(explicit, spec.namespace)
                 endpoints = apply_with_errors(spec, progress, timeout, detached=True, atomic=atomic)
             except KeyboardInterrupt:
-                console.print("interrupted: what this apply started is removed")
+                console.print("interrupted: what this apply started is removed; replicas that already "
+                              "replaced running ones keep running (apply again to continue)")
                 raise
             finally:
                 with handling_signals(signal.SIG_IGN):
