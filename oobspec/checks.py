@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import graphlib
 import inspect
+import os
 import re
 import sys
 from contextlib import redirect_stdout
@@ -174,6 +175,7 @@ class _Checker:
 
     def run(self) -> list[Diagnostic]:
         self.servers_and_ports()
+        self.secrets()
         self.connect()
         self.links()
         if self.imports:
@@ -230,6 +232,14 @@ class _Checker:
                 if buf.device == "gpu" and actor.resources.gpus == 0:
                     self.add("OOB403", f"buffer '{aname}.{bname}' is on gpu but actor '{aname}' has gpus: 0",
                              ("actors", aname, "buffers", bname, "device"), hint="set resources.gpus")
+
+    def secrets(self) -> None:  # OOB312: an error at apply (the replicas could not start)
+        for aname, actor in self.spec.actors.items():
+            for i, auth in enumerate(s.auth for s in actor.servers):
+                if auth and auth.token_env not in os.environ and auth.token_env not in actor.env:
+                    self.add("OOB312", f"auth.token_env {auth.token_env} is not set (apply forwards it from its own "
+                             "environment)", ("actors", aname, "servers", i, "auth", "token_env"), severity="warning",
+                             hint=f"export {auth.token_env}=... before oob apply, or set it in env:")
 
     def _claim(self, replicas: int, server, who: str, spath: tuple, bound: dict) -> None:
         """The ports a server's replicas bind (port + i): in range, and nobody else's."""

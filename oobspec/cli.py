@@ -203,6 +203,10 @@ def main(argv=None) -> None:
         if debug:
             raise
         click.echo(f"error: {exc}", err=True)
+        if getattr(exc, "hard_exit", False):  # a call into Ray still hangs in a thread: do not wait for it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -38,8 +38,17 @@ def write_spec(tmp_path):
     def write(text: str, name: str = "spec.yaml") -> Path:
         path = tmp_path / name
         path.write_text(textwrap.dedent(text))
+        with_examples(path.parent, text)
         return path
     return write
+
+
+def with_examples(folder: Path, text: str = "examples.") -> None:
+    """A spec naming the example classes (`examples.services:KeyValue`) has them beside it, as
+    specs/ does: they are the user's own code, imported from the spec's folder, not installed."""
+    if "examples." in text and not (folder / "examples").exists():
+        shutil.copytree(ROOT / "specs" / "examples", folder / "examples",
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +114,7 @@ def project(tmp_path):
 def write_in(folder: Path, text: str, name: str = "spec.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))
+    with_examples(folder, text)
     return path
 
 

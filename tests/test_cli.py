@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import with_examples
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,6 +46,7 @@ def oob(tmp_path):
 def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
+    with_examples(tmp_path, text)
     return path
 
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import requests
 
-from conftest import OOB, free_port, port_open, user_env
+from conftest import OOB, free_port, port_open, user_env, with_examples
 from conftest import oob as run_oob
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
@@ -141,6 +141,7 @@ def test_spread_placement_uses_both_nodes(cluster, project):
 def test_cpu_link_across_and_within_nodes(cluster, project):
     """auto: shm to the target on the source's node, object_store to the one on the other node."""
     path = project / "link.yaml"
+    with_examples(project)
     path.write_text(textwrap.dedent("""
         version: 1
         name: xlink

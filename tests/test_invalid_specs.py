@@ -27,11 +27,11 @@ EXPECT = re.compile(r"^# expect: (OOB\d{3}) (\d+):(\d+)\s*$")
 ALL_CODES = {
     "OOB100", "OOB101", "OOB102", "OOB103", "OOB110", "OOB111", "OOB120", "OOB121", "OOB122", "OOB123",
     "OOB201", "OOB202", "OOB203", "OOB204", "OOB205", "OOB206", "OOB207",
-    "OOB301", "OOB302", "OOB303", "OOB304", "OOB305", "OOB306", "OOB307", "OOB308", "OOB310", "OOB311",
+    "OOB301", "OOB302", "OOB303", "OOB304", "OOB305", "OOB306", "OOB307", "OOB308", "OOB310", "OOB311", "OOB312",
     "OOB401", "OOB402", "OOB403", "OOB404", "OOB405",
     "OOB501", "OOB502", "OOB503", "OOB504",
 }
-WARNINGS = {"OOB302", "OOB303", "OOB306", "OOB310"}
+WARNINGS = {"OOB302", "OOB303", "OOB306", "OOB310", "OOB312"}
 
 
 def expectations(path: Path) -> set[tuple[str, int, int]]:
@@ -133,6 +133,6 @@ def test_lint_of_a_spec_built_in_python():
     from oobspec.models import Spec
 
     spec = Spec.model_validate({"version": 1, "name": "py", "actors": {"a": {
-        "class": "examples.counter:Counter", "restarts": 1, "servers": [{"name": "h", "port": 80}]}}})
+        "class": "decimal:Decimal", "restarts": 1, "servers": [{"name": "h", "port": 80}]}}})
     (d,) = oobspec.lint(spec)
     assert (d.code, d.severity, d.file) == ("OOB302", "warning", "<spec>")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import oobspec
-from conftest import oob, user_env
+from conftest import oob, user_env, with_examples
 from oobspec.errors import SpecError, UsageError
 from oobspec.loader import YamlFloat, loads
 from oobspec.render import load_values, merge, parse_set, render, to_yaml
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
+    with_examples(tmp_path, text)
     return path
 
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -162,12 +163,16 @@ def start_embedded(namespace: str, log_to_driver: bool = True) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+MISSING_TOKEN = "OOB312"
+
+
 def preflight(spec: Spec, address: str | None = None) -> list:
     """Every lint check, before anything touches the cluster: errors refuse the apply with the
     same lines `oob lint` prints; the warnings are returned."""
     from ..api import lint
     from ..errors import SpecError
-    found = lint(spec, address=address)
+    # A token the replicas cannot read would fail them after they started: refused here instead.
+    found = [replace(d, severity="error") if d.code == MISSING_TOKEN else d for d in lint(spec, address=address)]
     if any(d.is_error for d in found):
         raise SpecError(found)  # the warnings too: the same lines as `oob lint`
     return found

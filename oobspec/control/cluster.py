@@ -2,179 +2,21 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
-import socket
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 from ..contract import ReplicaInfo, namespace_of, split_name
 from .. import ray_private
-from ..addresses import address_kind, explicit_address
+from .connect import (  # noqa: F401 (re-exported: callers find and connect through cluster)
+    addresses, connect, find_address, foreground_owner, local_cluster, probe, probe_tcp, register_embedded,
+    token_mode, unregister_embedded, use_token_if_any, _embedded_address, _host_port)
 from .state import actor_records, is_client  # noqa: F401 (is_client: used by callers of cluster)
-from ..errors import ClusterError, first_line
+from ..errors import ClusterError
 from ..plan import Observed, ReplicaState
 
 INFO_TIMEOUT = 15.0
-PROBE_TIMEOUT = 5.0
-
-
-def registry_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"oobspec-{os.getuid()}"
-
-
-def register_embedded(name: str, address: str) -> Path:
-    """A foreground apply says where its private Ray is, so `oob status NAME` can find it."""
-    path = registry_dir() / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"address": address, "pid": os.getpid()}))
-    return path
-
-
-def unregister_embedded(path: Path) -> None:
-    """Remove this process's own entry (never another apply's that took the name since)."""
-    try:
-        if json.loads(path.read_text())["pid"] == os.getpid():
-            path.unlink()
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-
-
-def foreground_owner(name: str) -> dict | None:
-    """The foreground apply of this deployment running on this machine: {pid, address}."""
-    path = registry_dir() / f"{name}.json"
-    try:
-        entry = json.loads(path.read_text())
-        os.kill(entry["pid"], 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return entry if _reachable(entry["address"]) else None
-
-
-def _embedded_address(name: str) -> str | None:
-    entry = foreground_owner(name)
-    return entry["address"] if entry else None
-
-
-def _reachable(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def local_cluster() -> str | None:
-    """The cluster `ray status` would find on this machine (no ray import: plan stays light)."""
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    try:
-        address = current.read_text().strip().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    return address if _reachable(address) else None
-
-
-def find_address(name: str, address: str | None, spec_address: str | None = None) -> str | None:
-    """Explicit flag, RAY_ADDRESS, the spec's ray.address, a foreground apply's Ray, a local cluster."""
-    explicit = explicit_address(address, spec_address)
-    if explicit:
-        return explicit
-    return _embedded_address(name) or local_cluster()
-
-
-def addresses(address: str | None) -> list[str]:
-    """The clusters `oob list` looks at: the one named, else every foreground apply's Ray on
-    this machine and the local cluster."""
-    explicit = explicit_address(address)
-    if explicit:
-        return [explicit]
-    found = [_embedded_address(p.stem) for p in sorted(registry_dir().glob("*.json"))]
-    found.append(local_cluster())
-    return list(dict.fromkeys(a for a in found if a))
-
-
-def use_token_if_any(address: str) -> None:
-    # Ray 2.60 turns token auth on for `ray start --head` (and for a local ray.init); a client
-    # given an explicit address is refused unless it is in token mode with the token.
-    if address == "auto" or os.environ.get("RAY_AUTH_MODE"):
-        return
-    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists():
-        token_mode()
-
-
-def token_mode() -> None:
-    os.environ["RAY_AUTH_MODE"] = "token"
-    try:  # Ray caches its config at import; refresh it so this process sees token mode
-        ray_private.reload_config()
-    except Exception:
-        pass
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterError(f"cannot connect to Ray at {address}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def probe_tcp(address: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, int]:
-    """Something accepts connections at the address within `timeout`, or one line says why."""
-    host, port = _host_port(address)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except socket.timeout:
-        raise ClusterError(f"cannot connect to Ray at {address}: no answer within {timeout:.0f}s") from None
-    except OSError as exc:
-        raise ClusterError(f"cannot connect to Ray at {address}: {exc.strerror or exc}") from None
-    return host, port
-
-
-def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Fail in seconds, with one line, where Ray would retry for minutes: nothing listening,
-    a host that does not answer, or a port that is not a Ray GCS (no gRPC there)."""
-    import grpc
-    host, port = probe_tcp(address, timeout)
-    from ..contract import host_port
-    channel = grpc.insecure_channel(host_port(host, port))
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise ClusterError(f"cannot connect to Ray at {address}: something answers there, but not Ray "
-                           "(no gRPC)") from None
-    finally:
-        channel.close()
-
-
-def connect(address: str, namespace: str) -> None:
-    import ray
-    if ray.is_initialized():
-        return
-    if address == "auto":
-        address = local_cluster() or ""
-        if not address:
-            raise ClusterError("no Ray cluster is running on this machine (address 'auto'): start one with "
-                               "`ray start --head`, or pass --address")
-    probe(address)
-    use_token_if_any(address)
-    client = address_kind(address) == "client"
-    extra = {} if client else {"configure_logging": True}
-    for attempt in range(3):
-        try:
-            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False,
-                     **extra)
-            return
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            # Ray Client's proxy sometimes refuses a connection that follows another at once.
-            if client and "Initialization failure" in str(exc) and attempt < 2:
-                time.sleep(1.0)
-                continue
-            raise ClusterError(f"cannot connect to Ray at {address}: {first_line(str(exc))}") from None
 
 
 @contextmanager

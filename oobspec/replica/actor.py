@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import importlib
 import inspect
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
 from typing import Any
 
 from .. import ray_private
+from . import launch
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, endpoint_env, set_current
 from .metrics import Metrics
@@ -277,15 +280,6 @@ def make_actor_class(user_cls: type) -> type:
 # --- command actors -----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    # The child must not outlive the actor even when Ray SIGKILLs the worker.
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 class Supervised:
     """A wrapped program: started, its output sent to the actor's log, restarted, stopped."""
 
@@ -308,9 +302,14 @@ class Supervised:
 
     async def _spawn(self) -> None:
         self.starts += 1
+        program = shutil.which(self.argv[0])
+        if program is None:
+            raise FileNotFoundError(errno.ENOENT, "no such program (or not executable)", self.argv[0])
+        # Through the launcher, so the program dies with the actor even when Ray SIGKILLs it.
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+            sys.executable, "-I", "-S", launch.__file__, str(os.getpid()), program, *self.argv,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         print(f"[oob] started {self.argv[0]} (pid {self.proc.pid})", flush=True)
 
     async def _pump(self) -> None:
