@@ -184,6 +184,8 @@ def schema():
 
 def main(argv=None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    from .control.connect import take_sigterm
+    take_sigterm()
     try:
         cli.main(args=argv, prog_name="oob", standalone_mode=False)
     except click.exceptions.Exit as exc:

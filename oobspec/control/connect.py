@@ -228,8 +228,16 @@ def within(deadline: float, call, message: str):
 
 
 def end_on_sigterm() -> None:
-    """SIGTERM ends the command like Ctrl-C. Ray's core worker installs a handler of its own that
-    dumps a C++ stack trace; in the main thread, take SIGTERM back."""
+    """Ray's core worker installs a SIGTERM handler of its own (it dumps a C++ stack trace) over
+    the Python one; in the main thread, give SIGTERM back to the Python handler set before
+    connecting (the CLI's: end like Ctrl-C; apply's: stop and clean up; a script's own)."""
+    current = signal.getsignal(signal.SIGTERM)
+    if callable(current) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, current)
+
+
+def take_sigterm() -> None:
+    """For the CLI: SIGTERM ends any command as Ctrl-C does (exit 130, no traceback)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
 
