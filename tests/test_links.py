@@ -36,7 +36,8 @@ def segments(name):
 
 def target_files(name, replicas=2):
     """What each target replica owns in /dev/shm: its data, its control block and its doorbell."""
-    return sorted(f"oob-{name}-_dst_{i}_data{suffix}" for i in range(replicas) for suffix in ("", ".bell", ".ctl"))
+    from oobspec.transports.shm import file_name
+    return sorted(file_name(f"oob-{name}-_dst_{i}_data{suffix}") for i in range(replicas) for suffix in ("", ".bell", ".ctl"))
 
 
 @pytest.mark.parametrize("transport", ["shm", "object_store", "auto"])

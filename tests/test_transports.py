@@ -21,7 +21,9 @@ def digest(a) -> str:
 
 
 def leftovers(prefix: str) -> list[str]:
-    return [n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix)]
+    """The names (as oobspec calls them: `oob-...`) of this user's files in /dev/shm starting with
+    `prefix`; on disk each carries the uid (shm.file_name)."""
+    return [n for n in (shm._logical(f) for f in os.listdir(shm.SHM_DIR)) if n and n.startswith(prefix)]
 
 
 @pytest.fixture

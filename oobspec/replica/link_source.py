@@ -175,6 +175,7 @@ class LinkSource:
             return self.last[link].to_dict()
 
     async def _push_direct(self, targets: list[Target], source, version: int, failed: dict) -> None:
+        from ..transports.base import TransportError
         from ..transports.inbox import TargetGone
         live = []
         for t in targets:
@@ -183,6 +184,9 @@ class LinkSource:
                     self._open(t, source)
                 except TargetGone:
                     failed[t.key] = "not running (restarting, or dead)"
+                    continue
+                except TransportError as exc:  # e.g. another user's file under its name: refused
+                    failed[t.key] = str(exc)
                     continue
             live.append(t)
         slots = [t.outbox.begin() for t in live]
@@ -202,6 +206,9 @@ class LinkSource:
             except TargetGone:
                 t.close()
                 failed[t.key] = "not running (it exited; restarting, or dead)"
+            except TransportError as exc:
+                t.close()
+                failed[t.key] = str(exc)
 
     async def _copy(self, targets: list[Target], slots: list[int], source) -> None:
         if not targets:

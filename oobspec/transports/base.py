@@ -13,6 +13,12 @@ class TransportError(OobError):
     """A transport cannot set up or complete a copy."""
 
 
+class ShmOwnerError(TransportError):
+    """A file under one of oobspec's names in /dev/shm that oobspec must not use or remove: another
+    user's, not the kind of file oobspec makes there (a segment is a regular file, a doorbell a
+    FIFO, never a link), or writable by group or others."""
+
+
 class Receiver(Protocol):
     """Lives in a target replica that a push reaches by a Ray call (object_store, cuda_ipc to
     another GPU); made for the target buffer `.array`."""

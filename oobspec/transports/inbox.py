@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import stat
 import time
 
 import numpy as np
 
 from .base import TransportError
-from .shm import SHM_DIR, _check_name, _open, _release, _unlink, unlink_own
+from .shm import _check_name, _open, _release, _unlink, in_the_way, open_checked, path_of, unlink_own
 
 MAGIC = int.from_bytes(b"oobctl01", "little")
 CTL_BYTES = 4096
@@ -36,7 +35,8 @@ class TargetGone(TransportError):
 
 
 def _paths(segment: str) -> tuple[str, str]:
-    return f"{segment}.ctl", os.path.join(SHM_DIR, f"{segment}.bell")
+    """The control block's name and the doorbell's path (in /dev/shm, with the user's uid)."""
+    return f"{segment}.ctl", path_of(f"{segment}.bell")
 
 
 class _Block:
@@ -78,22 +78,31 @@ class Inbox(_Block):
         _check_name(segment)
         self.segment = segment
         ctl, self._bell = _paths(segment)
-        _unlink(ctl)
-        self._map(_open(ctl, create=True, size=CTL_BYTES))
-        self.fields[:] = 0
-        self.fields[[_MAGIC, _SLOTS, _NBYTES, _PID]] = [MAGIC, slots, nbytes, os.getpid()]
-        self._shm.buf[_HANDLE:_HANDLE + len(handle)] = handle
-        try:
-            os.unlink(self._bell)
-        except FileNotFoundError:
-            pass
-        os.mkfifo(self._bell, 0o600)
-        self._read = os.open(self._bell, os.O_RDONLY | os.O_NONBLOCK)
-        # Our own writer: the FIFO never reads as closed when a source goes away, and a push
-        # that came through a Ray call rings the same bell.
-        self._write_fd = os.open(self._bell, os.O_WRONLY | os.O_NONBLOCK)
+        self._read = self._write_fd = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._loops: set[asyncio.AbstractEventLoop] = set()
+        # A crashed predecessor's files are ours to replace; another user's are refused (ShmOwnerError).
+        _unlink(ctl)
+        _unlink(f"{segment}.bell")
+        self._map(_open(ctl, create=True, size=CTL_BYTES))
+        try:
+            self.fields[:] = 0
+            self.fields[[_MAGIC, _SLOTS, _NBYTES, _PID]] = [MAGIC, slots, nbytes, os.getpid()]
+            self._shm.buf[_HANDLE:_HANDLE + len(handle)] = handle
+            self._make_bell()
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_bell(self) -> None:
+        try:
+            os.mkfifo(self._bell, 0o600)
+        except (FileExistsError, PermissionError) as exc:  # made since the unlink above
+            in_the_way(self._bell, exc)
+        self._read = open_checked(self._bell, os.O_RDONLY | os.O_NONBLOCK, fifo=True)
+        # Our own writer: the FIFO never reads as closed when a source goes away, and a push
+        # that came through a Ray call rings the same bell.
+        self._write_fd = open_checked(self._bell, os.O_WRONLY | os.O_NONBLOCK, fifo=True)
 
     def publish(self, version: int, slot: int = 0) -> None:
         """A push that arrived by a Ray call landed in `slot`."""
@@ -133,18 +142,18 @@ class Inbox(_Block):
             loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(None))
 
     def close(self) -> None:
-        if getattr(self, "_read", None) is None:
-            return
         for loop in self._loops:
             try:
                 loop.remove_reader(self._read)
             except (RuntimeError, ValueError):  # the loop is closed already
                 pass
         self._loops.clear()
-        ctl = os.path.join(SHM_DIR, f"{self.segment}.ctl")
-        mine = [(path, os.fstat(fd).st_ino) for path, fd in ((ctl, self._shm._fd), (self._bell, self._read))]
+        mine = [(path, os.fstat(fd).st_ino) for path, fd in ((self._bell, self._read),) if fd is not None]
+        if getattr(self, "_shm", None) is not None:
+            mine.append((self._shm.path, os.fstat(self._shm.fd).st_ino))
         for fd in (self._read, self._write_fd):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._read = self._write_fd = None
         self._unmap()
         for path, inode in mine:
@@ -159,7 +168,8 @@ class Outbox(_Block):
         self.segment, self._path = segment, bell
         try:
             # The bell first: it exists and has a reader only once the target's block is complete.
-            self._bell = os.open(bell, os.O_WRONLY | os.O_NONBLOCK)
+            # Ours, a FIFO, writable by us only (no other user can plant one to be fed our data).
+            self._bell = open_checked(bell, os.O_WRONLY | os.O_NONBLOCK, fifo=True)
         except FileNotFoundError:
             raise TargetGone(f"{segment} does not exist (the target is not running)") from None
         except OSError as exc:
@@ -167,13 +177,13 @@ class Outbox(_Block):
                 raise TargetGone(f"{segment} has no reader (the target is not running)") from None
             raise
         try:
-            opened = os.fstat(self._bell)
-            if not stat.S_ISFIFO(opened.st_mode):
-                raise TransportError(f"{bell} is not a FIFO")
-            self._inode = opened.st_ino
+            self._inode = os.fstat(self._bell).st_ino
             self._map(_open(ctl))
             if int(self.fields[_MAGIC]) != MAGIC:
-                raise TransportError(f"{ctl} is not an oobspec control block")
+                raise TransportError(f"{self._shm.path} is not an oobspec control block")
+        except FileNotFoundError:
+            self.close()
+            raise TargetGone(f"{segment} has no control block (the target is not running)") from None
         except BaseException:
             self.close()
             raise
