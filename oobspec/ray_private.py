@@ -1,7 +1,11 @@
-"""Every call oobspec makes into Ray's non-public API, in one place, each a one-line wrapper.
+"""Every call oobspec makes into Ray's non-public API, in one place, each a thin wrapper.
 
-Tested with Ray 2.50-2.60 (pyproject: ray>=2.50). A Ray upgrade that moves one of these breaks
-here and nowhere else. Both sides use it: the control side (the `oob` CLI) and the replicas.
+Tested with Ray 2.60 only, by tests/test_ray_private.py: one test per function against a real
+local Ray (the KV round trip with keys by prefix and delete, reload_config, an actor of the test
+found in actor_table's ActorTableData, the session folder and its logs/, walk_upload's files and
+excludes, both uploads returning gcs:// URIs). A Ray upgrade that moves one of these breaks here
+and in that test, nowhere else. Both sides use it: the control side (the `oob` CLI) and the
+replicas.
 """
 from __future__ import annotations
 
@@ -49,10 +53,16 @@ def session_dir() -> str:
     return ray._private.worker._global_node.get_session_dir_path()
 
 
-def walk_upload(folder: Path, excludes: list[str], visit: Callable[[Path], None]) -> None:
-    """Visit every file the upload of `folder` takes, with Ray's own exclusion rules."""
+def walk_upload(folder: Path, excludes: list[str], visit: Callable[[Path], None],
+                skip: Callable[[Path], bool] | None = None) -> None:
+    """Visit every path the upload of `folder` takes, with Ray's own exclusion rules (the
+    patterns, `.gitignore` and `.rayignore`); then `skip(path)`, only about what those let
+    through: a path it refuses is neither visited nor, for a folder, entered."""
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-    _dir_travel(folder, [_get_excludes(folder, excludes)], visit, include_gitignore=True)
+    rules = [_get_excludes(folder, excludes)]
+    if skip is not None:  # asked last: _dir_travel appends the ignore files' rules to this list
+        rules.append(lambda path: any(rule(path) for rule in rules[2:]) or skip(path))
+    _dir_travel(folder, rules, visit, include_gitignore=True)
 
 
 def upload_working_dir(env: dict, scratch: str) -> dict:

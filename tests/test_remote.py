@@ -141,7 +141,7 @@ def test_remote_apply_status_sync_logs_delete(head, tmp_path, via):
 def test_a_folder_over_the_upload_cap_is_one_clear_error(head, tmp_path, via):
     spec = user_project(tmp_path, f"capped-{via}")
     (spec.parent / ".oobignore").unlink()  # now big.bin travels: 1.9 MiB over a 1 MiB cap
-    out = oob("apply", spec, "--address", head[via], env=user_env(OOB_UPLOAD_CAP_MB="1"))
+    out = oob("apply", spec, "--address", head[via], env=user_env(OOB_UPLOAD_CAP_MB="1", REMOTE_TOKEN="remote-secret"))
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, out.stderr

@@ -1,10 +1,11 @@
 """The CLI's commands on a running deployment: plan, status, list, sync, delete, logs.
 
 Each connects (failing fast), reads what Ray and the replicas say, and returns data for the
-CLI to print; none of them prints.
+CLI to print; none of them prints, but for warnings on stderr (symlinks an upload leaves behind).
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +28,10 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
         plan, _observed, _code = plan_on_cluster(spec, base)
         if cluster.is_client():
             up = remote.scan(base)
-            plan.upload = {"folder": str(up.folder), "files": up.files, "bytes": up.bytes}
+            plan.upload = {"folder": str(up.folder), "files": up.files, "bytes": up.bytes,
+                           "skipped": [s._asdict() for s in up.skipped]}
+            for line in up.warnings():  # symlinks left behind: stderr, so `-o json` stays JSON
+                print(line, file=sys.stderr)
         return plan
 
 

@@ -28,7 +28,7 @@ def jobs_address(address: str | None, spec: Spec | None = None) -> str | None:
 
 
 def _client(url: str):
-    from .cluster import PROBE_TIMEOUT, probe_tcp, use_token_if_any
+    from .connect import PROBE_TIMEOUT, probe_tcp, use_token_if_any
     probe_tcp(url)
     import requests
     try:  # the SDK's own check has no timeout: a port that never answers would hang it
@@ -65,6 +65,8 @@ def forward(url: str, argv: list[str], spec: Spec | None = None) -> int:
         up = scan(folder)
         check_cap(up)
         print(f"· uploading {up.describe()} as the job's working_dir, with oobspec", file=sys.stderr)
+        for line in up.warnings():
+            print(line, file=sys.stderr)
         runtime_env.update(working_dir=str(folder), excludes=excludes(folder))
         env_vars[SPEC_ENV] = to_yaml(spec._source.document.data)
     # Auth tokens are not forwarded: a job's runtime_env is shown by the dashboard. Set them in
