@@ -3,10 +3,10 @@
 The spec layer (pydantic, jinja2, yaml) loads on first use, so the actors, which import
 oobspec for `context()`, start without it.
 """
-from .errors import Diagnostic, OobError, SpecError
+from .errors import Diagnostic, HTTPError, OobError, SpecError
 
 __version__ = "0.1.0"
-__all__ = ["Diagnostic", "OobError", "Spec", "SpecError", "context", "deploy", "lint", "lint_file", "load"]
+__all__ = ["Diagnostic", "HTTPError", "OobError", "Spec", "SpecError", "context", "deploy", "lint", "lint_file", "load"]
 
 
 def __getattr__(name: str):

@@ -33,6 +33,7 @@ _PATTERN_WORDS = {
     r"^[a-z][a-z0-9-]*\.[A-Za-z_][A-Za-z0-9_-]*$": "of the form <actor>.<name>",
     r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$": 'of the form "module:Class"',
     r"^/": "a path starting with '/'",
+    r"^[A-Za-z_]\w*$": "a class name (letters, digits and '_')",
 }
 
 
@@ -138,7 +139,7 @@ def schema_diagnostics(exc: ValidationError, doc: Document) -> list[Diagnostic]:
         elif missing:
             out.append(doc.diag("OOB122", f"missing required key '{name}'", path[:-1]))
         elif is_key:
-            label = "actor name" if path[:1] == ("actors",) else "name"
+            label = "actor name" if path[:1] == ("actors",) and len(path) == 2 else "name"
             out.append(doc.diag("OOB121", f"{label} {_human(errors[0])}", path, key=True))
         elif any(e["type"] == "value_error" and "exactly one of" in e["msg"] for e in errors):
             out.append(doc.diag("OOB123", _human(errors[0]), path))
@@ -237,9 +238,8 @@ class _Checker:
         for aname, actor in self.spec.actors.items():
             for i, auth in enumerate(s.auth for s in actor.servers):
                 if auth and auth.token_env not in os.environ and auth.token_env not in actor.env:
-                    self.add("OOB312", f"auth.token_env {auth.token_env} is not set (apply forwards it from its own "
-                             "environment)", ("actors", aname, "servers", i, "auth", "token_env"), severity="warning",
-                             hint=f"export {auth.token_env}=... before oob apply, or set it in env:")
+                    self.add("OOB312", f"auth.token_env {auth.token_env} is not set", ("actors", aname, "servers", i,
+                             "auth", "token_env"), severity="warning", hint="apply forwards it from its environment")
 
     def _claim(self, replicas: int, server, who: str, spath: tuple, bound: dict) -> None:
         """The ports a server's replicas bind (port + i): in range, and nobody else's."""

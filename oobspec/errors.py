@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from http import HTTPStatus
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ def last_line(text: str, default: str = "") -> str:
     return lines[-1] if lines else default
 
 
+def status_phrase(status: int) -> str:
+    """An HTTP status's reason phrase ("Not Found"); "Error" for one without a name (499)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class OobError(Exception):
     """Base of every error a user can cause; the CLI prints it as one line and exits 1."""
 
@@ -67,3 +76,21 @@ class ApplyError(ClusterError):
     def __init__(self, message: str, log_tail: str = ""):
         self.log_tail = log_tail
         super().__init__(message)
+
+
+class HTTPError(Exception):
+    """Raised by a served method to answer with `status` (400-599) and `message`: HTTP sends that
+    status and `{"error": message, "status": status}`, gRPC the matching code (404: NOT_FOUND...).
+    Not an OobError: it is the user's code that raises it, inside a request."""
+
+    def __init__(self, status: int, message: str | None = None):
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError(f"an HTTPError's status is 400-599, not {status!r}")
+        status = int(status)  # HTTPStatus.NOT_FOUND: 404
+        if message is None:
+            message = status_phrase(status)
+        super().__init__(status, str(message))  # args as given: it pickles (a Ray error carries it)
+        self.status, self.message = status, str(message)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"

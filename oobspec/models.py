@@ -127,6 +127,14 @@ class Served(Strict):
     timeout: Annotated[Union[float, None], Field(
         gt=0, description="Seconds a request may take; past it 504 (gRPC DEADLINE_EXCEEDED). "
                           "null: no limit.")] = None
+    errors: Annotated[Literal["safe", "detailed"], Field(
+        description="What a method that raises tells the client. safe: a 500 (gRPC INTERNAL) says `internal "
+                    "error` and an id, which `oob logs` shows beside the traceback. detailed: the exception's "
+                    "type and message too (for development: messages carry paths, queries, keys).")] = "safe"
+    error_status: Annotated[dict[Annotated[str, Field(pattern=r"^[A-Za-z_]\w*$")], Annotated[int, Field(ge=400, le=599)]], Field(
+        description="Exception class name -> HTTP status (400-599), e.g. {KeyError: 404}: an exception of that "
+                    "class, or of a class derived from it, answers that status with its message (gRPC: the "
+                    "matching code, 404 NOT_FOUND). A method may also raise oobspec.HTTPError(status, message).")] = {}
 
 
 class ServerBase(Strict):

@@ -15,11 +15,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "oobspec.loader.build": "one iterative loop over YAML's event stream with its frame stack in locals: "
                             "no recursion, so no nesting depth can crash the loader; split, the frame "
                             "would travel through every call",
-    "oobspec.replica.servers._http_app": "the HTTP app as closures over one server's limit, timeout and "
-                                         "metrics: the request path is one coroutine with no attribute reads "
-                                         "(bench_http: 0.93x a hand-written aiohttp server)",
-    "oobspec.replica.servers.make_handler": "the per-route handler of _http_app (same reason: its closures are "
-                                            "the hot path)",
 }
 
 
@@ -107,7 +102,7 @@ THIRD_PARTY_DICTS = {
     "transports/cuda_ipc.py": "cupy's device properties",
     "control/apply.py": "ray.nodes()",
     "control/replicas.py": "the user's runtime_env",
-    "replica/servers.py": "request headers",
+    "replica/http_server.py": "request headers",
     "replica/grpc_server.py": "gRPC invocation metadata",
 }
 

@@ -26,7 +26,8 @@ from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, endpoint_env, set_current
 from .metrics import Metrics
 from .grpc_server import start_grpc
-from .servers import Running, free_port, start_http, wait_connectable
+from .http_server import start_http
+from .servers import Running, free_port, wait_connectable
 
 log = logging.getLogger("oobspec")
 READY_TIMEOUT = 60.0

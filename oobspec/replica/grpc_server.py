@@ -7,22 +7,30 @@ import asyncio
 import hmac
 import inspect
 import json
-import logging
 import time
 from typing import Any
 
 from ..contract import host_port
 from .metrics import Metrics, off
 from .ports import listening_socket
-from .servers import Running, Signature, dumps, token_from_env
+from .servers import Running, Signature, dumps, failures, token_bytes, token_from_env
 
-log = logging.getLogger("oobspec")
+# An HTTP status (HTTPError, error_status) as the gRPC code that means the same (google.rpc.Code's
+# own table); any other 4xx is INVALID_ARGUMENT, any other 5xx INTERNAL.
+_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+          409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
+          501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def grpc_code(status: int):
+    import grpc
+    return grpc.StatusCode[_CODES.get(status) or ("INVALID_ARGUMENT" if status < 500 else "INTERNAL")]
 
 
 def _auth_interceptor(token: str):
     import grpc
 
-    expected = f"Bearer {token}"
+    expected = token_bytes(f"Bearer {token}")
 
     def deny(request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -32,7 +40,7 @@ def _auth_interceptor(token: str):
             if details.method.startswith("/grpc.health.v1.Health/"):
                 return await continuation(details)  # probes carry no token
             got = dict(details.invocation_metadata or ()).get("authorization", "")
-            if hmac.compare_digest(got.encode(), expected.encode()):
+            if isinstance(got, str) and hmac.compare_digest(token_bytes(got), expected):
                 return await continuation(details)
 
             async def abort(request, context):
@@ -42,7 +50,8 @@ def _auth_interceptor(token: str):
     return Auth()
 
 
-def _json_method(instance, call: str):
+def _json_method(instance, call: str, where: str, answer):
+    """`where`: the method's gRPC path; `answer`: the server's `failures`."""
     import grpc
 
     method = getattr(instance, call)
@@ -53,6 +62,8 @@ def _json_method(instance, call: str):
             kwargs = json.loads(request) if request else {}
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not valid JSON")
+        except RecursionError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request nests too deeply")
         if not isinstance(kwargs, dict):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request must be a JSON object of keyword arguments")
         problem = sig.problem(kwargs)
@@ -62,10 +73,11 @@ def _json_method(instance, call: str):
             result = method(**kwargs)
             if sig.is_async:
                 result = await result
-        except Exception as exc:
-            log.exception("%s raised", call)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        return dumps(result)
+            return dumps(result)
+        except Exception as exc:  # the method's, or its result's encoding
+            failure = answer(exc, where)
+        details = failure.message if failure.id is None else f"{failure.message} (id {failure.id})"
+        await context.abort(grpc_code(failure.status), details)
 
     return grpc.unary_unary_rpc_method_handler(handle)
 
@@ -134,7 +146,8 @@ async def start_grpc(instance, server, import_object, exclusive: bool = True, *,
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     if server.service and server.methods:
-        handlers = {m: _json_method(instance, m) for m in server.methods}
+        answer = failures(server)
+        handlers = {m: _json_method(instance, m, f"/{server.service}/{m}", answer) for m in server.methods}
         grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server.service, handlers),))
     if server.proto:
         import_object(server.proto)(instance, grpc_server)

@@ -1,26 +1,26 @@
-"""Servers that run inside an actor's event loop and call the actor's own methods.
+"""What the servers inside an actor share (HTTP: http_server.py, gRPC: grpc_server.py).
 
 Everything that can be decided once (signatures, converters, the expected auth header) is
 decided when the server starts, so a request costs one dict build and one method call:
-no Ray call, no reflection.
+no Ray call, no reflection. A method that raises costs its server no more than its answer:
+a status the user chose, or a 500 whose id leads to the traceback in the replica's log.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import json
 import logging
 import os
+import secrets
 import socket
-import time
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .metrics import Metrics, off
-from .ports import SETTLE, free_port, listening_socket, steer, wait_connectable  # noqa: F401 (re-exported)
+from ..errors import HTTPError
+from .ports import SETTLE, free_port, steer, wait_connectable  # noqa: F401 (re-exported)
 
 log = logging.getLogger("oobspec")
 
@@ -41,6 +41,13 @@ _encoder = json.JSONEncoder(default=_json_default, separators=(",", ":"))  # bui
 
 def dumps(value: Any) -> bytes:
     return _encoder.encode(value).encode()
+
+
+def token_bytes(text: str) -> bytes:
+    """A bearer header (or token) as the bytes compared in constant time. A header that is not
+    UTF-8 reaches us with surrogates in it (aiohttp decodes with surrogateescape): they encode
+    too, and compare unequal, instead of raising."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def token_from_env(auth) -> str | None:
@@ -127,163 +134,52 @@ def _to_bool(text: str) -> bool:
     raise ValueError(f"'{text}' is not a boolean")
 
 
-# --- HTTP ---------------------------------------------------------------------------------
+# --- a method that raised ---------------------------------------------------------------
 
 
-_TIMED_OUT = object()
+@dataclass(frozen=True)
+class Failure:
+    """What a request whose method raised answers: a status, a message and, for an error
+    nobody chose (a 500), the id that leads to its traceback in the replica's log."""
+
+    status: int
+    message: str
+    id: str | None = None
 
 
-def _response(web, result: Any):
-    """A method's result as an HTTP response (`web`: aiohttp.web): JSON, text, bytes, or the
-    user's own Response."""
-    if result is None or type(result) in _JSON_TYPES:  # the common case first: no ABC checks
-        return web.Response(body=dumps(result), content_type="application/json")
-    if isinstance(result, web.StreamResponse):
-        return result
-    if isinstance(result, str):
-        return web.Response(text=result, content_type="text/plain")
-    if isinstance(result, (bytes, bytearray, memoryview)):
-        return web.Response(body=bytes(result), content_type="application/octet-stream")
-    return web.Response(body=dumps(result), content_type="application/json")
+def error_id() -> str:
+    """A short random id: the client gets it with a 500, the log has it beside the traceback."""
+    return secrets.token_hex(4)
 
 
-class _Limit:
-    """Requests in flight on one server: the one past `max_inflight` is refused at once."""
-
-    __slots__ = ("inflight", "most")
-
-    def __init__(self, most: int):
-        self.inflight, self.most = 0, most
+def _said(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # the user's own __str__ raised
+        return type(exc).__name__
 
 
-def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
-    from aiohttp import web
+def failures(server) -> Callable[[BaseException, str], Failure]:
+    """How one server answers an exception raised while it served `where` (a route, a gRPC
+    method): HTTPError's status, else the spec's `error_status` (the name of the exception's
+    class or of any class it derives from), else a 500 with a fresh id, logged with the route
+    and the traceback. Only `errors: detailed` puts the exception's text in a 500."""
+    detailed = server.errors == "detailed"
+    statuses = dict(server.error_status)
 
-    limit, timeout = _Limit(server.max_inflight), server.timeout
+    def answer(exc: BaseException, where: str) -> Failure:
+        if isinstance(exc, HTTPError):
+            return Failure(exc.status, exc.message)
+        if statuses:
+            for cls in type(exc).__mro__:
+                status = statuses.get(cls.__name__)
+                if status is not None:
+                    return Failure(status, _said(exc))
+        ident = error_id()
+        log.exception("error id %s: %s raised", ident, where, exc_info=exc)
+        return Failure(500, f"{type(exc).__name__}: {_said(exc)}" if detailed else "internal error", ident)
 
-    def error(status: int, message: str) -> web.Response:
-        return web.Response(status=status, body=dumps({"error": message, "status": status}),
-                            content_type="application/json")
-
-    async def fallback(request: web.Request) -> web.Response:
-        # Registered last, so the happy path pays nothing (no middleware): only requests
-        # that match no route get here, and learn whether the path exists for other methods.
-        allowed: set[str] = set()
-        for resource in request.app.router.resources():
-            if resource is not catch_all:
-                allowed |= (await resource.resolve(request))[1]
-        if allowed:
-            response = error(405, "Method Not Allowed")
-            response.headers["Allow"] = ",".join(sorted(allowed))
-            return response
-        return error(404, "Not Found")
-
-    token = token_from_env(server.auth)
-    expected = f"Bearer {token}".encode() if token else None
-
-    def busy() -> web.Response:
-        response = error(503, f"busy: {limit.most} requests in flight")
-        response.headers["Retry-After"] = "1"
-        return response
-
-    def make_handler(route):
-        method = getattr(instance, route.call)
-        sig = Signature.of(method)
-        converters = tuple(sig.converters.items())
-        label = route.path
-
-        def arguments(request: web.Request) -> dict | web.Response:
-            """Path and query arguments, converted; or the refusal."""
-            if expected is not None:
-                got = request.headers.get("Authorization", "").encode()
-                if not hmac.compare_digest(got, expected):
-                    return error(401, "missing or wrong bearer token")
-            kwargs: dict[str, Any] = dict(request.match_info)
-            if request.query_string:
-                kwargs.update(request.query)
-            if converters:
-                try:
-                    for name, convert in converters:
-                        if isinstance(kwargs.get(name), str):
-                            kwargs[name] = convert(kwargs[name])
-                except ValueError as exc:
-                    return error(400, str(exc))
-            return kwargs
-
-        async def body_of(request: web.Request) -> dict | web.Response:
-            try:
-                raw = await request.read()
-            except web.HTTPException as exc:  # 413: body larger than max_body
-                return error(exc.status, exc.reason)
-            if not raw.strip():
-                return {}
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                return error(400, "request body is not valid JSON")
-            if not isinstance(body, dict):
-                return error(400, "request body must be a JSON object of keyword arguments")
-            return body
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            # One coroutine on the common path (a GET without a body): no frame per step.
-            if limit.inflight >= limit.most:
-                metrics.request(server.name, label, 503, 0.0)
-                return busy()
-            limit.inflight += 1
-            start = time.perf_counter()
-            try:
-                kwargs = arguments(request)
-                if type(kwargs) is dict and request.can_read_body:
-                    body = await body_of(request)
-                    if type(body) is dict:
-                        kwargs.update(body)
-                    else:
-                        kwargs = body
-                if type(kwargs) is not dict:
-                    response = kwargs
-                elif problem := sig.problem(kwargs):
-                    response = error(400, problem)
-                else:
-                    try:
-                        result = method(**kwargs)
-                        if sig.is_async:
-                            if timeout is None:
-                                result = await result
-                            else:
-                                scope = asyncio.timeout(timeout)
-                                try:
-                                    async with scope:
-                                        result = await result
-                                except TimeoutError:
-                                    if not scope.expired():
-                                        raise  # the method's own TimeoutError: a 500 like any other
-                                    result = _TIMED_OUT
-                    except Exception as exc:
-                        log.exception("%s raised", route.call)
-                        response = error(500, f"{type(exc).__name__}: {exc}")
-                    else:
-                        response = (error(504, f"no answer within the server's timeout ({timeout:g}s)")
-                                    if result is _TIMED_OUT else _response(web, result))
-            finally:
-                limit.inflight -= 1
-            metrics.request(server.name, label, response.status, time.perf_counter() - start)
-            return response
-
-        return handle
-
-    async def healthz(request: web.Request) -> web.Response:
-        # No auth: load balancers and oob's own hand-over probe it.
-        if draining():
-            return web.Response(status=503, body=dumps({"status": "draining"}), content_type="application/json")
-        return web.Response(body=dumps({"status": "ok"}), content_type="application/json")
-
-    app = web.Application(client_max_size=server.max_body)
-    app.router.add_get("/-/healthz", healthz)
-    for route in server.routes:
-        app.router.add_route(route.method, route.path, make_handler(route))
-    catch_all = app.router.add_route("*", "/{_oob_path:.*}", fallback).resource
-    return app
+    return answer
 
 
 def _ssl_context(cert: bytes, key: bytes):
@@ -329,34 +225,3 @@ class Running:
             stop, self._stop = self._stop, None
             await stop(seconds)
 
-
-async def start_http(instance, server, exclusive: bool = True, *, tls: tuple[bytes, bytes] | None = None,
-                     metrics: Metrics | None = None) -> Running:
-    """tls: (certificate, key) PEM. The keep-alive timeout is the header timeout too: aiohttp
-    closes a connection whose request headers are not complete by then (a slow client cannot
-    hold it), counting from its start and from each response."""
-    from aiohttp import web
-
-    holder: list[Running] = []
-    app = _http_app(instance, server, lambda: bool(holder) and holder[0].draining, metrics or off())
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=server.header_timeout)
-    await runner.setup()
-    sock = listening_socket(server.host, server.port, exclusive)
-    site = web.SockSite(runner, sock, backlog=1024, ssl_context=_ssl_context(*tls) if tls else None)
-    try:
-        await site.start()
-    except BaseException:
-        sock.close()
-        await runner.cleanup()
-        raise
-
-    async def stop(seconds: float) -> None:
-        await site.stop()  # no new connections
-        if runner.server is not None:
-            runner.server.pre_shutdown()
-            await runner.server.shutdown(seconds)  # in-flight requests finish, `seconds` at most
-        await runner.cleanup()
-
-    running = Running(server.name, "http", server.host, sock.getsockname()[1], stop, sock=sock)
-    holder.append(running)
-    return running
