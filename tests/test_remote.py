@@ -20,8 +20,11 @@ def head():
     """`ray start --head` with a Ray Client port and the dashboard (job API); its addresses.
     REMOTE_TOKEN is the cluster's own secret: a job's apply reads it there (a job's runtime_env
     would show it in the dashboard), while ray:// forwards it from the user's shell."""
-    gcs, client, dashboard = free_port(), free_port(), free_port()
+    gcs, client, dashboard, agent = free_port(), free_port(), free_port(), free_port()
+    # The job agent's own port too: its default (52365) may be another cluster's on this machine,
+    # and then no job is ever accepted ("No available agent").
     with started_head(f"--port={gcs}", f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
+                      f"--dashboard-agent-listen-port={agent}",
                       "--dashboard-host=127.0.0.1", env=user_env(REMOTE_TOKEN="remote-secret"),
                       ports=(gcs, client, dashboard)):
         yield {"client": f"ray://127.0.0.1:{client}", "jobs": f"http://127.0.0.1:{dashboard}",
