@@ -123,6 +123,9 @@ def started_head(*args: str, env: dict | None = None, ports: tuple[int, ...] = (
     """A `ray start --head ARGS --block` of our own (token auth on, as Ray 2.60 starts it),
     stopped by its process group at the end: never `ray stop`, never another cluster."""
     env = {k: v for k, v in (env or user_env()).items() if k != "RAY_AUTH_MODE"}
+    if not any(a.startswith("--dashboard-agent-listen-port") for a in args):
+        # At its default (52365) another head on this machine may hold it: then no job is accepted.
+        args += (f"--dashboard-agent-listen-port={free_port()}",)
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus=4", "--block",
                              *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)

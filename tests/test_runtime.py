@@ -13,7 +13,7 @@ import ray
 import requests
 
 import oobspec
-from conftest import ROOT, free_port, port_open
+from conftest import ROOT, free_port, port_open, with_examples
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
@@ -23,6 +23,7 @@ def test_seed_example(local_ray, tmp_path):
     port = free_port()
     spec = tmp_path / "counter.yaml"
     spec.write_text((ROOT / "specs" / "counter.yaml").read_text().replace("port: 8080", f"port: {port}"))
+    with_examples(tmp_path)  # the spec's classes beside it, as in specs/
     with oobspec.deploy(oobspec.load(spec)) as d:
         assert d.endpoints["counter"]["http"] == [f"http://127.0.0.1:{port}"]
         handle = d.handle("counter", 0)

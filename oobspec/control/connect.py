@@ -17,7 +17,10 @@ from ..errors import ClusterError, first_line
 from . import registry
 
 PROBE_TIMEOUT = 5.0
-CONNECT_TIMEOUT = 15.0  # the most any command waits to connect, whatever answers at the address
+# A GCS that answers the probe is Ray; ray.init may still take long on a loaded cluster (Ray
+# Client starts a server process per connection), but never forever.
+CONNECT_TIMEOUT = float(os.environ.get("OOB_CONNECT_TIMEOUT", "60"))
+GCS_CALLS = ("/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.InternalKVGcsService/GetInternalConfig")
 
 
 def register_embedded(name: str, address: str) -> Path | None:
@@ -146,23 +149,27 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
 
 
 def _ask_gcs(channel, address: str, timeout: float) -> None:
+    """Two calls every Ray driver makes first: a server that is not Ray's GCS fails them at once
+    (UNIMPLEMENTED) or leaves them unanswered, where `ray.init` would wait without end."""
     import grpc
-    cluster_id = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")  # bytes in, bytes out
-    try:
-        cluster_id(b"", timeout=timeout)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            raise ClusterError(f"cannot connect to Ray at {address}: a gRPC server answers there, but not "
-                               "Ray's GCS") from None
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise ClusterError(f"cannot connect to Ray at {address}: its GCS does not answer within "
-                               f"{timeout:.0f}s") from None
-        # Anything else (token auth refusing an anonymous call, say) is Ray answering.
+    for method in GCS_CALLS:
+        call = channel.unary_unary(method)  # bytes in, bytes out: an empty request is valid protobuf
+        try:
+            call(b"", timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ClusterError(f"cannot connect to Ray at {address}: a gRPC server answers there, but not "
+                                   "Ray's GCS") from None
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ClusterError(f"cannot connect to Ray at {address}: its GCS does not answer within "
+                                   f"{timeout:.0f}s") from None
+            # Anything else (token auth refusing an anonymous call, say) is Ray answering.
 
 
 def connect(address: str, namespace: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Connect this process to Ray within `timeout` seconds, whatever answers at the address:
-    one error line past it, never a hang (`ray.init` itself has no deadline)."""
+    """Connect this process to Ray: what is not Ray is one error line within seconds (the probe);
+    a Ray that does not finish the connection within `timeout` seconds (OOB_CONNECT_TIMEOUT) is
+    one line too, never a hang (`ray.init` itself has no deadline)."""
     import ray
     if ray.is_initialized():
         return
@@ -180,7 +187,8 @@ def connect(address: str, namespace: str, timeout: float = CONNECT_TIMEOUT) -> N
         try:
             within(deadline, lambda: ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
                                               log_to_driver=False, **extra),
-                   f"cannot connect to Ray at {address}: no answer within {timeout:.0f}s")
+                   f"cannot connect to Ray at {address}: Ray did not finish the connection within "
+                   f"{timeout:.0f}s (OOB_CONNECT_TIMEOUT)")
             break
         except (ConnectionError, RuntimeError, ValueError) as exc:
             # Ray Client's proxy sometimes refuses a connection that follows another at once.

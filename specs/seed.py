@@ -11,7 +11,7 @@ import ray
 
 import oobspec
 
-spec = oobspec.load(Path(__file__).resolve().parent.parent / "specs" / "counter.yaml")
+spec = oobspec.load(Path(__file__).resolve().parent / "counter.yaml")
 with oobspec.deploy(spec, progress=print) as d:
     counter = d.handle("counter", 0)
     for _ in range(5):
