@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import route_checks
 from .addresses import remote_address
 from .contract import Ref
 from .errors import Diagnostic, SpecError
@@ -181,6 +182,7 @@ class _Checker:
         self.links()
         if self.imports:
             self.code()
+        self.out += getattr(self.doc, "warnings", [])  # rendering's own (OOB112: an unread --set key)
         return sorted(self.out, key=lambda d: (d.line, d.col, d.code))
 
     def servers_and_ports(self) -> None:
@@ -215,7 +217,8 @@ class _Checker:
                              "node", spath + ("host",) if "host" in server.model_fields_set else spath,
                              severity="warning", hint="bind host: 0.0.0.0 (with auth) to reach it from outside")
                 if isinstance(server, HttpServer):
-                    self.routes(aname, server, spath)
+                    for found in route_checks.repeated_routes(server, spath, lambda p: self.doc.where(p)[0]):
+                        self.add(*found[:3], hint=found[3])
                 if isinstance(server, GrpcServer) and server.methods and not server.service:
                     self.add("OOB307", f"{who}: 'methods' need a 'service' name (methods are /<service>/<method>)",
                              spath + ("methods",))
@@ -226,6 +229,9 @@ class _Checker:
             if actor.servers and actor.restarts == 0:
                 self.add("OOB306", f"actor '{aname}' serves traffic but has restarts: 0 (a crash takes it down for good)",
                          ("actors", aname), key=True, severity="warning", hint="set restarts: -1 or a count")
+            if actor.cwd is not None and self.base_dir is not None and not (self.base_dir / actor.cwd).is_dir():
+                self.add("OOB130", f"actor '{aname}': cwd '{actor.cwd}' is not a folder (relative to the spec's folder, "
+                         "which travels with the actors)", ("actors", aname, "cwd"))
             if actor.command is not None and actor.buffers:
                 self.add("OOB405", f"actor '{aname}' runs a command; buffers need a class actor",
                          ("actors", aname, "buffers"), key=True)
@@ -261,16 +267,6 @@ class _Checker:
                 bound.setdefault(port, []).append((server.host, mine, spath + ("port",)))
                 continue
             break
-
-    def routes(self, aname: str, server: HttpServer, spath: tuple) -> None:
-        seen: dict[tuple, int] = {}
-        for j, route in enumerate(server.routes):
-            shape = (route.method, re.sub(r"\{[^}]*\}", "{}", route.path.rstrip("/") or "/"))
-            if shape in seen:
-                first = self.doc.where(spath + ("routes", seen[shape]))[0]
-                self.add("OOB304", f"route {route.method} {route.path} repeats the route at line {first}",
-                         spath + ("routes", j))
-            seen.setdefault(shape, j)
 
     def _ref(self, ref: str, path: tuple, kind: str) -> tuple[str, str] | None:
         aname, item = Ref.parse(ref).actor, Ref.parse(ref).member
@@ -356,14 +352,10 @@ class _Checker:
                     self._signature(cls, actor, apath)
                 for i, server in enumerate(actor.servers):
                     spath = apath + ("servers", i)
-                    calls = [(r.call, spath + ("routes", j, "call")) for j, r in enumerate(getattr(server, "routes", []))]
-                    calls += [(m, spath + ("methods", j)) for j, m in enumerate(getattr(server, "methods", []))]
-                    if cls is not None:
-                        for call, cpath in calls:
-                            if not callable(getattr(cls, call, None)):
-                                methods = [m for m in dir(cls) if not m.startswith("_") and callable(getattr(cls, m, None))]
-                                self.add("OOB502", f"'{call}' is not a method of {cls.__name__}", cpath,
-                                         hint=suggest(call, methods))
+                    if cls is not None:  # OOB502, OOB313
+                        for found in (*route_checks.unknown_calls(cls, server, spath),
+                                      *route_checks.path_params(cls, server, spath)):
+                            self.add(*found[:3], hint=found[3])
                     proto = getattr(server, "proto", None)
                     if proto:
                         try:

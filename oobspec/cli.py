@@ -27,9 +27,14 @@ def _via_jobs(address, argv: list[str], spec=None) -> None:
         sys.exit(forward(url, argv, spec))
 
 
-def _load(spec_path: str, value_files, sets):
+def _load(spec_path: str, value_files, sets, warn: bool = True):
+    """The spec, rendered and validated; rendering's warnings (an unread `--set` key) go to
+    stderr, unless the command prints them with its lint warnings (`apply`)."""
     from .api import load
-    return load(spec_path, value_files=value_files, sets=sets)
+    loaded = load(spec_path, value_files=value_files, sets=sets)
+    for warning in getattr(loaded._source.document, "warnings", []) if warn else ():
+        click.echo(str(warning), err=True)
+    return loaded
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,21 +110,117 @@ def apply(spec, value_files, sets, address, timeout, atomic):
     Whatever fails, what ran before keeps running (at its old or new version); the error says
     which replica runs which, and applying again continues from there."""
     from .control.foreground import apply_cli
-    loaded = _load(spec, value_files, sets)
+    loaded = _load(spec, value_files, sets, warn=False)
     _via_jobs(address, ["apply", "{spec}", "--timeout", str(timeout)] + (["--atomic"] if atomic else []), loaded)
     apply_cli(loaded, address=address, timeout=timeout, atomic=atomic)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path())
+@values_option
+@set_option
+@address_option
+def diff(spec, value_files, sets, address):
+    """Show what apply would change: the running revision's rendered spec against SPEC's, and
+    actors whose code changed. Exit 1 when they differ (nothing deployed: everything is new)."""
+    from .control.rollouts import diff as spec_diff
+    loaded = _load(spec, value_files, sets)
+    _via_jobs(address, ["diff", "{spec}"], loaded)
+    text = spec_diff(loaded, address)
+    click.echo(text, nl=False)
+    sys.exit(1 if text else 0)
 
 
 @cli.command()
 @click.argument("name")
 @address_option
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
-def status(name, address, fmt):
-    """Show a deployment's replicas, endpoints and links."""
+def history(name, address, fmt):
+    """List a deployment's revisions: every apply, rollback and restart, and which one runs."""
+    from .control.rollouts import history_of
+    _via_jobs(address, ["history", name, "-o", fmt])
+    found = history_of(name, address)
+    click.echo(json.dumps(found, indent=2) if fmt == "json" else report.history_text(found))
+
+
+def _progress():
+    from rich.console import Console
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # a pipe or CI log: never wrapped
+    return lambda msg: console.print(f"[dim]·[/dim] {msg}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("revision", type=int, required=False)
+@address_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every server to be healthy.")
+def rollback(name, revision, address, timeout):
+    """Deploy revision REVISION again (default: the one before the current one), rolling; from
+    the cluster's record, so the spec's files need not exist. On failure, back where it was."""
+    from .control.rollouts import rollback as roll_back
+    _via_jobs(address, ["rollback", name] + ([str(revision)] if revision is not None else [])
+              + ["--timeout", str(timeout)])
+    click.echo(report.endpoints_text(roll_back(name, revision, address, _progress(), timeout)))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("actor", required=False)
+@address_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every server to be healthy.")
+def restart(name, actor, address, timeout):
+    """Replace every replica of the running revision (or of ACTOR), one at a time: rolling where
+    the actor can roll."""
+    from .control.rollouts import restart as do_restart
+    _via_jobs(address, ["restart", name] + ([actor] if actor else []) + ["--timeout", str(timeout)])
+    click.echo(report.endpoints_text(do_restart(name, actor, address, _progress(), timeout)))
+
+
+@cli.command()
+@click.argument("name")
+@address_option
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--watch", "-w", is_flag=True,
+              help="Refresh until Ctrl-C: per replica req/s, p50/p99, errors, link versions and GB/s.")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="Seconds between refreshes with --watch.")
+def status(name, address, fmt, watch, interval):
+    """Show a deployment's replicas, endpoints, links and where its metrics are scraped."""
     from .control.commands import status as get_status
-    _via_jobs(address, ["status", name, "-o", fmt])
+    _via_jobs(address, ["status", name, "-o", fmt] + (["--watch", "--interval", str(interval)] if watch else []))
+    if watch:
+        from .control.watch import watch as views
+        try:
+            _show_views(views(name, address, interval), fmt)
+        except KeyboardInterrupt:  # Ctrl-C is how a watch ends: exit 0
+            pass
+        return
     result = get_status(name, address)
     click.echo(json.dumps(result, indent=2) if fmt == "json" else report.status_text(result))
+
+
+def _show_views(views, fmt: str) -> None:
+    """On a terminal, one live table in place; through a pipe (or as JSON, one object a line), every refresh."""
+    if fmt == "text" and sys.stdout.isatty():
+        from rich.live import Live
+        from rich.text import Text
+        with Live(auto_refresh=False) as live:
+            for view in views:
+                live.update(Text(report.watch_text(view), no_wrap=True, overflow="crop"), refresh=True)
+    else:
+        for view in views:
+            click.echo(json.dumps(view) if fmt == "json" else report.watch_text(view) + "\n")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path())
+@values_option
+@set_option
+@click.option("-o", "--output", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True)
+def graph(spec, value_files, sets, fmt):
+    """Draw the spec's topology (no cluster): actors, servers, connect edges and links."""
+    from .graph import render as draw
+    click.echo(draw(_load(spec, value_files, sets), fmt), nl=False)
 
 
 @cli.command()
@@ -138,14 +239,19 @@ def sync(name, link, address):
 
 @cli.command()
 @click.argument("target", metavar="NAME|SPEC")
+@values_option
+@set_option
 @address_option
-def delete(target, address):
-    """Delete a deployment: its actors, servers, processes and shared memory."""
+def delete(target, value_files, sets, address):
+    """Delete a deployment: its actors, servers, processes and shared memory. A SPEC is rendered
+    with --values / --set first, as apply rendered it (its name may be a template)."""
     from .control.commands import delete as do_delete
     name, loaded = target, None
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
-        loaded = _load(target, (), ())
+        loaded = _load(target, value_files, sets)
         name = loaded.name
+    elif value_files or sets:
+        raise click.UsageError("--values and --set need a SPEC file, not a deployment name")
     _via_jobs(address, ["delete", name], loaded)
     removed = do_delete(name, address, loaded.ray.address if loaded else None)
     click.echo(f"deleted {name}: {removed} actor{'s' if removed != 1 else ''}")
@@ -155,12 +261,17 @@ def delete(target, address):
 @click.argument("name")
 @click.argument("actor", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@click.option("--tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Only the last N lines of each replica's output so far.")
+@click.option("--since", default=None, metavar="DURATION", help="Only output of the last 30s, 5m, 2h, 1d...")
 @address_option
-def logs(name, actor, follow, address):
+def logs(name, actor, follow, tail, since, address):
     """Print an actor's output (its wrapped process's too). ACTOR: <actor> or <actor>-<i>."""
-    from .control.commands import logs as stream_logs
-    _via_jobs(address, ["logs", name] + ([actor] if actor else []) + (["-f"] if follow else []))
-    for chunk in stream_logs(name, actor, follow, address):
+    from .control.commands import logs as stream_logs, parse_duration
+    seconds = parse_duration(since) if since is not None else None
+    _via_jobs(address, ["logs", name] + ([actor] if actor else []) + (["-f"] if follow else [])
+              + (["--tail", str(tail)] if tail is not None else []) + (["--since", since] if since else []))
+    for chunk in stream_logs(name, actor, follow, address, tail=tail, since=seconds):
         click.echo(chunk, nl=False)
 
 

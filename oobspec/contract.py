@@ -126,6 +126,10 @@ class ReplicaConfig:
     code_hash: str = ""
     restarts: int = 0
     command: list[str] | None = None
+    cwd: str = "."  # the command's folder, relative to spec_dir
+    # The spec's folder as apply saw it; None, or not there on the replica's node: the folder
+    # travelled as the actor's working_dir (Ray Client, Ray Jobs), which is its current folder.
+    spec_dir: str | None = None
     servers: list[ServerConfig] = field(default_factory=list)  # port: port + replica, or 0
     endpoints: dict[str, list[str]] = field(default_factory=dict)  # connect key -> peers' URLs
     buffers: dict[str, Buffer] = field(default_factory=dict)
@@ -222,6 +226,7 @@ class ReplicaInfo:
     versions: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     ports: dict[str, int] = field(default_factory=dict)  # server name -> the port it bound
+    stats: ReplicaStats | None = None  # its request and push counters (None: metrics off)
 
     RECORDED = ("config_hash", "code_hash", "endpoints", "gpu_uuid", "ports")
 
@@ -233,3 +238,29 @@ class ReplicaInfo:
     def from_record(cls, actor: str, replica: int, record: dict, pid: int = 0, node_id: str = "") -> "ReplicaInfo":
         """A replica as apply recorded it (KeyError: a record an older oobspec wrote)."""
         return cls(actor, replica, pid=pid, node_id=node_id, **{key: record[key] for key in cls.RECORDED})
+
+
+# --- replica -> `oob status --watch` -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushCounts:
+    """One link's pushes by its source since the replica started."""
+
+    pushes: int = 0
+    bytes: int = 0  # over every target reached
+    seconds: float = 0.0  # the pushes' own time
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """A replica's counters since it started (`ReplicaInfo.stats`): running totals, so two
+    snapshots of one replica give request rates and latency quantiles between them."""
+
+    at: float  # the replica's time.monotonic() when taken
+    bounds: tuple[float, ...]  # latency bucket upper bounds, seconds; one more bucket for +Inf
+    requests: int = 0
+    client_errors: int = 0  # HTTP 4xx, or a gRPC code that is the client's
+    server_errors: int = 0  # HTTP 5xx, or a gRPC code that is the server's (INTERNAL, UNAVAILABLE, ...)
+    buckets: tuple[int, ...] = ()  # requests per latency bucket (not cumulative), +Inf last
+    links: dict[str, PushCounts] = field(default_factory=dict)  # link -> its source's pushes

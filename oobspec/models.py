@@ -41,15 +41,13 @@ def memory_bytes(value: int | str | None) -> int | None:
     """Bytes of a size as MEMORY_RE accepts it (pydantic's ByteSize; Kubernetes' Gi is its GiB)."""
     if value is None or isinstance(value, int):
         return value
-    text = value.strip()
-    return int(_BYTE_SIZE.validate_python(text + "B" if text.endswith("i") else text))
+    return int(_BYTE_SIZE.validate_python(value.strip() + ("B" if value.strip().endswith("i") else "")))
 
 
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
-                              use_attribute_docstrings=False)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, use_attribute_docstrings=False)
 
 
 WhenField = Annotated[
@@ -272,6 +270,8 @@ class Actor(Strict):
     command: Annotated[Union[list[Text], None], Field(
         min_length=1, description='A program the actor runs and supervises, e.g. ["redis-server", '
                                   '"--port", "{port}"]; {port} is the port of its first server.')] = None
+    cwd: Annotated[Union[Text, None], Field(description="Working folder of the command, relative to the spec's folder "
+                    "(default: that folder; on a remote cluster, inside the working_dir the folder travels as).")] = None
     args: Annotated[list[Any], Field(description="Positional arguments for __init__.")] = []
     kwargs: Annotated[dict[str, Any], Field(description="Keyword arguments for __init__.")] = {}
     replicas: Annotated[int, Field(ge=1, description="Replica i is the Ray actor <actor>-<i>.")] = 1
@@ -301,6 +301,8 @@ class Actor(Strict):
     def _class_or_command(self):
         if (self.class_ is None) == (self.command is None):
             raise ValueError("set exactly one of 'class' or 'command'")
+        if self.cwd is not None and self.command is None:
+            raise ValueError("'cwd' is the working folder of a 'command'; a class actor has none")
         return self
 
 

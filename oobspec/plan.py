@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import graphlib
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -57,6 +58,7 @@ class Reason(StrEnum):
     REMOVED = "removed"
     UNCHANGED = "unchanged"
     BUSY = "busy"  # alive, too busy to answer: never replaced for that
+    RESTART = "restart"  # unchanged, replaced because `oob restart` asks
 
 
 class Strategy(StrEnum):
@@ -99,7 +101,7 @@ class Action:
 
 _REASONS = {Reason.NEW: "new actor", Reason.SPEC: "spec changed", Reason.CODE: "code changed",
             Reason.DEAD: "replica not alive", Reason.REMOVED: "no longer in the spec", Reason.UNCHANGED: "unchanged",
-            Reason.BUSY: "unchanged (busy: not answering)"}
+            Reason.BUSY: "unchanged (busy: not answering)", Reason.RESTART: "restart asked for"}
 _STOP_FIRST = {StopFirst.CONFIGURED: "update: stop-first in the spec",
                StopFirst.COMMAND: "a wrapped process cannot share its port",
                StopFirst.TCP: "its tcp server is bound by its own code", StopFirst.NO_SERVERS: "it has no servers",
@@ -182,6 +184,11 @@ class Plan:
     def changes(self) -> list[Action]:
         return [a for a in self.actions if a.kind != ActionKind.KEEP]
 
+    def stages(self) -> list[list[Step]]:
+        """The steps as apply numbers them and `oob plan` lists them: one wave's starts together."""
+        together = lambda s: (True, s.wave) if s.kind == StepKind.START else (False, id(s))  # noqa: E731
+        return [list(stage) for _, stage in itertools.groupby(self.steps, together)]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -255,25 +262,26 @@ def strategy_of(spec: Spec, name: str) -> tuple[Strategy, StopFirst | None]:
 
 
 def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool | None = None,
-              topology: dict[tuple[str, int], Topology] | None = None, code: dict[str, str] | None = None) -> Plan:
+              topology: dict[tuple[str, int], Topology] | None = None, code: dict[str, str] | None = None,
+              restart: set[str] | None = None) -> Plan:
     """Desired spec + observed state → actions with reasons, the steps apply carries out, start
     order, servers, links, totals.
 
     single_node: True when every replica will share one node (embedded Ray, or a STRICT_PACK
     placement), so `auto` can be decided before anything runs. code: actor -> digest of its
-    class's source (oobspec.code); a running replica with another digest is replaced.
-    """
+    class's source (oobspec.code); a running replica with another digest is replaced. restart:
+    actors whose running replicas are replaced even when unchanged (`oob restart`)."""
     code = code or {}
     observed = observed or Observed()
     waves = start_waves(spec)
     actions: list[Action] = []
     for wave in waves:
         for name in wave:
-            actions += _actions_of(spec, name, {r.replica: r for r in observed.of(name)}, code.get(name))
+            actions += _actions_of(spec, name, {r.replica: r for r in observed.of(name)}, code.get(name),
+                                   name in (restart or ()))
     for name in sorted({r.actor for r in observed.replicas} - set(spec.actors)):
         actions.append(Action(ActionKind.DELETE, name, [r.replica for r in observed.of(name)], Reason.REMOVED))
     steps = _steps(spec, waves, actions)
-
     servers = []
     live = {(r.actor, r.replica): r for r in observed.replicas}
     for name, actor in spec.actors.items():
@@ -287,7 +295,6 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
                                                            getattr(server, "tls", None) is not None)))
 
     links = _link_rows(spec, observed, topology, single_node)
-
     totals = {"actors": 0, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0}
     for actor in spec.actors.values():
         totals["actors"] += actor.replicas
@@ -333,7 +340,8 @@ def _link_rows(spec: Spec, observed: Observed, topology: dict | None, single_nod
     return links
 
 
-def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str | None) -> list[Action]:
+def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str | None,
+                restart: bool = False) -> list[Action]:
     actor = spec.actors[name]
     if not have:
         return [Action(ActionKind.CREATE, name, list(range(actor.replicas)), Reason.NEW)]
@@ -342,14 +350,14 @@ def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str 
     wanted = [i for i in sorted(have) if i < actor.replicas]
     dead = [i for i in wanted if not have[i].alive]
     changed = [i for i in wanted if have[i].alive and have[i].config_hash != want]
-    recoded = [i for i in wanted if have[i].alive and i not in changed and code and have[i].code_hash
-               and have[i].code_hash != code]
+    recoded = [i for i in wanted if have[i].alive and i not in changed and (restart or code and have[i].code_hash
+                                                                            and have[i].code_hash != code)]
     if dead:
         out.append(Action(ActionKind.REPLACE, name, dead, Reason.DEAD, Strategy.STOP_FIRST, StopFirst.DEAD))
     strategy, why = strategy_of(spec, name)
     if changed or recoded:
-        out.append(Action(ActionKind.REPLACE, name, sorted(changed + recoded), Reason.SPEC if changed else Reason.CODE,
-                          strategy, why))
+        reason = Reason.SPEC if changed else Reason.RESTART if restart else Reason.CODE
+        out.append(Action(ActionKind.REPLACE, name, sorted(changed + recoded), reason, strategy, why))
     missing = [i for i in range(actor.replicas) if i not in have]
     if missing:
         out.append(Action(ActionKind.CREATE, name, missing, Reason.SCALED, was=len(have), now=actor.replicas))

@@ -6,13 +6,14 @@ is an int). The environment is sandboxed and an undefined variable is an error.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError
+from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .errors import Diagnostic, SpecError, UsageError
@@ -65,6 +66,14 @@ def _is_when_item(path: tuple) -> bool:
                for p in _WHEN_PARENTS)
 
 
+class Values(dict):
+    """Template values, and the dotted keys `--set` gave (a key that no template reads is a warning)."""
+
+    def __init__(self, data: dict, set_keys: list[str]):
+        super().__init__(data)
+        self.set_keys = set_keys
+
+
 def parse_set(items: list[str] | tuple[str, ...]) -> dict:
     """`--set a.b=v` pairs → nested dict; v is YAML-typed (`--set n=2` is an int)."""
     result: dict = {}
@@ -111,7 +120,8 @@ def load_values(files: list[str] | tuple[str, ...] = (), sets: list[str] | tuple
         result = merge(result, data)
     if values:
         result = merge(result, values)
-    return merge(result, parse_set(list(sets)))
+    keys = [item.partition("=")[0].strip() for item in sets]
+    return Values(merge(result, parse_set(list(sets))), keys)
 
 
 class _Renderer:
@@ -198,10 +208,60 @@ class _Renderer:
 
 
 def render(doc: Document, values: dict | None = None, environ: dict | None = None) -> Document:
-    """Evaluate every template in the document; `env` is the environment, the rest are values."""
+    """Evaluate every template in the document; `env` is the environment, the rest are values.
+    The rendered document's `warnings` name each `--set` key that no template reads (OOB112)."""
     context = dict(values or {})
     context["env"] = dict(os.environ if environ is None else environ)
-    return _Renderer(doc, context).render()
+    out = _Renderer(doc, context).render()
+    out.warnings = unread_sets(doc, getattr(values, "set_keys", []))
+    return out
+
+
+def unread_sets(doc: Document, keys: list[str]) -> list[Diagnostic]:
+    """`--set` keys that no template of the document reads (`when:` of items left out included):
+    a typo such as `--set inventroy.replicas=3` would otherwise change nothing, silently."""
+    if not keys:
+        return []
+    reads: set[str] = set()
+    for text in _templates(doc.data):
+        try:
+            reads |= _reads(_env.parse(text))
+        except TemplateError:
+            continue
+    out = []
+    for key in keys:
+        if not any(r == key or key.startswith(r + ".") or r.startswith(key + ".") for r in reads):
+            near = difflib.get_close_matches(key, sorted(reads), n=1)
+            out.append(doc.diag("OOB112", f"--set {key}: no template in the spec reads it", severity="warning",
+                                hint=f"did you mean '{near[0]}'?" if near else None))
+    return out
+
+
+def _templates(value: Any, depth: int = 0) -> list[str]:
+    if isinstance(value, str):
+        return [value] if any(m in value for m in _MARKERS) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [t for _k, v in items for t in _templates(v, depth + 1)] if depth <= MAX_DEPTH else []
+
+
+def _reads(template: nodes.Template) -> set[str]:
+    """Dotted names a template reads: `a.b`, `a["b"]` and bare `a`, longest chains only."""
+    chains = {id(n): _chain(n) for n in template.find_all((nodes.Name, nodes.Getattr, nodes.Getitem))}
+    inner = {id(n.node) for n in template.find_all((nodes.Getattr, nodes.Getitem)) if chains[id(n)]}
+    return {c for i, c in chains.items() if c and i not in inner}
+
+
+def _chain(node: nodes.Node) -> str | None:
+    if isinstance(node, nodes.Name):
+        return node.name
+    if isinstance(node, nodes.Getattr):
+        key = node.attr
+    elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        key = node.arg.value
+    else:
+        return None
+    base = _chain(node.node)
+    return f"{base}.{key}" if base else None
 
 
 class _Dumper(yaml.SafeDumper):

@@ -63,7 +63,7 @@ def plan_text(plan: Plan) -> str:
     out.append("")
     out.append("start order: " + " -> ".join("[" + ", ".join(w) + "]" for w in plan.waves))
     if plan.changes:
-        out.append("steps: " + " -> ".join(_step_text(s) for s in plan.steps))
+        out.append("steps: " + " -> ".join(f"{n}. {_stage_text(stage)}" for n, stage in enumerate(plan.stages(), 1)))
     if plan.servers:
         out.append("")
         out.append(table(["ACTOR", "REPLICA", "SERVER", "PROTOCOL", "ENDPOINT"],
@@ -86,10 +86,11 @@ def plan_text(plan: Plan) -> str:
     return "\n".join(out)
 
 
-def _step_text(step) -> str:
-    if step.actor is None:
-        return str(step.kind)
-    return f"{step.kind} {step.actor}[{','.join(map(str, step.replicas))}]"
+def _stage_text(stage: list) -> str:
+    """`start a[0], b[0,1]`, as apply reports the stage."""
+    if stage[0].actor is None:
+        return str(stage[0].kind)
+    return f"{stage[0].kind} " + ", ".join(f"{s.actor}[{','.join(map(str, s.replicas))}]" for s in stage)
 
 
 def endpoints_text(endpoints: dict[str, dict[str, list[str]]]) -> str:
@@ -106,7 +107,7 @@ def status_text(status: dict) -> str:
         out[-1:] = [f"last apply stopped at {last['step']}: {last['cause']}",
                     f"  new version: {', '.join(last['new']) or '-'}; previous version: {', '.join(last['old']) or '-'}",
                     ""]
-    rows = [[r["name"], r["state"], r["restarts"], r["pid"] or "-", (r["node_id"] or "-")[:12],
+    rows = [[r["name"], r["state"], _restarts(r), r["pid"] or "-", (r["node_id"] or "-")[:12],
              " ".join(r["endpoints"].values()) or "-"] for r in status["replicas"]]
     out.append(table(["ACTOR", "STATE", "RESTARTS", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")
     if status["links"]:
@@ -118,7 +119,50 @@ def status_text(status: dict) -> str:
                          last["version"] if last else "-", size(last["bytes"]) if last else "-",
                          f"{last['gbps']:.2f}" if last else "-"])
         out.append(table(["LINK", "FROM", "TO", "TRANSPORT", "VERSION", "BYTES", "GB/S"], rows))
+    out += metrics_lines(status["metrics"] if "metrics" in status else [])
     return "\n".join(out)
+
+
+def metrics_lines(endpoints: list[dict]) -> list[str]:
+    """Where Prometheus scrapes the `ray_oob_*` series: each node's Ray metrics export."""
+    return [""] + [f"metrics: {m['url']}" for m in endpoints] if endpoints else []
+
+
+def _number(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+
+
+def _links_cell(links: list[dict]) -> str:
+    cells = []
+    for x in links:
+        text = f"{x['link']} v{x['version']}"
+        if x["role"] == "source":
+            text += f" {x['gbps']:.2f} GB/s" if x["gbps"] is not None else ""
+            text += f" {x['pushes_per_s']:.1f} push/s" if x["pushes_per_s"] else ""
+        cells.append(text)
+    return ", ".join(cells) or "-"
+
+
+def watch_text(view: dict) -> str:
+    """One refresh of `oob status --watch`: per replica, rates since the previous refresh."""
+    health = "healthy" if view["healthy"] else "NOT healthy"
+    head = f"deployment {view['name']}: {health}, {view['time']} (every {view['interval']:g}s, Ctrl-C to stop)"
+    rows = [[r["name"], r["state"], _number(r["req_per_s"]) if r["metrics"] or r["state"] != "alive" else "off",
+             _number(r["p50_ms"], " ms"), _number(r["p99_ms"], " ms"), _number(r["errors_4xx_per_s"]),
+             _number(r["errors_5xx_per_s"]), r["requests"] if r["requests"] is not None else "-",
+             _links_cell(r["links"])] for r in view["replicas"]]
+    body = table(["REPLICA", "STATE", "REQ/S", "P50", "P99", "4XX/S", "5XX/S", "REQUESTS", "LINKS"], rows)
+    return "\n".join([head, body, *metrics_lines(view["metrics"])])
+
+
+def _restarts(row: dict) -> str:
+    """The actor's restarts, and its wrapped command's (JSON: `process.starts`)."""
+    process = row["process"] if "process" in row else None
+    if not process:
+        return str(row["restarts"])
+    return f"{row['restarts']} (command: {process['starts'] - 1})"
 
 
 def deployments_text(found: list[dict]) -> str:
@@ -126,3 +170,12 @@ def deployments_text(found: list[dict]) -> str:
         return "(no deployments)"
     return table(["NAME", "NAMESPACE", "ALIVE", "ADDRESS"],
                  [[d["name"], d["namespace"], f"{d['alive']}/{d['replicas']}", d["address"]] for d in found])
+
+
+def history_text(found: dict) -> str:
+    """`oob history`: one row per revision, oldest first, as `helm history` lists releases."""
+    import time
+    rows = [[r["number"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if r["time"] else "-",
+             r["by"] or "-", r["digest"], r["result"], "*" if r["current"] else "",
+             (r["note"] or "apply") + (f": {r['message']}" if r["message"] else "")] for r in found["revisions"]]
+    return table(["REVISION", "TIME", "BY", "DIGEST", "RESULT", "CURRENT", "DESCRIPTION"], rows)

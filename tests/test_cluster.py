@@ -223,7 +223,7 @@ def test_logs_and_failed_apply(cluster, project):
     """))
     failed = oob("apply", bad, "--address", addr, check=False)
     assert failed.returncode == 1
-    assert ("error: apply stopped at step 2/2 (start broken[0], fine[0]): actor broken-0 failed to start: "
+    assert ("error: apply stopped at step 1/1 (start broken[0], fine[0]): actor broken-0 failed to start: "
             "RuntimeError: config file /etc/missing.conf not found") in failed.stderr, failed.stderr
     assert "about to fail: checking the config" in failed.stderr  # the tail of its log
     assert 'apps.py", line' in failed.stderr and "/oobspec/" not in failed.stderr  # the user's frames only

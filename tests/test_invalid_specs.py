@@ -25,9 +25,9 @@ EXPECT = re.compile(r"^# expect: (OOB\d{3}) (\d+):(\d+)\s*$")
 
 # Every rule code the checker emits; the corpus must exercise each one.
 ALL_CODES = {
-    "OOB100", "OOB101", "OOB102", "OOB103", "OOB110", "OOB111", "OOB120", "OOB121", "OOB122", "OOB123",
+    "OOB100", "OOB101", "OOB102", "OOB103", "OOB110", "OOB111", "OOB120", "OOB121", "OOB122", "OOB123", "OOB130",
     "OOB201", "OOB202", "OOB203", "OOB204", "OOB205", "OOB206", "OOB207",
-    "OOB301", "OOB302", "OOB303", "OOB304", "OOB305", "OOB306", "OOB307", "OOB308", "OOB310", "OOB311", "OOB312",
+    "OOB301", "OOB302", "OOB303", "OOB304", "OOB305", "OOB306", "OOB307", "OOB308", "OOB310", "OOB311", "OOB312", "OOB313",
     "OOB401", "OOB402", "OOB403", "OOB404", "OOB405",
     "OOB501", "OOB502", "OOB503", "OOB504",
 }

@@ -110,7 +110,7 @@ def test_rolling_update_answers_every_request_and_replaces_every_replica(deploye
     before = alive_pids(ray_head, "roll")
     plan = oob("plan", spec("v2"), "--address", ray_head).stdout
     assert "~ replace  chat [0,1]  (spec changed; rolling, no downtime)" in plan, plan
-    assert "steps: roll chat[0] -> roll chat[1]" in plan, plan
+    assert "steps: 1. roll chat[0] -> 2. roll chat[1]" in plan, plan
     with client_loop(tmp_path, http, rpc) as seen:
         update = oob("apply", spec("v2"), "--address", ray_head)
         time.sleep(1)

@@ -53,7 +53,7 @@ from oobspec.replica.buffers import Allocation
 from oobspec.replica.links import Links
 from oobspec.replica.grpc_server import start_grpc
 from oobspec.replica.http_server import start_http
-from oobspec.replica.servers import Signature, _to_bool, dumps, free_port, token_from_env, wait_connectable
+from oobspec.replica.servers import Signature, dumps, free_port, token_from_env, wait_connectable
 from oobspec.control.state import ActorRecord
 from oobspec.transports import TransportError, Topology, choose, get_transport, object_store, shm
 from oobspec.transports.auto import is_gpu
@@ -205,24 +205,30 @@ def in_shm(name: str) -> bool:
 # --- servers.py: signatures, encoding, tokens -------------------------------------------------
 
 
-def test_signature_of_reads_required_allowed_converters_and_asyncness():
+def typed_names(sig: Signature) -> list[str]:
+    return [name for name, _ in sig.typed.adapters] if sig.typed is not None else []
+
+
+def test_signature_of_reads_required_allowed_typed_parameters_and_asyncness():
     add, scale, echo = Signature.of(Svc().add), Signature.of(Svc().scale), Signature.of(Svc().echo)
-    assert (add.required, add.allowed, add.converters, add.is_async) == ({"a"}, {"a", "b"}, {"a": int, "b": int}, True)
+    assert (add.required, add.allowed, typed_names(add), add.is_async) == ({"a"}, {"a", "b"}, ["a", "b"], True)
     assert (scale.required, scale.allowed, scale.is_async) == ({"x"}, {"x", "twice"}, False)
-    assert scale.converters == {"x": float, "twice": _to_bool}  # string annotations are resolved
-    assert (echo.required, echo.allowed, echo.converters) == (frozenset(), None, {})  # **kwargs: anything goes
+    assert scale.hints == {"x": float, "twice": bool}  # string annotations are resolved
+    assert (echo.required, echo.allowed, echo.typed) == (frozenset(), None, None)  # **kwargs: anything goes
 
     def keyword_only(*, k: int, unknown: NoSuchType = None):  # noqa: F821 - an annotation that does not resolve
         pass
     fallback = Signature.of(keyword_only)
     assert (fallback.required, fallback.allowed) == ({"k"}, {"k", "unknown"})
-    assert fallback.converters == {"k": int}  # one unresolved annotation costs only its own parameter
+    assert typed_names(fallback) == ["k"]  # one unresolved annotation costs only its own parameter
 
 
 def test_optional_numbers_and_booleans_are_converted_too():
     def price(qty: int | None = None, rate: typing.Optional[float] = None, cheap: bool | None = None):
         pass
-    assert Signature.of(price).converters == {"qty": int, "rate": float, "cheap": _to_bool}
+    kwargs = {"qty": "3", "rate": "2.5", "cheap": "yes"}
+    assert Signature.of(price).typed.convert(kwargs) is None
+    assert kwargs == {"qty": 3, "rate": 2.5, "cheap": True}
 
 
 def test_signature_problem_names_missing_then_unexpected_arguments():
@@ -237,13 +243,15 @@ def test_signature_problem_names_missing_then_unexpected_arguments():
 
 @pytest.mark.parametrize("text,value", [("1", True), ("TRUE", True), ("yes", True), ("On", True),
                                         ("0", False), ("false", False), ("No", False), ("off", False)])
-def test_to_bool(text, value):
-    assert _to_bool(text) is value
+def test_bool_from_text(text, value):
+    kwargs = {"twice": text}
+    assert Signature.of(Svc().scale).typed.convert(kwargs) is None and kwargs["twice"] is value
 
 
-def test_to_bool_refuses_anything_else():
-    with pytest.raises(ValueError, match="'maybe' is not a boolean"):
-        _to_bool("maybe")
+def test_bool_from_text_refuses_anything_else():
+    assert Signature.of(Svc().scale).typed.convert({"twice": "maybe"}) == [
+        {"loc": ["query", "twice"], "msg": "Input should be a valid boolean, unable to interpret input",
+         "type": "bool_parsing"}]
 
 
 def test_dumps_is_compact_json_of_numpy_sets_tuples_and_models():
@@ -300,8 +308,10 @@ def test_http_arguments_conversions_and_result_types():
     ("POST", "/add", {"json": [1, 2]}, 400, "request body must be a JSON object of keyword arguments"),
     ("POST", "/add", {"json": {"b": 1}}, 400, "missing argument: a"),
     ("POST", "/add", {"json": {"a": 1, "c": 2}}, 400, "unexpected argument: c"),
-    ("POST", "/add?a=x", {}, 400, "invalid literal for int() with base 10: 'x'"),
-    ("GET", "/scale?x=1&twice=maybe", {}, 400, "'maybe' is not a boolean"),
+    ("POST", "/add?a=x", {}, 422, "invalid arguments: query a: Input should be a valid integer, unable to parse "
+                                  "string as an integer"),
+    ("GET", "/scale?x=1&twice=maybe", {}, 422, "invalid arguments: query twice: Input should be a valid boolean, "
+                                               "unable to interpret input"),
     ("GET", "/nowhere", {}, 404, "Not Found"),
     ("GET", "/", {}, 404, "Not Found"),
     ("GET", "/boom", {}, 500, "internal error"),
@@ -310,8 +320,9 @@ def test_http_errors_are_json(method, path, kwargs, status, error):
     [reply] = call_http([(method, path, kwargs)])
     assert (reply.status, reply.content_type) == (status, "application/json")
     body = reply.json()
-    assert {k: v for k, v in body.items() if k != "id"} == {"error": error, "status": status}
+    assert {k: v for k, v in body.items() if k not in ("id", "detail")} == {"error": error, "status": status}
     assert ("id" in body) == (status == 500)  # a 500's id leads to its traceback in the log
+    assert ("detail" in body) == (status == 422)  # FastAPI's list of what did not validate
 
 
 def test_http_405_names_the_allowed_methods():
@@ -1368,7 +1379,7 @@ def test_plan_text():
                           "  ~ replace  db [1]  (spec changed; stop-first: a wrapped process cannot share its port)", "",
                           "  2 to create, 3 to replace, 0 to delete", ""]
     assert "start order: [db] -> [web, api]" in lines
-    assert "steps: stop db[1] -> start db[1] -> start web[0,1] -> roll api[0] -> roll api[1] -> wire" in lines
+    assert "steps: 1. stop db[1] -> 2. start db[1] -> 3. start web[0,1] -> 4. roll api[0] -> 5. roll api[1] -> 6. wire" in lines
     assert "web    0        http    http      http://127.0.0.1:8080" in lines
     assert "w     db.buf  web.buf  cpu     4.0 KiB x2 (double)  shm        one node" in lines
     assert lines[-1] == "total: 3 actor replicas, 1.5 CPU, 0 GPU, 1.5 GiB memory"
@@ -1498,7 +1509,8 @@ def test_converters_survive_travelling_by_value(tmp_path, monkeypatch):
         cloudpickle.unregister_pickle_by_value(module)
         sys.modules.pop("annot", None)
     assert "Optional" not in copy.get.__globals__
-    assert Signature.of(copy.get).converters == {"n": int, "flag": _to_bool}
+    kwargs = {"n": "7", "flag": "on"}
+    assert Signature.of(copy.get).typed.convert(kwargs) is None and kwargs == {"n": 7, "flag": True}
 
 
 # --- buffers: layout, double buffering, views and tensors ---------------------------------------

@@ -18,7 +18,7 @@ from ..errors import ApplyError, ClusterError, first_line
 from ..models import Spec
 from ..plan import Observed, Plan, make_plan
 from ..contract import ReplicaInfo
-from . import cluster
+from . import cluster, history
 from .executor import Executor
 from .ray_cluster import RayCluster
 from .replicas import Builder
@@ -38,22 +38,53 @@ class Applier:
     def __init__(self, spec: Spec, progress: Progress = _quiet, detached: bool = False):
         self.spec, self.progress, self.detached = spec, progress, detached
         self.builder = Builder(spec, progress)
+        self.given: Revision | None = None  # a recorded revision to deploy again (rollback, restart)
+        self.note = ""  # what `oob history` says of this apply besides its result
+        self.restart: set[str] = set()  # actors whose unchanged replicas are replaced all the same
+
+    @classmethod
+    def of_revision(cls, revision: Revision, progress: Progress, note: str, detached: bool = True) -> "Applier":
+        """An apply of a recorded revision: its spec, its classes and code digests, its folder
+        (which need not exist any more)."""
+        applier = cls(revision.spec_model(), progress, detached)
+        applier.builder = revision.builder(progress)
+        applier.spec, applier.given, applier.note = applier.builder.spec, revision, note
+        return applier
 
     def run(self, timeout: float = 120.0, atomic: bool = False) -> dict[str, dict[str, list[str]]]:
         """Raises ApplyError when a step fails, once every replica that ran before runs again
         (at its old or new version); with `atomic`, once the deployment is back at the revision
         that ran before."""
-        if cluster.is_client():
+        if cluster.is_client() and Path(self.builder.base_dir).is_dir():
             from .remote import package_env
             self.builder.shipped = package_env(self.builder.base_dir)
             self.progress(f"uploaded {self.builder.base_dir} and oobspec to the cluster")
-        plan, observed, self.builder.code = plan_on_cluster(self.spec, self.builder.base_dir)
+        plan, observed, self.builder.code = plan_on_cluster(self.spec, self.builder.base_dir,
+                                                            self.given.code if self.given else None, self.restart)
         for action in plan.changes:
             self.progress(f"{action.kind} {action.actor} [{','.join(map(str, action.replicas))}]: {action.describe()}")
         ray_cluster = RayCluster(self.spec.namespace, timeout)
-        previous = ray_cluster.current()
-        revision = self._revision()
-        ray_cluster.save_revision(revision)  # before any start: a replica can always be restored
+        previous, was = ray_cluster.current(), history.current_number(self.spec.namespace)
+        revision = self.given or self._revision()
+        # Recorded before any start: a replica can always be restored.
+        number = history.begin(self.spec.namespace, revision, self.note)
+        try:
+            self._execute(plan, observed, ray_cluster, (previous, was), timeout, atomic)
+        except ApplyError as exc:
+            history.finish(self.spec.namespace, number, first_line(str(exc), "failed"))
+            raise
+        except BaseException:
+            history.finish(self.spec.namespace, number, "interrupted", quiet=True)
+            raise
+        history.finish(self.spec.namespace, number, None)
+        history.set_current(self.spec.namespace, revision, number)
+        cluster.put_meta(self.spec.namespace, "spec", self.spec.record())
+        cluster.put_meta(self.spec.namespace, "last-apply", {"ok": True, "revision": revision.digest,
+                                                             "time": time.time()})
+        return self.builder.endpoints
+
+    def _execute(self, plan: Plan, observed: Observed, ray_cluster: RayCluster,
+                 previous: tuple[Revision | None, int | None], timeout: float, atomic: bool) -> None:
         executor = Executor(self.spec, self.builder, ray_cluster, self.progress, self.detached, timeout)
         executor.observed(running(observed))
         try:
@@ -72,11 +103,6 @@ class Applier:
             if removed:
                 self.progress(f"removed what this apply started: {', '.join(removed)}")
             raise
-        ray_cluster.set_current(revision)
-        cluster.put_meta(self.spec.namespace, "spec", self.spec.record())
-        cluster.put_meta(self.spec.namespace, "last-apply", {"ok": True, "revision": revision.digest,
-                                                             "time": time.time()})
-        return self.builder.endpoints
 
     def _revision(self) -> Revision:
         for name, actor in self.spec.actors.items():
@@ -84,9 +110,12 @@ class Applier:
                 self.builder.actor_class(name)  # imports it (an error now, before anything stops)
         return Revision.of(self.spec, self.builder.base_dir, self.builder.code, self.builder.pickles)
 
-    def _roll_back(self, previous: Revision | None, ran_before: bool, first: str, log_tail: str, timeout: float) -> None:
-        """--atomic: every actor back at the revision that ran before, through the same rolling
-        path (or, when nothing ran before, nothing left). `first`: where and why the apply stopped."""
+    def _roll_back(self, before: tuple[Revision | None, int | None], ran_before: bool, first: str, log_tail: str,
+                   timeout: float) -> None:
+        """--atomic: every actor back at the revision that ran before (and its number in the
+        history), through the same rolling path (or, when nothing ran before, nothing left).
+        `first`: where and why the apply stopped."""
+        previous, number = before
         if not ran_before:
             self.progress("--atomic: nothing ran before this apply; removing what it started")
             cluster.delete_all(self.spec.name)
@@ -106,7 +135,7 @@ class Applier:
             executor.execute(plan)
         except ApplyError as exc:
             raise ApplyError(f"{first}; --atomic: the roll-back failed too: {exc}", log_tail) from None
-        RayCluster(self.spec.namespace, timeout).set_current(previous)
+        history.set_current(self.spec.namespace, previous, number)
         raise ApplyError(f"{first}; --atomic: rolled back, every actor runs revision {previous.digest} again",
                          log_tail) from None
 
@@ -133,15 +162,16 @@ def handling_signals(handler) -> Iterator[None]:
             signal.signal(s, old)
 
 
-def plan_on_cluster(spec: Spec, base_dir: Path, code: dict[str, str] | None = None) -> tuple[Plan, Observed, dict[str, str]]:
+def plan_on_cluster(spec: Spec, base_dir: Path, code: dict[str, str] | None = None,
+                    restart: set[str] | None = None) -> tuple[Plan, Observed, dict[str, str]]:
     """The plan against the connected cluster, as `oob plan` shows it and apply carries it out:
-    observed replicas, node count, code versions."""
+    observed replicas, node count, code versions; `restart`: actors replaced even if unchanged."""
     import ray
     observed = cluster.observe(spec.namespace)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     code = code_versions(spec, base_dir) if code is None else code
     single = spec.ray.placement == "STRICT_PACK" or len(nodes) == 1
-    return make_plan(spec, observed, single_node=single, code=code), observed, code
+    return make_plan(spec, observed, single_node=single, code=code, restart=restart), observed, code
 
 
 def code_versions(spec: Spec, base_dir: Path) -> dict[str, str]:

@@ -5,16 +5,18 @@ CLI to print; none of them prints, but for warnings on stderr (symlinks an uploa
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
-from ..errors import ClusterError, OobError, last_line
+from ..errors import ClusterError, OobError, UsageError, last_line
 from ..models import Spec
 from ..plan import Plan, make_plan
 from . import cluster, remote, state
-from ..contract import Ref, ReplicaInfo, namespace_of, replica_name, split_name
+from ..contract import Ref, ReplicaInfo, host_port, namespace_of, replica_name, split_name
 from .cluster import INFO_TIMEOUT, get_meta, handle, infos, session, stored_spec
 
 
@@ -64,26 +66,46 @@ def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo 
 
 
 def status(name: str, address: str | None) -> dict:
-    namespace = namespace_of(name)
     with session(name, address):
-        meta = stored_spec(namespace)
-        records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
-        live = [n for n, r in records.items() if r.state != "DEAD"]
-        if meta is None and not live:
-            raise ClusterError(f"no deployment '{name}' in this cluster")
-        names = declared(meta) + sorted(set(live) - set(declared(meta)))
-        details = infos(namespace, [n for n in names if n in records and records[n].state == "ALIVE"])
-        replicas = [_replica_row(n, records.get(n), details.get(n)) for n in names]
-        links = []
-        for row in replicas:
-            info = details.get(row["name"])
-            for lname, stats in (info.links if info else {}).items():
-                link = next((x for x in meta.links if x.name == lname), None) if meta else None
-                links.append({"name": lname, "from": link.from_ if link else f"{row['actor']}.?",
-                              "to": list(link.to) if link else [],
-                              "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
-        return {"name": name, "namespace": namespace, "healthy": all(r["healthy"] for r in replicas),
-                "replicas": replicas, "links": links, "last_apply": get_meta(namespace, "last-apply")}
+        return observe_status(name).status
+
+
+class Observation(NamedTuple):
+    status: dict  # what `oob status -o json` prints
+    infos: dict[str, ReplicaInfo | None]  # each live replica's answer (None: it did not answer)
+    spec: Spec | None  # the applied spec
+
+
+def observe_status(name: str, timeout: float = INFO_TIMEOUT) -> Observation:
+    """One look at a deployment, connected: Ray's records, each replica's answer, the applied spec."""
+    namespace = namespace_of(name)
+    meta = stored_spec(namespace)
+    records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
+    live = [n for n, r in records.items() if r.state != "DEAD"]
+    if meta is None and not live:
+        raise ClusterError(f"no deployment '{name}' in this cluster")
+    names = declared(meta) + sorted(set(live) - set(declared(meta)))
+    details = infos(namespace, [n for n in names if n in records and records[n].state == "ALIVE"], timeout)
+    replicas = [_replica_row(n, records.get(n), details.get(n)) for n in names]
+    links = []
+    for row in replicas:
+        info = details.get(row["name"])
+        for lname, stats in (info.links if info else {}).items():
+            link = next((x for x in meta.links if x.name == lname), None) if meta else None
+            links.append({"name": lname, "from": link.from_ if link else f"{row['actor']}.?",
+                          "to": list(link.to) if link else [],
+                          "transport": "/".join(stats["transports"]) or "-", "last_push": stats["last_push"]})
+    result = {"name": name, "namespace": namespace, "healthy": all(r["healthy"] for r in replicas),
+              "replicas": replicas, "links": links, "last_apply": get_meta(namespace, "last-apply"),
+              "metrics": metrics_endpoints()}
+    return Observation(result, details, meta)
+
+
+def metrics_endpoints() -> list[dict]:
+    """Where Prometheus scrapes each live node: Ray's metrics export port (`ray_oob_*` among its series)."""
+    import ray
+    return sorted(({"node_id": n["NodeID"], "url": f"http://{host_port(n['NodeManagerAddress'], n['MetricsExportPort'])}/metrics"}
+                   for n in ray.nodes() if n["Alive"] and n["MetricsExportPort"]), key=lambda m: m["url"])
 
 
 def deployments(address: str | None) -> list[dict]:
@@ -146,6 +168,20 @@ class _Source:
         if record is not None and record.worker_id and record.worker_id != self.worker:
             self.worker, self.files, self.offsets = record.worker_id, state.log_files(record), [0, 0]
 
+    def start_at(self, since: float) -> None:
+        """Skip what was written before `since` (time.time()): where the replica's marks say its
+        files stood then; for one that cannot answer, its files' times."""
+        import ray
+        try:
+            got = ray.get(handle(self.name, self.namespace)._oob_log_offsets.remote(since), timeout=INFO_TIMEOUT)
+            self.offsets[:len(got)] = got
+        except Exception:
+            for i, path in enumerate(self.files):
+                try:
+                    self.offsets[i] = os.path.getsize(path) if os.path.getmtime(path) < since else 0
+                except OSError:
+                    continue
+
     def read(self) -> list[str]:
         """What is new since the last read; `self.moved` says whether any bytes were read."""
         before = list(self.offsets)
@@ -173,31 +209,59 @@ class _Source:
         return [text for _o, text in got]
 
 
-def logs(name: str, actor: str | None, follow: bool, address: str | None) -> Iterator[str]:
+def parse_duration(text: str) -> float:
+    """`--since` as kubectl and docker take it: 30s, 5m, 2h, 1d (a bare number: seconds)."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", text)
+    if not match:
+        raise UsageError(f"--since {text}: not a duration (write it as 30s, 5m, 2h or 1d)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _log_sources(name: str, namespace: str, actor: str | None) -> list[_Source]:
+    records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
+    meta = stored_spec(namespace)
+    live = {n for n, r in records.items() if r.state != "DEAD"}  # dead ones only when declared
+    names = declared(meta) + sorted(live - set(declared(meta))) if meta else sorted(live)
+    if not names:
+        raise ClusterError(f"no deployment '{name}' in this cluster")
+    if actor:
+        names = [n for n in names if n == actor or split_name(n)[0] == actor]
+        if not names:
+            raise ClusterError(f"deployment '{name}' has no actor '{actor}'")
+    return [_Source(n, namespace, records.get(n)) for n in names]
+
+
+def _new_text(source: _Source) -> Iterator[str]:
+    while True:  # to the end of what is there now (a read takes 4 MiB at most)
+        for text in source.read():
+            if text:
+                yield text
+        if not source.moved:
+            return
+
+
+def logs(name: str, actor: str | None, follow: bool, address: str | None, tail: int | None = None,
+         since: float | None = None) -> Iterator[str]:
+    """Each replica's output. `tail`: only the last N lines of what each wrote so far; `since`:
+    only what it wrote in the last that many seconds (to within a second)."""
     namespace = namespace_of(name)
     with session(name, address):
-        records = {n: r for n, r in state.actor_records(namespace).items() if not n.startswith("_oob")}
-        meta = stored_spec(namespace)
-        live = {n for n, r in records.items() if r.state != "DEAD"}  # dead ones only when declared
-        names = declared(meta) + sorted(live - set(declared(meta))) if meta else sorted(live)
-        if not names:
-            raise ClusterError(f"no deployment '{name}' in this cluster")
-        if actor:
-            names = [n for n in names if n == actor or split_name(n)[0] == actor]
-            if not names:
-                raise ClusterError(f"deployment '{name}' has no actor '{actor}'")
-        sources = [_Source(n, namespace, records.get(n)) for n in names]
-        prefix = len(sources) > 1
+        sources = _log_sources(name, namespace, actor)
+        for source in sources if since is not None else ():
+            source.start_at(time.time() - since)
+        prefix, first = len(sources) > 1, True
         while True:
             for source in sources:
-                while True:  # to the end of what is there now (a read takes 4 MiB at most)
-                    for text in source.read():
-                        if text:
-                            yield "".join(f"[{source.name}] {line}\n" for line in text.splitlines()) if prefix else text
-                    if not source.moved:
-                        break
+                chunks = _new_text(source)
+                if first and tail is not None:
+                    lines = "".join(chunks).splitlines(keepends=True)
+                    chunks = ["".join(lines[-tail:] if tail else [])]
+                for text in chunks:
+                    if text:
+                        yield "".join(f"[{source.name}] {line}\n" for line in text.splitlines()) if prefix else text
             if not follow:
                 return
+            first = False
             time.sleep(0.5)
             records = state.actor_records(namespace)
             for source in sources:

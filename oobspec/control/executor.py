@@ -80,22 +80,16 @@ class Steps:
     """Walks a plan's steps in order and hands each to the method of its kind."""
 
     def run_steps(self, plan: Plan) -> None:
-        steps, i = plan.steps, 0
-        while i < len(steps):
-            if steps[i].kind == StepKind.START:  # one wave's starts go together
-                j = i
-                while j < len(steps) and steps[j].kind == StepKind.START and steps[j].wave == steps[i].wave:
-                    j += 1
-                self.begin(steps[i:j], j, len(steps))
-                self.start(steps[i:j])
-                i = j
-                continue
-            self.begin([steps[i]], i + 1, len(steps))
-            getattr(self, steps[i].kind.value)(steps[i])
-            i += 1
+        stages = plan.stages()  # numbered as `oob plan` lists them: 1..N, none skipped
+        for number, stage in enumerate(stages, 1):
+            self.begin(stage, number, len(stages))
+            if stage[0].kind == StepKind.START:  # one wave's starts go together
+                self.start(stage)
+            else:
+                getattr(self, stage[0].kind.value)(stage[0])
 
-    def begin(self, steps: list[Step], done: int, total: int) -> None:
-        """Called before each step (one wave's starts together): `done` of `total` after it."""
+    def begin(self, steps: list[Step], number: int, total: int) -> None:
+        """Called before each stage (one wave's starts together): stage `number` of `total`."""
 
     def stop(self, step: Step) -> None: ...
     def place(self, step: Step) -> None: ...
@@ -189,12 +183,10 @@ class Executor(Steps):
 
     # --- steps ---
 
-    def begin(self, steps: list[Step], done: int, total: int) -> None:
+    def begin(self, steps: list[Step], number: int, total: int) -> None:
         what = ", ".join(f"{s.actor}[{','.join(map(str, s.replicas))}]" if s.actor else "" for s in steps)
-        self._step = f"step {done}/{total} ({steps[0].kind} {what})".replace(" )", ")")
-        if steps[0].kind in (StepKind.WIRE, StepKind.UPDATE):
-            return  # quick, and they report what they did themselves
-        self.progress(f"step {done}/{total}: {steps[0].kind} {what}".rstrip())
+        self._step = f"step {number}/{total} ({steps[0].kind} {what})".replace(" )", ")")
+        self.progress(f"step {number}/{total}: {steps[0].kind} {what}".rstrip())
 
     def stop(self, step: Step) -> None:
         actor = self.spec.actors.get(step.actor)

@@ -6,6 +6,7 @@ started and exits 130; once running in the foreground it tears everything down a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,12 +26,18 @@ def _interrupt(_signum, _frame):
 
 def apply_cli(spec: Spec, address: str | None, timeout: float, atomic: bool = False) -> None:
     from rich.console import Console
-    console = Console(stderr=True, highlight=False)
+
+    from .jobs import WARNED_ENV
+    # No wrapping at the console's width (80 in a pipe or a CI log): a `file:line:col: CODE` line
+    # stays one line for grep and CI annotations; a terminal wraps long lines itself.
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False, soft_wrap=True)
     progress = lambda msg: console.print(f"[dim]·[/dim] {msg}")  # noqa: E731
     explicit = explicit_address(address, spec.ray.address)
-    for warning in preflight(spec, explicit):
-        console.print(str(warning), markup=False)
+    warnings = preflight(spec, explicit)
+    if not os.environ.pop(WARNED_ENV, None):  # a Ray Jobs apply: the user's side printed them
+        for warning in warnings:
+            console.print(str(warning), markup=False)
     import ray
     if explicit:
         with handling_signals(_interrupt):

@@ -19,6 +19,7 @@ from ..models import Spec
 SPEC_ENV = "OOB_RENDERED_SPEC"
 SPEC_PLACEHOLDER = "{spec}"
 SPEC_FILE = ".oob-spec.yaml"
+WARNED_ENV = "OOB_LINT_WARNINGS_SHOWN"  # the job's apply leaves out what the user's side printed
 
 
 def jobs_address(address: str | None, spec: Spec | None = None) -> str | None:
@@ -62,6 +63,8 @@ def forward(url: str, argv: list[str], spec: Spec | None = None) -> int:
     if spec is not None:
         from ..render import to_yaml
         folder = spec._source.base_dir
+        if argv[0] == "apply":  # printed above with the user's own file:line: not again from the job
+            env_vars[WARNED_ENV] = "1"
         up = scan(folder)
         check_cap(up)
         print(f"· uploading {up.describe()} as the job's working_dir, with oobspec", file=sys.stderr)

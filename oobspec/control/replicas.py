@@ -59,6 +59,7 @@ class Builder:
             deployment=self.spec.name, namespace=self.spec.namespace, actor=name, replica=index,
             replicas=actor.replicas, config_hash=config_hash(self.spec, name), code_hash=self.code.get(name, ""),
             restarts=actor.restarts, command=list(actor.command) if actor.command else None,
+            cwd=actor.cwd or ".", spec_dir=None if self.shipped else str(self.base_dir.resolve()),
             servers=[s.model_copy(update={"port": s.port + index if s.port else 0, "when": None}) for s in actor.servers],
             endpoints=endpoints, buffers=dict(actor.buffers),
             # A stand-in takes no part in links: its buffers are its own, not the replica's segments.

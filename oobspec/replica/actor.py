@@ -1,20 +1,18 @@
 """What runs inside each replica: the user's class, extended with oob's own methods.
 
 The Ray actor class is a subclass of the user's class, so the handle exposes the user's own
-methods (`handle.increment.remote()`). Its `__init__` runs the user's `__init__` (sync or
-async) and then starts the servers on the actor's event loop. Ray re-runs `__init__` on a
-restart, so a restarted replica brings its servers back on the same ports.
+methods (`handle.increment.remote()`). Its `__init__` runs the user's `__init__` (sync or async),
+starts the servers on the actor's event loop, then the class's `on_start()`. Ray re-runs
+`__init__` on a restart, so a restarted replica brings its servers back on the same ports.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import importlib
 import inspect
 import logging
 import os
-import shutil
 import signal
 import sys
 import traceback
@@ -24,6 +22,7 @@ from .. import ray_private
 from . import launch
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, endpoint_env, set_current
+from .hooks import LogMarks, call_hook, log_files
 from .metrics import Metrics
 from .grpc_server import start_grpc
 from .http_server import start_http
@@ -135,7 +134,8 @@ class OobMixin:
             gpu_uuid=links.gpu_uuid() if links else None, process=process.describe() if process else None,
             links=links.stats() if links else {}, versions=dict(ctx.versions) if ctx else {},
             draining=any(r.draining for r in getattr(self, "_oob_servers", [])),
-            ports={s.name: port for s in cfg.servers if (port := self._oob_port(s.name))})
+            ports={s.name: port for s in cfg.servers if (port := self._oob_port(s.name))},
+            stats=self._oob_metrics.stats())
 
     async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
         """Scaling in place: this actor's replica count and its peers' endpoints, live. Calls the
@@ -153,12 +153,18 @@ class OobMixin:
 
     async def _oob_stop(self, drain: float = 0.0, hand_over: bool = False) -> None:
         """Graceful stop before the actor is killed. With `drain`: health turns unhealthy, the
-        servers stop accepting and finish in-flight requests (`drain` seconds at most); with
+        servers stop accepting, the class's `on_stop()` runs (once) and in-flight requests
+        finish (`drain` seconds at most); with
         `hand_over`, new connections go to the successor sharing the port first."""
         process = getattr(self, "_oob_process", None)
         servers, self._oob_servers = getattr(self, "_oob_servers", []), []
-        results = await asyncio.gather(*(r.drain(drain, hand_over) for r in servers), return_exceptions=True)
-        for error in results:
+        drained = asyncio.gather(*(r.drain(drain, hand_over) for r in servers), return_exceptions=True)
+        while not all(r.draining for r in servers) and not drained.done():
+            await asyncio.sleep(0.01)  # no longer accepting: on_stop runs while in-flight work finishes
+        if getattr(self, "_oob_failed", True) is None and "_oob_stopped" not in vars(self):
+            self._oob_stopped = True  # once, however often a stop is asked for
+            await call_hook(self, "on_stop", raising=False)
+        for error in await drained:
             if isinstance(error, BaseException):
                 log.debug("server stop failed: %s", error)
         if process is not None:
@@ -175,7 +181,10 @@ class OobMixin:
             running.steer(0)
 
     async def _oob_log_files(self) -> list[str]:
-        return [p for p in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in (1, 2)) if os.path.isfile(p)]
+        return log_files()
+
+    async def _oob_log_offsets(self, since: float) -> list[int]:  # `oob logs --since`
+        return self._oob_marks.offsets(since)
 
     async def _oob_read_logs(self, offsets: list[int]) -> list[tuple[int, str]]:
         """New output of this replica since `offsets` (one per log file): [(new offset, text)]."""
@@ -236,14 +245,18 @@ async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
     self._oob_servers = []
     self._oob_failed = None
     self._oob_metrics = Metrics(cfg.deployment, cfg.actor, cfg.replica)
+    self._oob_marks = LogMarks.started(log_files())
     try:
         if _was_restarted():
             self._oob_metrics.restarted()
         self._oob_context = _prepare(cfg)
         await user_start()
         await OobMixin._oob_start(self, cfg)
+        await call_hook(self, "on_start")  # its servers are up; the replica is not ready until it returns
     except Exception as exc:
         self._oob_failed = exc
+        for running in self._oob_servers:  # an on_start that failed: its servers take no traffic
+            await running.stop(0)
         # The user's frames only: ours say nothing about what to fix.
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_PACKAGE)]
         print("".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(exc)),
@@ -284,8 +297,8 @@ def make_actor_class(user_cls: type) -> type:
 class Supervised:
     """A wrapped program: started, its output sent to the actor's log, restarted, stopped."""
 
-    def __init__(self, argv: list[str], restarts: int, ports: dict[str, int]):
-        self.argv, self.restarts, self.ports = argv, restarts, ports
+    def __init__(self, argv: list[str], restarts: int, ports: dict[str, int], cwd: str | None = None):
+        self.argv, self.restarts, self.ports, self.cwd = argv, restarts, ports, cwd
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.stopping = False
@@ -303,14 +316,12 @@ class Supervised:
 
     async def _spawn(self) -> None:
         self.starts += 1
-        program = shutil.which(self.argv[0])
-        if program is None:
-            raise FileNotFoundError(errno.ENOENT, "no such program (or not executable)", self.argv[0])
+        program = launch.find_program(self.argv[0], self.cwd)
         # Through the launcher, so the program dies with the actor even when Ray SIGKILLs it.
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-S", launch.__file__, str(os.getpid()), program, *self.argv,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=self.cwd)
         print(f"[oob] started {self.argv[0]} (pid {self.proc.pid})", flush=True)
 
     async def _pump(self) -> None:
@@ -369,7 +380,7 @@ class CommandActor:
                 _remember_port(cfg, server.name, ports[server.name])
         first = next(iter(ports.values()), None)
         argv = [a.replace("{port}", str(first)) if first is not None else a for a in cfg.command]
-        self._oob_process = Supervised(argv, cfg.restarts, ports)
+        self._oob_process = Supervised(argv, cfg.restarts, ports, launch.workdir(cfg.spec_dir, cfg.cwd))
         try:
             await self._oob_process.start()
         except OSError as exc:

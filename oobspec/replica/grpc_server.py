@@ -14,6 +14,7 @@ from ..contract import host_port
 from .metrics import Metrics, off
 from .ports import listening_socket
 from .servers import Running, Signature, dumps, failures, token_bytes, token_from_env
+from .typed import summary
 
 # An HTTP status (HTTPError, error_status) as the gRPC code that means the same (google.rpc.Code's
 # own table); any other 4xx is INVALID_ARGUMENT, any other 5xx INTERNAL.
@@ -69,6 +70,11 @@ def _json_method(instance, call: str, where: str, answer):
         problem = sig.problem(kwargs)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if sig.typed is not None:  # as HTTP's JSON bodies: every key is its own argument
+            errors = sig.typed.convert(kwargs, body=kwargs, whole=False)
+            if errors:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, summary(
+                    [{**e, "loc": e["loc"][1:]} for e in errors]))  # (no "body": a request is all body)
         try:
             result = method(**kwargs)
             if sig.is_async:

@@ -1,5 +1,6 @@
 """The HTTP server inside an actor's event loop (aiohttp): routes that call the actor's own
-methods, bearer auth, TLS, load shedding, timeouts, metrics and /-/healthz.
+methods with typed arguments (typed.py), bearer auth, TLS, load shedding, timeouts, metrics,
+/-/healthz and /-/openapi.json (openapi.py).
 
 Every answer that is not the method's own result is JSON `{"error": ..., "status": N}`,
 whatever the request's bytes: a request the handler refuses (4xx), a method that raised (a
@@ -16,18 +17,22 @@ import functools
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import first_line, status_phrase
 from .metrics import Metrics, off
+from .openapi import document_bytes
 from .ports import listening_socket
 from .servers import Running, Signature, _ssl_context, dumps, error_id, failures, token_bytes, token_from_env
+from .typed import summary
 
 log = logging.getLogger("oobspec")
 
 _TIMED_OUT = object()
+_NO_BODY: dict = {}  # (read only)
 _JSON_TYPES = frozenset((dict, list, int, float, bool))
 
 
@@ -48,6 +53,13 @@ def _response(web, result: Any):
 def _error(web, status: int, message: str, ident: str | None = None):
     body = {"error": message, "status": status} if ident is None else {"error": message, "status": status, "id": ident}
     return web.Response(status=status, body=dumps(body), content_type="application/json")
+
+
+def _invalid(web, errors: list[dict]):
+    """422 in FastAPI's shape (`detail`: loc, msg, type of each error), with the "error" and
+    "status" every oob error has."""
+    body = {"detail": errors, "error": summary(errors), "status": 422}
+    return web.Response(status=422, body=dumps(body), content_type="application/json")
 
 
 def _refused(message: str | None) -> str:
@@ -153,32 +165,53 @@ class _Shared:
 
 
 def _arguments(web, sig: Signature, expected: bytes | None):
-    converters = tuple(sig.converters.items())
+    many = sig.typed.many if sig.typed is not None else ()
 
     def arguments(request) -> dict | Any:
-        """Path and query arguments, converted; or the refusal."""
+        """Path and query arguments (text); or the refusal."""
         if expected is not None:
             got = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")  # token_bytes
             if not hmac.compare_digest(got, expected):
                 return _error(web, 401, "missing or wrong bearer token")
         kwargs: dict[str, Any] = dict(request.match_info)
         if request.query_string:
-            kwargs.update(request.query)
-        if converters:
-            try:
-                for name, convert in converters:
-                    if isinstance(kwargs.get(name), str):
-                        kwargs[name] = convert(kwargs[name])
-            except ValueError as exc:
-                return _error(web, 400, str(exc))
+            query = request.query
+            kwargs.update(query)
+            for name in many:  # list[int] & co.: every value of a repeated key
+                if name in query:
+                    kwargs[name] = query.getall(name)
         return kwargs
 
     return arguments
 
 
+def _checker(web, sig: Signature, path: str):
+    """The arguments of one request, complete: the body's merged in, the names checked (400),
+    the typed ones validated and converted (422)."""
+    typed, problem = sig.typed, sig.problem
+    names = frozenset(re.findall(r"\{([^}:]+)", path))  # the path's params: `{key}`, `{key:regex}`
+
+    def checked(kwargs: dict, body) -> dict | Any:
+        if type(body) is not dict:
+            return body  # the body's refusal
+        if body:
+            kwargs.update(body)
+        said = problem(kwargs)
+        if said:
+            return _error(web, 400, said)
+        if typed is not None:
+            errors = typed.convert(kwargs, names, body)
+            if errors:
+                return _invalid(web, errors)
+        return kwargs
+
+    return checked
+
+
 def _body_reader(web):
-    async def body_of(request) -> dict | Any:
-        """The body's keyword arguments; or the refusal (4xx), whatever its bytes or depth."""
+    async def body_of(request, whole: str | None) -> dict | Any:
+        """The body's keyword arguments (whole: the name of the one parameter that takes the
+        whole body); or the refusal (4xx), whatever its bytes or depth."""
         try:
             raw = await request.read()
         except web.HTTPException as exc:  # 413: body larger than max_body
@@ -194,6 +227,8 @@ def _body_reader(web):
             return _error(web, 400, "request body is not valid JSON")
         except RecursionError:
             return _error(web, 400, "request body nests too deeply")
+        if whole is not None:
+            return {whole: body}
         if not isinstance(body, dict):
             return _error(web, 400, "request body must be a JSON object of keyword arguments")
         return body
@@ -204,7 +239,8 @@ def _body_reader(web):
 def _route_handler(web, instance, route, shared: _Shared):
     method = getattr(instance, route.call)
     sig = Signature.of(method)
-    arguments, body_of, answer = _arguments(web, sig, shared.expected), shared.body_of, shared.answer
+    arguments, checked = _arguments(web, sig, shared.expected), _checker(web, sig, route.path)
+    body_of, answer, whole = shared.body_of, shared.answer, sig.typed and sig.typed.whole
     limit, metrics, name, timeout = shared.limit, shared.metrics, shared.server.name, shared.server.timeout
     label, where = route.path, f"{route.call} ({route.method} {route.path})"
 
@@ -217,16 +253,10 @@ def _route_handler(web, instance, route, shared: _Shared):
         start = time.perf_counter()
         try:
             kwargs = arguments(request)
-            if type(kwargs) is dict and request.can_read_body:
-                body = await body_of(request)
-                if type(body) is dict:
-                    kwargs.update(body)
-                else:
-                    kwargs = body
+            if type(kwargs) is dict:
+                kwargs = checked(kwargs, await body_of(request, whole) if request.can_read_body else _NO_BODY)
             if type(kwargs) is not dict:
                 response = kwargs
-            elif problem := sig.problem(kwargs):
-                response = _error(web, 400, problem)
             else:
                 try:
                     result = method(**kwargs)
@@ -304,9 +334,15 @@ def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
             return web.Response(status=503, body=dumps({"status": "draining"}), content_type="application/json")
         return web.Response(body=dumps({"status": "ok"}), content_type="application/json")
 
+    described = document_bytes(instance, server, getattr(metrics, "base", None))  # built once
+
+    async def openapi(request: web.Request) -> web.Response:  # no auth: it describes, it serves nothing
+        return web.Response(body=described, content_type="application/json")
+
     expect = _expect_handler(web)
     app = web.Application(client_max_size=server.max_body)
     app.router.add_get("/-/healthz", healthz, expect_handler=expect)
+    app.router.add_get("/-/openapi.json", openapi, expect_handler=expect)
     for route in server.routes:
         app.router.add_route(route.method, route.path, _route_handler(web, instance, route, shared),
                              expect_handler=expect)

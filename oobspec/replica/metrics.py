@@ -16,6 +16,9 @@ import asyncio
 import bisect
 import logging
 import os
+import time
+
+from ..contract import PushCounts, ReplicaStats
 
 log = logging.getLogger("oobspec")
 
@@ -24,6 +27,16 @@ REQUEST_TAGS = ("deployment", "actor", "replica", "server", "route", "code")
 REPLICA_TAGS = ("deployment", "actor", "replica")
 LINK_TAGS = REPLICA_TAGS + ("link",)
 FLUSH_SECONDS = 1.0
+# gRPC codes that say the server failed (a 5xx's worth); any other code but OK is the client's.
+GRPC_SERVER_ERRORS = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED",
+                                "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"})
+
+
+def error_class(code: str) -> int:
+    """4 for a client's error, 5 for the server's, 0 for an answer (HTTP status or gRPC code name)."""
+    if code.isdigit():
+        return int(code) // 100 if int(code) >= 400 else 0
+    return 0 if code == "OK" else 5 if code in GRPC_SERVER_ERRORS else 4
 
 
 class _Histogram:
@@ -69,6 +82,7 @@ class Metrics:
         self._tags: dict[tuple, dict[str, str]] = {}
         self._requests: dict[tuple, int] = {}
         self._pushed: dict[tuple, int] = {}
+        self._pushed_total: dict[str, int] = {}  # link -> bytes since the start (`stats`)
         self._flusher: asyncio.TimerHandle | None = None
         self.enabled = False
         if os.environ.get("OOB_METRICS", "1").lower() in ("0", "off", "false", "no"):
@@ -108,8 +122,25 @@ class Metrics:
         if self.enabled:
             key = (link,)
             self._pushed[key] = self._pushed.get(key, 0) + nbytes
+            self._pushed_total[link] = self._pushed_total.get(link, 0) + nbytes
             self.push_seconds.observe(key, self._tagged(key, ("link",)), seconds)
             self._schedule()
+
+    def stats(self) -> ReplicaStats | None:
+        """The running totals, as `oob status --watch` reads them (None: metrics are off). A
+        sum over the few (server, route, code) series this replica has seen."""
+        if not self.enabled:
+            return None
+        series = self.request_seconds.totals
+        buckets = [sum(column) for column in zip(*(counts for _tags, counts, _sum in series.values()))]
+        buckets = buckets or [0] * (len(SECONDS) + 1)
+        errors = {0: 0, 4: 0, 5: 0}
+        for (_server, _route, code), (_tags, counts, _sum) in series.items():
+            errors[error_class(code)] += sum(counts)
+        links = {key[0]: PushCounts(sum(counts), self._pushed_total.get(key[0], 0), total)
+                 for key, (_tags, counts, total) in self.push_seconds.totals.items()}
+        return ReplicaStats(at=time.monotonic(), bounds=SECONDS, requests=sum(buckets), client_errors=errors[4],
+                            server_errors=errors[5], buckets=tuple(buckets), links=links)
 
     def restarted(self) -> None:
         if self.enabled:

@@ -14,33 +14,49 @@ import logging
 import os
 import secrets
 import socket
-import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from pydantic_core import to_json, to_jsonable_python
 
 from ..errors import HTTPError
 from .ports import SETTLE, free_port, steer, wait_connectable  # noqa: F401 (re-exported)
+from .typed import Typed
 
 log = logging.getLogger("oobspec")
 
 
+def _unknown(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    return str(value)
+
+
 def _json_default(value: Any) -> Any:
+    """What json cannot encode itself. Only values of those types pay for it: a result of dicts,
+    lists, numbers and strings never reaches pydantic."""
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return value.tolist()
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    return str(value)
+    # pydantic models, dataclasses, dates, enums, UUIDs, Decimals, paths (numpy inside them too)
+    return to_jsonable_python(value, fallback=_unknown)
 
 
 _JSON_TYPES = frozenset((dict, list, int, float, bool))
 _encoder = json.JSONEncoder(default=_json_default, separators=(",", ":"))  # built once, not per response
+_strict = json.JSONEncoder(default=_json_default, separators=(",", ":"), allow_nan=False)
 
 
 def dumps(value: Any) -> bytes:
-    return _encoder.encode(value).encode()
+    text = _encoder.encode(value)
+    if "Infinity" in text or "NaN" in text:  # json's own constants for inf and nan are not JSON
+        try:
+            _strict.encode(value)  # (or the words were inside a string)
+        except ValueError:
+            return to_json(value, inf_nan_mode="null", fallback=_json_default)  # null, as pydantic writes them
+    return text.encode()
 
 
 def token_bytes(text: str) -> bytes:
@@ -67,13 +83,15 @@ class Signature:
 
     required: frozenset
     allowed: frozenset | None  # None: takes **kwargs
-    converters: dict[str, Callable[[str], Any]]
+    typed: Typed | None  # the parameters pydantic checks and converts (None: no such parameter)
     is_async: bool
+    hints: dict[str, Any] = field(default_factory=dict)  # parameter -> its resolved annotation (if any)
+    returns: Any = inspect.Parameter.empty  # the resolved return annotation
 
     @classmethod
     def of(cls, method) -> "Signature":
         sig = inspect.signature(method)
-        required, allowed, converters, var_kw = set(), set(), {}, False
+        required, allowed, hints, var_kw = set(), set(), {}, False
         for p in sig.parameters.values():
             if p.kind is p.VAR_KEYWORD:
                 var_kw = True
@@ -82,11 +100,12 @@ class Signature:
                 allowed.add(p.name)
                 if p.default is p.empty:
                     required.add(p.name)
-                convert = _converter(_annotation(method, p.annotation))
-                if convert is not None:
-                    converters[p.name] = convert
-        return cls(frozenset(required), None if var_kw else frozenset(allowed), converters,
-                   inspect.iscoroutinefunction(method))
+                hint = _annotation(method, p.annotation)
+                if hint is not None and hint is not p.empty:
+                    hints[p.name] = hint
+        returns = _annotation(method, sig.return_annotation)
+        return cls(frozenset(required), None if var_kw else frozenset(allowed), Typed.of(hints),
+                   inspect.iscoroutinefunction(method), hints, sig.empty if returns is None else returns)
 
     def problem(self, kwargs: dict) -> str | None:
         missing = self.required - kwargs.keys()
@@ -101,7 +120,7 @@ class Signature:
 
 def _annotation(method, annotation: Any) -> Any:
     """One parameter's annotation, resolved on its own: a name that does not resolve (an import
-    under TYPE_CHECKING) costs only that parameter its converter, not every parameter."""
+    under TYPE_CHECKING) costs only that parameter its checks, not every parameter."""
     if not isinstance(annotation, str):
         return annotation
     # typing's names too: a class that travelled by value keeps only the globals its code uses,
@@ -111,27 +130,6 @@ def _annotation(method, annotation: Any) -> Any:
         return eval(annotation, names)  # noqa: S307 (the user's own annotation)
     except Exception:
         return None
-
-
-def _converter(annotation: Any) -> Callable[[str], Any] | None:
-    """int, float and bool (also `X | None` / Optional[X]) are converted from text."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if args and len(args) == 1 and typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = args[0]
-    if annotation in (int, float):
-        return annotation
-    if annotation is bool:
-        return _to_bool
-    return None
-
-
-def _to_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"'{text}' is not a boolean")
 
 
 # --- a method that raised ---------------------------------------------------------------
