@@ -89,7 +89,7 @@ def test_http_results_and_arguments(echo):
     ("POST", "/add", {"json": [1, 2]}, 400, "JSON object"),
     ("POST", "/add", {"json": {}}, 400, "missing argument: a"),
     ("POST", "/add", {"json": {"a": 1, "c": 2}}, 400, "unexpected argument: c"),
-    ("POST", "/add?a=x", {}, 400, "invalid literal"),
+    ("POST", "/add?a=x", {}, 422, "invalid arguments: query a"),
     ("GET", "/nowhere", {}, 404, "Not Found"),
     ("DELETE", "/add", {}, 405, "Method Not Allowed"),
     ("POST", "/upload", {"json": {"data": "x" * 5000}}, 413, "Too Large"),

@@ -36,9 +36,11 @@ def log_files() -> list[str]:
 
 class LogMarks:
     """(time, size of each log file), taken each second the files grew: the sizes at a moment
-    are where the output written since then starts (to within a second)."""
+    are where the output written since then starts (to within a second). The last 3 hours of
+    marks are kept (about a megabyte for a replica that writes every second); `--since` further
+    back than the oldest mark starts at the beginning of the log."""
 
-    def __init__(self, paths: list[str], keep: int = 86_400):
+    def __init__(self, paths: list[str], keep: int = 10_800):
         self.paths = paths
         self.times: collections.deque[float] = collections.deque(maxlen=keep)
         self.sizes: collections.deque[list[int]] = collections.deque(maxlen=keep)
