@@ -164,8 +164,8 @@ def test_delete_renders_a_spec_with_values_and_set(head, chatty):
     assert "no deployment 'habits'" in oob("status", "habits", "--address", head["gcs"]).stderr
 
 
-# Needs oobspec/control/ray_cluster.py `_log_tail` to read a local, empty log rather than ask
-# the replica stuck in __init__ for 5 s more (see the hand-over note).
+# ray_cluster's `_log_tail` reads a local log, even an empty one, rather than ask the replica
+# stuck in __init__ for 5 s more.
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_apply_keeps_its_timeout(head, folder):

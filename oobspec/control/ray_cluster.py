@@ -13,7 +13,7 @@ from ..models import Spec
 from . import cluster, state
 from .executor import Progress, StartFailed, _label
 from .replicas import Builder
-from .revisions import KEEP, Revision
+from .revisions import Revision
 
 
 class RayCluster:
@@ -80,23 +80,11 @@ class RayCluster:
         found = (cluster.get_meta(self.namespace, f"revision/{d}") for d in index["digests"])
         return [Revision.from_dict(r) for r in found if r]
 
-    def save_revision(self, revision: Revision) -> None:
-        digest = revision.digest
-        cluster.put_meta(self.namespace, f"revision/{digest}", revision.to_dict())
-        digests = [digest] + [d for d in (cluster.get_meta(self.namespace, "revisions") or {"digests": []})["digests"]
-                              if d != digest]
-        for old in digests[KEEP:]:
-            cluster.del_meta(self.namespace, f"revision/{old}")
-        cluster.put_meta(self.namespace, "revisions", {"digests": digests[:KEEP]})
-
     def current(self) -> Revision | None:
         """The revision the last complete apply deployed."""
         pointer = cluster.get_meta(self.namespace, "current")
         found = cluster.get_meta(self.namespace, f"revision/{pointer['digest']}") if pointer else None
         return Revision.from_dict(found) if found else None
-
-    def set_current(self, revision: Revision) -> None:
-        cluster.put_meta(self.namespace, "current", {"digest": revision.digest})
 
     # --- placement, links ---
 
