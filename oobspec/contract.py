@@ -142,6 +142,12 @@ class ReplicaConfig:
     env: dict[str, str] = field(default_factory=dict)  # OOB_* variables
     shared_ports: frozenset[int] = frozenset()  # held by the predecessor: shared, not checked free
     surge: bool = False  # a stand-in: serves the ports during a hand-over, takes no part in links
+    # Re-wiring without apply: where each connect key points, how many replicas each peer actor
+    # has (kept current by `_oob_update`), and the actors that connect to this one (told when it
+    # (re)starts, so they read its new endpoints from the cluster's KV).
+    connect: dict[str, Ref] = field(default_factory=dict)  # connect key -> <actor>.<server>
+    peer_replicas: dict[str, int] = field(default_factory=dict)  # peer actor -> its replica count
+    watchers: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -227,6 +233,7 @@ class ReplicaInfo:
     draining: bool = False
     ports: dict[str, int] = field(default_factory=dict)  # server name -> the port it bound
     stats: ReplicaStats | None = None  # its request and push counters (None: metrics off)
+    node_address: str = ""  # the address Ray knows its node by
 
     RECORDED = ("config_hash", "code_hash", "endpoints", "gpu_uuid", "ports")
 

@@ -138,9 +138,16 @@ class Served(Strict):
 class ServerBase(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                                description="Server name, unique within the actor; `<actor>.<name>` in `connect`.")]
-    host: Annotated[str, Field(description="Address to bind. 0.0.0.0 only on purpose (and with auth).")] = "127.0.0.1"
+    host: Annotated[str, Field(description="Address to bind. 0.0.0.0 only on purpose (and with auth); "
+                                           "`node`: the address Ray knows the replica's node by.")] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535, description="Port to bind; 0 picks a free one. With "
-                                                            "replicas > 1, replica i binds port + i.")] = 0
+                                                            "replicas > 1, replica i binds port + i "
+                                                            "(unless `shared`).")] = 0
+    shared: Annotated[bool, Field(
+        description="Every replica on a node binds the same `port` (SO_REUSEPORT: the kernel spreads new "
+                    "connections); the endpoint list has one URL per node. Needs a fixed port; drain "
+                    "hands queued connections to the node's other replicas where net.ipv4.tcp_migrate_req "
+                    "is 1.")] = False
     auth: Annotated[Union[Auth, None], Field(description="Require a bearer token.")] = None
     when: WhenField = None
 
@@ -295,6 +302,16 @@ class Actor(Strict):
     drain: Annotated[float, Field(
         ge=0, description="Seconds a replica that is replaced or removed has to finish in-flight "
                           "requests once it stops accepting.")] = 10
+    max_per_node: Annotated[Union[int, None], Field(
+        ge=1, description="At most this many replicas on one node (Ray Serve's max_replicas_per_node); "
+                          "rolling stand-ins do not count.")] = None
+    labels: Annotated[dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9]([\w./-]*[A-Za-z0-9])?$")], str], Field(
+        description="Ray node labels the replicas' nodes must have (`ray start --labels k=v`; Ray's "
+                    "label_selector, so values like `in(a,b)` and `!x` work too).")] = {}
+    no_room: Annotated[Literal["stop-first", "wait"], Field(
+        description="A rolling stand-in starts on its replica's node. When that node has no room for it: "
+                    "stop-first replaces the replica stop-first; wait starts it anyway and waits (up to "
+                    "the apply's timeout) for room.")] = "stop-first"
     when: WhenField = None
 
     @model_validator(mode="after")

@@ -62,8 +62,9 @@ class Cluster(Protocol):
     def stand_ins(self) -> dict[tuple[str, int], ReplicaInfo | None]:
         """Stand-ins running now (an earlier apply was cut short) and what they report."""
 
-    def update(self, names: dict[str, tuple[int, dict[str, list[str]]]]) -> list[str]:
-        """Tell kept replicas their replica count and peers' endpoints; those that changed."""
+    def update(self, names: dict[str, tuple[int, dict[str, list[str]], dict[str, int]]]) -> list[str]:
+        """Tell kept replicas their replica count, their peers' endpoints and replica counts;
+        returns those that changed."""
 
     def record(self, name: str, info: ReplicaInfo) -> None:
         """Remember a ready replica (a later apply plans with it even while it is busy)."""
@@ -249,7 +250,8 @@ class Executor(Steps):
     def update(self, step: Step) -> None:
         """Replicas kept from before learn their actor's replica count and their peers'
         endpoints as they are now (scaling changes both without restarting anyone)."""
-        todo = {replica_name(name, i): (self.spec.actors[name].replicas, self.builder.peer_endpoints(name))
+        todo = {replica_name(name, i): (self.spec.actors[name].replicas, self.builder.peer_endpoints(name),
+                                        self.builder.peer_replicas(name))
                 for name, i in sorted(self.kept) if (name, i) in self.info}
         changed = self.cluster.update(todo) if todo else []
         if changed:

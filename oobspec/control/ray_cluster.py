@@ -58,13 +58,13 @@ class RayCluster:
             return {}
         return {split_name(n): info for n, info in cluster.infos(self.namespace, names).items()}
 
-    def update(self, names: dict[str, tuple[int, dict[str, list[str]]]]) -> list[str]:
+    def update(self, names: dict[str, tuple[int, dict[str, list[str]], dict[str, int]]]) -> list[str]:
         """A busy replica is not waited for long."""
         import ray
         refs = {}
-        for name, (replicas, endpoints) in names.items():
+        for name, (replicas, endpoints, peer_replicas) in names.items():
             try:
-                refs[cluster.handle(name, self.namespace)._oob_update.remote(replicas, endpoints)] = name
+                refs[cluster.handle(name, self.namespace)._oob_update.remote(replicas, endpoints, peer_replicas)] = name
             except ValueError:  # gone meanwhile
                 continue
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0) if refs else ([], [])

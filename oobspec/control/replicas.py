@@ -31,11 +31,22 @@ class Builder:
         self.pickles: dict[str, bytes] = {}  # actor -> its class pickled by value (for revisions)
 
     def peer_endpoints(self, name: str) -> dict[str, list[str]]:
+        """connect key -> the peers' URLs, one per replica (one per node for a shared server)."""
         out = {}
         for key, text in self.spec.actors[name].connect.items():
             ref = Ref.parse(text)
-            out[key] = list(self.endpoints.get(ref.actor, {}).get(ref.member, []))
+            out[key] = list(dict.fromkeys(self.endpoints.get(ref.actor, {}).get(ref.member, [])))
         return out
+
+    def peer_replicas(self, name: str) -> dict[str, int]:
+        """Each actor this one connects to -> its replica count."""
+        peers = {Ref.parse(text).actor for text in self.spec.actors[name].connect.values()}
+        return {peer: self.spec.actors[peer].replicas for peer in sorted(peers) if peer in self.spec.actors}
+
+    def watchers(self, name: str) -> tuple[str, ...]:
+        """The actors that connect to this one."""
+        return tuple(sorted(other for other, actor in self.spec.actors.items()
+                            if any(Ref.parse(text).actor == name for text in actor.connect.values())))
 
     def links_of(self, name: str) -> dict[str, LinkRole]:
         out = {}
@@ -60,7 +71,8 @@ class Builder:
             replicas=actor.replicas, config_hash=config_hash(self.spec, name), code_hash=self.code.get(name, ""),
             restarts=actor.restarts, command=list(actor.command) if actor.command else None,
             cwd=actor.cwd or ".", spec_dir=None if self.shipped else str(self.base_dir.resolve()),
-            servers=[s.model_copy(update={"port": s.port + index if s.port else 0, "when": None}) for s in actor.servers],
+            servers=[s.model_copy(update={"port": s.port + index if s.port and not s.shared else s.port, "when": None})
+                     for s in actor.servers],
             endpoints=endpoints, buffers=dict(actor.buffers),
             # A stand-in takes no part in links: its buffers are its own, not the replica's segments.
             link_targets=frozenset() if surge else frozenset(b for b in actor.buffers if f"{name}.{b}" in targets),
@@ -72,7 +84,9 @@ class Builder:
             secrets={s.auth.token_env: os.environ[s.auth.token_env] for s in actor.servers
                      if s.auth and s.auth.token_env in os.environ and s.auth.token_env not in actor.env},
             tls=self.tls_of(name),
-            env=self.replica_env(name, index, endpoints), shared_ports=shared_ports, surge=surge)
+            env=self.replica_env(name, index, endpoints), shared_ports=shared_ports, surge=surge,
+            connect={key: Ref.parse(text) for key, text in actor.connect.items()},
+            peer_replicas=self.peer_replicas(name), watchers=() if surge else self.watchers(name))
 
     def tls_of(self, name: str) -> dict[str, tuple[bytes, bytes]]:
         """Certificates and keys travel as PEM in the config (like tokens): a replica on any node

@@ -137,9 +137,12 @@ class OobMixin:
             ports={s.name: port for s in cfg.servers if (port := self._oob_port(s.name))},
             stats=self._oob_metrics.stats())
 
-    async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]]) -> bool:
+    async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]],
+                          peer_replicas: dict[str, int] | None = None) -> bool:
         """Scaling in place: this actor's replica count and its peers' endpoints, live. Calls the
         user's `on_peers_changed(replicas, endpoints)` (sync or async) when something changed."""
+        if peer_replicas is not None:
+            self._oob_cfg.peer_replicas.update(peer_replicas)
         ctx = self._oob_context
         if not ctx.update(replicas, endpoints):
             return False
