@@ -198,7 +198,12 @@ class _Checker:
                 seen.setdefault(server.name, i)
                 who = f"{aname}.{server.name}"
                 if server.port:
-                    self._claim(actor.replicas, server, who, spath, bound)
+                    self._claim(1 if server.shared else actor.replicas, server, who, spath, bound)
+                if server.shared and not server.port:
+                    self.add("OOB314", f"{who} is shared: its replicas on a node bind one port, so it needs a fixed "
+                             "port", spath + ("port",) if "port" in server.model_fields_set else spath, hint="set port: N")
+                if server.shared and (server.protocol == "tcp" or actor.command is not None):
+                    self.add("OOB315", f"{who} is shared, but a tcp server or a command binds its port itself", spath + ("shared",))
                 tls = getattr(server, "tls", None)
                 if server.host in ("0.0.0.0", "::") and server.auth is None:
                     self.add("OOB303", f"{who} listens on {server.host} (every interface) without auth",
@@ -226,6 +231,9 @@ class _Checker:
                                                   or getattr(server, "proto", None)):
                     self.add("OOB308", f"{who}: a command actor has no class to call; use protocol: tcp "
                              "(the command serves the port itself)", spath + ("protocol",))
+            if self.spec.ray.placement and (actor.max_per_node or actor.labels):
+                self.add("OOB316", f"actor '{aname}': max_per_node and labels place replicas node by node, but ray.placement "
+                         "puts every replica in one placement group", ("actors", aname), key=True, hint="use one or the other")
             if actor.servers and actor.restarts == 0:
                 self.add("OOB306", f"actor '{aname}' serves traffic but has restarts: 0 (a crash takes it down for good)",
                          ("actors", aname), key=True, severity="warning", hint="set restarts: -1 or a count")

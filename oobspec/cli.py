@@ -289,7 +289,7 @@ def list_(address, fmt):
 @cli.command()
 def schema():
     """Print the spec's JSON Schema."""
-    from .models import json_schema
+    from .schema import json_schema
     click.echo(json.dumps(json_schema(), indent=2))
 
 

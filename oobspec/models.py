@@ -6,7 +6,7 @@ the only source of truth. Nothing here imports ray.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ByteSize, TypeAdapter, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       field_validator, model_validator)
@@ -139,15 +139,13 @@ class ServerBase(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                                description="Server name, unique within the actor; `<actor>.<name>` in `connect`.")]
     host: Annotated[str, Field(description="Address to bind. 0.0.0.0 only on purpose (and with auth); "
-                                           "`node`: the address Ray knows the replica's node by.")] = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535, description="Port to bind; 0 picks a free one. With "
-                                                            "replicas > 1, replica i binds port + i "
-                                                            "(unless `shared`).")] = 0
-    shared: Annotated[bool, Field(
-        description="Every replica on a node binds the same `port` (SO_REUSEPORT: the kernel spreads new "
-                    "connections); the endpoint list has one URL per node. Needs a fixed port; drain "
-                    "hands queued connections to the node's other replicas where net.ipv4.tcp_migrate_req "
-                    "is 1.")] = False
+                                           "`node`: the address Ray knows the node by.")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535, description="Port to bind; 0 picks a free one. With replicas > 1, "
+                                                            "replica i binds port + i (unless shared).")] = 0
+    shared: Annotated[bool, Field(description="Every replica on a node binds the same port (SO_REUSEPORT: the "
+                                              "kernel spreads new connections); one URL per node. A draining "
+                                              "replica's queue moves to the others where "
+                                              "net.ipv4.tcp_migrate_req is 1.")] = False
     auth: Annotated[Union[Auth, None], Field(description="Require a bearer token.")] = None
     when: WhenField = None
 
@@ -302,16 +300,13 @@ class Actor(Strict):
     drain: Annotated[float, Field(
         ge=0, description="Seconds a replica that is replaced or removed has to finish in-flight "
                           "requests once it stops accepting.")] = 10
-    max_per_node: Annotated[Union[int, None], Field(
-        ge=1, description="At most this many replicas on one node (Ray Serve's max_replicas_per_node); "
-                          "rolling stand-ins do not count.")] = None
+    max_per_node: Annotated[Union[int, None], Field(ge=1, description="At most this many replicas on a node (Ray "
+                                                    "Serve's max_replicas_per_node); stand-ins do not count.")] = None
     labels: Annotated[dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9]([\w./-]*[A-Za-z0-9])?$")], str], Field(
         description="Ray node labels the replicas' nodes must have (`ray start --labels k=v`; Ray's "
-                    "label_selector, so values like `in(a,b)` and `!x` work too).")] = {}
-    no_room: Annotated[Literal["stop-first", "wait"], Field(
-        description="A rolling stand-in starts on its replica's node. When that node has no room for it: "
-                    "stop-first replaces the replica stop-first; wait starts it anyway and waits (up to "
-                    "the apply's timeout) for room.")] = "stop-first"
+                    "label_selector values: `v`, `!v`, `in(a,b)`, `!in(a,b)`).")] = {}
+    no_room: Annotated[Literal["stop-first", "wait"], Field(description="When a rolling stand-in has no room on its "
+                                                            "replica's node: replace stop-first, or wait for room.")] = "stop-first"
     when: WhenField = None
 
     @model_validator(mode="after")
@@ -368,50 +363,3 @@ class Spec(Strict):
 def namespace_of(deployment: str) -> str:
     """The Ray namespace of a deployment (the contract re-exports it with the other names)."""
     return f"oob-{deployment}"
-
-
-def _server_variants() -> dict[str, type[ServerBase]]:
-    """protocol -> model, read from the tags of the `Server` union."""
-    union = get_args(Server)[0]
-    variants = {}
-    for member in get_args(union):
-        model, *extras = get_args(member)
-        (tag,) = [e for e in extras if isinstance(e, Tag)]
-        variants[tag.tag] = model
-    return variants
-
-
-def _dispatch_servers(node: Any, variants: dict[str, type[ServerBase]]) -> None:
-    """Replace pydantic's `oneOf` of the server models by a choice on `protocol`.
-
-    A `oneOf` makes validators (jsonschema, yaml-language-server) report an error inside a server
-    as "not valid under any of the given schemas"; choosing the variant by `protocol` (absent:
-    the discriminator's default) lets them name the field that is wrong.
-    """
-    refs = [{"$ref": f"#/$defs/{model.__name__}"} for model in variants.values()]
-    if isinstance(node, list):
-        for item in node:
-            _dispatch_servers(item, variants)
-        return
-    if not isinstance(node, dict):
-        return
-    if node.get("oneOf") == refs:
-        default = _protocol_of({})
-        del node["oneOf"]
-        node["properties"] = {"protocol": {
-            "enum": list(variants), "default": default,
-            "description": f"Server kind; it decides which other fields apply ({default} when absent)."}}
-        # Absent, `protocol` means the default; any other variant needs it written (in an object).
-        named = {"type": "object", "required": ["protocol"]}
-        node["allOf"] = [{"if": {"properties": {"protocol": {"const": tag}}, **({} if tag == default else named)},
-                          "then": ref} for tag, ref in zip(variants, refs)]
-    for value in node.values():
-        _dispatch_servers(value, variants)
-
-
-def json_schema() -> dict:
-    schema = Spec.model_json_schema(by_alias=True)
-    _dispatch_servers(schema, _server_variants())
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "oobspec"
-    return schema

@@ -97,7 +97,8 @@ def test_test_modules_share_helpers_through_conftest_only():
 # Where `.get("…")` may read a dict: data that is not oobspec's own (oobspec's own data is typed).
 THIRD_PARTY_DICTS = {
     "render.py": "the user's raw YAML, before validation",
-    "models.py": "the user's raw input before validation; the generated JSON Schema",
+    "models.py": "the user's raw input before validation",
+    "schema.py": "the generated JSON Schema",
     "checks.py": "the user's raw input; pydantic's error dicts",
     "transports/cuda_ipc.py": "cupy's device properties",
     "control/apply.py": "ray.nodes()",

@@ -11,7 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 import oobspec
-from oobspec.models import Spec, json_schema, memory_bytes
+from oobspec.models import Spec, memory_bytes
+from oobspec.schema import json_schema
 
 pytestmark = pytest.mark.timeout(30)
 

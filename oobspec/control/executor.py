@@ -150,6 +150,7 @@ class Executor(Steps):
     def observed(self, replicas: dict[tuple[str, int], ReplicaInfo]) -> None:
         self.info = dict(replicas)
         self.before = dict(replicas)
+        self.builder.where = {key: info.node_id for key, info in replicas.items() if info.node_id}
         for name in self.spec.actors:
             self._collect_endpoints(name)
 
@@ -195,6 +196,7 @@ class Executor(Steps):
         self.cluster.stop([replica_name(step.actor, i) for i in step.replicas], drain=drain)
         for i in step.replicas:
             self.info.pop((step.actor, i), None)
+            self.builder.where.pop((step.actor, i), None)
         if actor:
             self._collect_endpoints(step.actor)
 
@@ -221,6 +223,8 @@ class Executor(Steps):
         drain = self.spec.actors[name].drain
         old = self.info.get((name, i))
         stand_in, replica = surge_name(name, i), replica_name(name, i)
+        if old is not None and old.node_id:  # the hand-over happens on the replica's node
+            self.builder.pins[(name, i)] = old.node_id
         self.progress(f"roll {replica}: stand-in {stand_in} starts beside it")
         self.cluster.stop([stand_in], drain=0.0)  # one an interrupted apply left
         try:
@@ -242,6 +246,7 @@ class Executor(Steps):
         shared = _ports(old) | _ports(surge[stand_in])
         self._start(self.builder, [self.builder.config(name, i, shared_ports=shared)])
         self._retire_stand_ins(name, [i])
+        self.builder.pins.pop((name, i), None)
         self._collect_endpoints(name)
 
     def wire(self, step: Step) -> None:
@@ -272,6 +277,8 @@ class Executor(Steps):
                 ready[name] = info
                 if name == replica_name(*split_name(name)):
                     self.info[split_name(name)] = info
+                    if info.node_id:
+                        builder.where[split_name(name)] = info.node_id
                     self.cluster.record(name, info)
                 self.progress(f"ready {name} (pid {info.pid})" + "".join(f"  {s}: {u}" for s, u in info.endpoints.items()))
         except Exception as exc:
@@ -362,7 +369,8 @@ class Executor(Steps):
             if old.code_hash and revision.code.get(old.actor, old.code_hash) != old.code_hash:
                 continue
             builder = revision.builder(self.progress)
-            builder.endpoints = self.builder.endpoints
+            builder.endpoints, builder.where, builder.pins = self.builder.endpoints, self.builder.where, self.builder.pins
+            builder.node_source = self.builder.node_source
             return builder
         return None
 

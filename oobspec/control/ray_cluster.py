@@ -12,7 +12,7 @@ from ..errors import ApplyError, last_line
 from ..models import Spec
 from . import cluster, state
 from .executor import Progress, StartFailed, _label
-from .replicas import Builder
+from .replicas import Builder, Node
 from .revisions import Revision
 
 
@@ -23,6 +23,7 @@ class RayCluster:
         self._builders: dict[str, Builder] = {}
 
     def start(self, builder: Builder, cfg: ReplicaConfig) -> None:
+        builder.node_source = alive_nodes
         self._builders[cfg.name] = builder
         self._refs[cfg.name] = builder.start(cfg.actor, cfg.replica, cfg)._oob_ready.remote(self.timeout)
 
@@ -145,6 +146,11 @@ class RayCluster:
         except Exception:  # the replica is gone: nothing to show
             text = ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def alive_nodes() -> list[Node]:
+    import ray
+    return [Node(n["NodeID"], n["NodeManagerAddress"], dict(n["Labels"])) for n in ray.nodes() if n["Alive"]]
 
 
 def _answer(ref) -> bool:

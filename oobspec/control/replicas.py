@@ -3,6 +3,7 @@ options and actor class. Pure reading of the spec, plus the endpoints seen so fa
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +12,36 @@ from ..errors import ApplyError
 from ..models import Spec, memory_bytes
 from ..plan import config_hash
 from ..replica.context import endpoint_env
+
+
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries it
+
+
+@dataclass(frozen=True)
+class Node:
+    """An alive node as placement sees it."""
+
+    node_id: str
+    address: str
+    labels: dict[str, str]
+
+    def matches(self, selector: dict[str, str]) -> bool:
+        return all(label_matches(value, self.labels.get(key)) for key, value in selector.items())
+
+
+def label_matches(want: str, have: str | None) -> bool:
+    """Ray's label_selector values: `v`, `!v`, `in(a,b)`, `!in(a,b)`."""
+    negate = want.startswith("!")
+    want = want[1:] if negate else want
+    values = [v.strip() for v in want[3:-1].split(",")] if want.startswith("in(") and want.endswith(")") else [want]
+    return (have in values) != negate
+
+
+def pick_node(nodes: list[Node], counts: dict[str, int], limit: int) -> str | None:
+    """The node with the fewest of the actor's replicas, below `limit` (ties: by address)."""
+    room = [n for n in nodes if counts.get(n.node_id, 0) < limit]
+    best = min(room, key=lambda n: (counts.get(n.node_id, 0), n.address), default=None)
+    return best.node_id if best else None
 
 
 class Builder:
@@ -29,6 +60,13 @@ class Builder:
         # revision's own class, as it ran then); None: import it
         self.class_source: Callable[[str], type | None] = lambda _name: None
         self.pickles: dict[str, bytes] = {}  # actor -> its class pickled by value (for revisions)
+        # Where replicas run (or were sent): (actor, i) -> node id; the executor keeps it current.
+        self.where: dict[tuple[str, int], str] = {}
+        # Replicas whose stand-in and successor start on this node (a rolling hand-over).
+        self.pins: dict[tuple[str, int], str] = {}
+        # The cluster's alive nodes, asked for once, when an actor spreads (max_per_node).
+        self.node_source: Callable[[], list[Node]] = lambda: []
+        self._nodes: list[Node] | None = None
 
     def peer_endpoints(self, name: str) -> dict[str, list[str]]:
         """connect key -> the peers' URLs, one per replica (one per node for a shared server)."""
@@ -179,7 +217,53 @@ class Builder:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.placement, placement_group_bundle_index=self.bundle_index[(name, index)])
             opts.setdefault("num_cpus", 0.01)
+        elif self.placement is None:
+            opts.update(self.node_options(name, index, surge))
         return opts
+
+    def node_options(self, name: str, index: int, surge: bool) -> dict:
+        """Which nodes a replica may run on (Ray's label_selector) and which it goes to.
+
+        A stand-in starts on its replica's node or not at all (SO_REUSEPORT hands a port over on
+        one host only); a successor prefers that node while it lives. With `max_per_node`, the
+        nodes that hold enough of the actor's other replicas are excluded by node id: the
+        selector stays with the actor, so when Ray restarts it after its node died it waits for
+        a node with room (a node that comes back has a new id) instead of crowding another."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        pin = self.pins.get((name, index))
+        if surge:
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(pin, soft=False)} if pin else {}
+        actor, opts = self.spec.actors[name], {}
+        selector = dict(actor.labels)
+        target = pin
+        if actor.max_per_node:
+            counts = self._counts(name, index)
+            full = sorted(node for node, n in counts.items() if n >= actor.max_per_node and node != pin)
+            if full:
+                selector[NODE_ID_LABEL] = f"!in({','.join(full)})"
+            if target is None:
+                target = pick_node([n for n in self.nodes() if n.matches(actor.labels)], counts, actor.max_per_node)
+                if target is not None:
+                    self.where[(name, index)] = target
+        if selector:
+            opts["label_selector"] = selector
+        if target is not None:  # soft: a dead node is no reason to stay down; a pin waits for room
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(target, soft=True,
+                                                                         _spill_on_unavailable=pin is None)
+        return opts
+
+    def nodes(self) -> list[Node]:
+        if self._nodes is None:
+            self._nodes = self.node_source()
+        return self._nodes
+
+    def _counts(self, name: str, index: int) -> dict[str, int]:
+        """node id -> how many of the actor's other replicas run (or were sent) there."""
+        counts: dict[str, int] = {}
+        for (actor, i), node in self.where.items():
+            if actor == name and i != index and i < self.spec.actors[name].replicas:
+                counts[node] = counts.get(node, 0) + 1
+        return counts
 
     def start(self, name: str, index: int, cfg: ReplicaConfig):
         """Create the replica (or its stand-in); returns its handle."""

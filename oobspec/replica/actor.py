@@ -8,12 +8,10 @@ starts the servers on the actor's event loop, then the class's `on_start()`. Ray
 from __future__ import annotations
 
 import asyncio
-import collections
 import importlib
 import inspect
 import logging
 import os
-import signal
 import sys
 import traceback
 from typing import Any
@@ -22,6 +20,8 @@ from .. import ray_private
 from . import launch
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, endpoint_env, set_current
+from .node import node_address, on_this_node
+from .supervised import Supervised
 from .hooks import LogMarks, call_hook, log_files
 from .metrics import Metrics
 from .grpc_server import start_grpc
@@ -70,7 +70,7 @@ class OobMixin:
                 continue  # the command (or the user's own code) serves it; we only health-check
             port = _remembered_port(cfg, server)
             try:
-                running = await self._oob_bind(server, port, exclusive=port not in cfg.shared_ports)
+                running = await self._oob_bind(server, port, exclusive=port not in cfg.shared_ports and not server.shared)
             except OSError as exc:
                 if not (port and not server.port):
                     raise RuntimeError(f"server {server.name} cannot bind {server.host}:{port}: "
@@ -85,8 +85,11 @@ class OobMixin:
         server = server.model_copy(update={"port": port})
         tls, metrics = self._oob_cfg.tls.get(server.name), self._oob_metrics
         if server.protocol == "http":
-            return await start_http(self, server, exclusive, tls=tls, metrics=metrics)
-        return await start_grpc(self, server, import_object, exclusive, tls=tls, metrics=metrics)
+            running = await start_http(self, server, exclusive, tls=tls, metrics=metrics)
+        else:
+            running = await start_grpc(self, server, import_object, exclusive, tls=tls, metrics=metrics)
+        running.shared = server.shared
+        return running
 
     async def _oob_ready(self, timeout: float = READY_TIMEOUT) -> ReplicaInfo:
         """Returns once every server of this replica accepts connections."""
@@ -135,7 +138,7 @@ class OobMixin:
             links=links.stats() if links else {}, versions=dict(ctx.versions) if ctx else {},
             draining=any(r.draining for r in getattr(self, "_oob_servers", [])),
             ports={s.name: port for s in cfg.servers if (port := self._oob_port(s.name))},
-            stats=self._oob_metrics.stats())
+            stats=self._oob_metrics.stats(), node_address=node_address())
 
     async def _oob_update(self, replicas: int, endpoints: dict[str, list[str]],
                           peer_replicas: dict[str, int] | None = None) -> bool:
@@ -244,6 +247,7 @@ def _prepare(cfg: ReplicaConfig) -> Context:
 async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
     """Run the user's start-up, then ours. A failure keeps the replica alive but failed, so
     apply can read its log and report one clear error before removing it."""
+    cfg = on_this_node(cfg)
     self._oob_cfg = cfg
     self._oob_servers = []
     self._oob_failed = None
@@ -295,80 +299,6 @@ def make_actor_class(user_cls: type) -> type:
 
 
 # --- command actors -----------------------------------------------------------------------
-
-
-class Supervised:
-    """A wrapped program: started, its output sent to the actor's log, restarted, stopped."""
-
-    def __init__(self, argv: list[str], restarts: int, ports: dict[str, int], cwd: str | None = None):
-        self.argv, self.restarts, self.ports, self.cwd = argv, restarts, ports, cwd
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
-        self.stopping = False
-        self.last_exit: int | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=200)
-        self._task: asyncio.Task | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def start(self) -> None:
-        await self._spawn()
-        self._task = asyncio.get_running_loop().create_task(self._supervise())
-
-    async def _spawn(self) -> None:
-        self.starts += 1
-        program = launch.find_program(self.argv[0], self.cwd)
-        # Through the launcher, so the program dies with the actor even when Ray SIGKILLs it.
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", launch.__file__, str(os.getpid()), program, *self.argv,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=self.cwd)
-        print(f"[oob] started {self.argv[0]} (pid {self.proc.pid})", flush=True)
-
-    async def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.tail.append(line)
-            print(line, flush=True)
-
-    async def _supervise(self) -> None:
-        delay = 0.5
-        while True:
-            await asyncio.gather(self._pump(), self.proc.wait())
-            self.last_exit = self.proc.returncode
-            if self.stopping:
-                return
-            used = self.starts - 1
-            print(f"[oob] {self.argv[0]} exited with code {self.last_exit}", flush=True)
-            if self.restarts != -1 and used >= self.restarts:
-                print(f"[oob] not restarting: restarts: {self.restarts} used", flush=True)
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-            if self.stopping:
-                return
-            await self._spawn()
-
-    async def stop(self, grace: float = 5.0) -> None:
-        self.stopping = True
-        if self.alive:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                await asyncio.wait_for(self.proc.wait(), grace)
-            except asyncio.TimeoutError:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                await self.proc.wait()
-            except ProcessLookupError:
-                pass
-        if self._task is not None:
-            self._task.cancel()
-
-    def describe(self) -> dict:
-        return {"argv": self.argv, "pid": self.proc.pid if self.proc else None, "alive": self.alive,
-                "starts": self.starts, "last_exit": self.last_exit}
 
 
 class CommandActor:

@@ -201,18 +201,21 @@ class Running:
         self.name, self.protocol, self.host, self.port = name, protocol, host, port
         self._stop, self._sock = stop, sock
         self.draining = False
+        # Its node's other replicas bind the port too (`shared: true`): the group is theirs, so
+        # no steering program; a closing listener's queue migrates to them (tcp_migrate_req).
+        self.shared = False
 
     def steer(self, index: int) -> None:
         """Send new connections on this port to the `index`-th socket bound to it (0: the one
         bound first, 1: its successor). Without it, a socket that closes resets connections the
         kernel had just queued on it; with it, the queue empties before the close."""
-        if self._sock is not None:
+        if self._sock is not None and not self.shared:
             steer(self._sock, index)
 
     async def drain(self, seconds: float, hand_over: bool = True) -> None:
         """Hand new connections over (to the successor sharing the port), turn unhealthy, stop
         accepting, finish what is in flight (`seconds` at most)."""
-        if hand_over and self._sock is not None:  # (gRPC's sockets are gRPC core's: not steerable)
+        if hand_over and self._sock is not None and not self.shared:  # (gRPC's sockets are gRPC core's)
             self.steer(1)
             await asyncio.sleep(SETTLE)  # what the kernel queued here before the steering is accepted
         self.draining = True  # /-/healthz: 503 from here on, for whoever still talks to this one
