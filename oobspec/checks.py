@@ -6,7 +6,6 @@ Every rule has a stable code. All problems are collected; none stops the others.
 """
 from __future__ import annotations
 
-import graphlib
 import inspect
 import os
 import re
@@ -21,6 +20,7 @@ from . import route_checks
 from .addresses import remote_address
 from .contract import Ref
 from .errors import Diagnostic, SpecError
+from .graph import find_cycle
 from .imports import import_object, import_path, suggest
 from .loader import Document
 from .models import (Actor, Auth, Buffer, GrpcServer, HttpServer, Link, RayConfig, Resources, Route,
@@ -177,6 +177,7 @@ class _Checker:
 
     def run(self) -> list[Diagnostic]:
         self.servers_and_ports()
+        self.spread()
         self.secrets()
         self.connect()
         self.links()
@@ -231,9 +232,6 @@ class _Checker:
                                                   or getattr(server, "proto", None)):
                     self.add("OOB308", f"{who}: a command actor has no class to call; use protocol: tcp "
                              "(the command serves the port itself)", spath + ("protocol",))
-            if self.spec.ray.placement and (actor.max_per_node or actor.labels):
-                self.add("OOB316", f"actor '{aname}': max_per_node and labels place replicas node by node, but ray.placement "
-                         "puts every replica in one placement group", ("actors", aname), key=True, hint="use one or the other")
             if actor.servers and actor.restarts == 0:
                 self.add("OOB306", f"actor '{aname}' serves traffic but has restarts: 0 (a crash takes it down for good)",
                          ("actors", aname), key=True, severity="warning", hint="set restarts: -1 or a count")
@@ -247,6 +245,12 @@ class _Checker:
                 if buf.device == "gpu" and actor.resources.gpus == 0:
                     self.add("OOB403", f"buffer '{aname}.{bname}' is on gpu but actor '{aname}' has gpus: 0",
                              ("actors", aname, "buffers", bname, "device"), hint="set resources.gpus")
+
+    def spread(self) -> None:
+        for aname in (a for a, actor in self.spec.actors.items() if actor.max_per_node or actor.labels):
+            if self.spec.ray.placement:
+                self.add("OOB316", f"actor '{aname}': max_per_node and labels place replicas node by node, but ray.placement "
+                         "puts every replica in one placement group", ("actors", aname), key=True, hint="use one or the other")
 
     def secrets(self) -> None:  # OOB312: an error at apply (the replicas could not start)
         for aname, actor in self.spec.actors.items():
@@ -382,15 +386,6 @@ class _Checker:
         except TypeError as exc:
             self.add("OOB504", f"args/kwargs do not fit {cls.__name__}{sig}: {exc}",
                      apath + (("kwargs",) if actor.kwargs else ("args",)), key=True)
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A cycle in a dependency graph (node -> the nodes it needs), in the graph's direction."""
-    try:
-        graphlib.TopologicalSorter({n: deps & graph.keys() for n, deps in graph.items()}).prepare()
-    except graphlib.CycleError as exc:  # reported predecessor first: reversed, it reads "a needs b"
-        return list(reversed(exc.args[1]))[:-1]
-    return None
 
 
 def check(spec: Spec, doc: Document, base_dir: Path | None = None, imports: bool = True,

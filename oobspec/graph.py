@@ -8,6 +8,7 @@ the size. Everything is sorted, so one spec always gives the same text.
 """
 from __future__ import annotations
 
+import graphlib
 import re
 from dataclasses import dataclass, field
 
@@ -166,3 +167,12 @@ def render(spec: Spec, fmt: str = "mermaid") -> str:
     """The spec's topology as `mermaid` (a `flowchart LR`) or `dot`."""
     graph = build(spec)
     return dot(graph) if fmt == "dot" else mermaid(graph)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in a dependency graph (node -> the nodes it needs), in the graph's direction."""
+    try:
+        graphlib.TopologicalSorter({n: deps & graph.keys() for n, deps in graph.items()}).prepare()
+    except graphlib.CycleError as exc:  # reported predecessor first: reversed, it reads "a needs b"
+        return list(reversed(exc.args[1]))[:-1]
+    return None

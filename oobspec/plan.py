@@ -12,8 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-from .contract import Ref, Topology, choose_transport, server_url
+from .contract import Ref, Topology, server_url
 from .models import Spec, memory_bytes
+from .nodes import NodeState, capacity_warnings, migrate_warnings, no_room, no_room_text, wait_warnings
+from .plan_links import LinkReason, LinkRow, link_rows  # noqa: F401 (LinkReason: importers know it from here)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ReplicaState:
 class Observed:
     online: bool = False  # False: no cluster reachable, the plan is offline
     replicas: list[ReplicaState] = field(default_factory=list)
+    nodes: list[NodeState] = field(default_factory=list)  # empty: not looked at (offline, or a test)
 
     def of(self, actor: str) -> list[ReplicaState]:
         return sorted((r for r in self.replicas if r.actor == actor), key=lambda r: r.replica)
@@ -76,6 +79,7 @@ class StopFirst(StrEnum):
     LINKS = "links"  # its buffers are wired into links
     PLACEMENT = "placement"  # its placement group has no room for a stand-in
     DEAD = "dead"  # nothing running to hand over from
+    NO_ROOM = "no-room"  # its node has no room for a stand-in (no_room: stop-first)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Action:
     stop_first: StopFirst | None = None  # why a replace is stop-first
     was: int | None = None  # scaled: the replica count before
     now: int | None = None  # scaled: the replica count after
+    room: dict | None = None  # no-room: {"node": its address, "short": {resource: [needed, free]}}
 
     def describe(self) -> str:
         """The reason in words (the fields above are for machines)."""
@@ -95,7 +100,7 @@ class Action:
         if self.strategy == Strategy.ROLLING:
             text += "; rolling, no downtime"
         elif self.stop_first is not None and self.stop_first != StopFirst.DEAD:
-            text += f"; stop-first: {_STOP_FIRST[self.stop_first]}"
+            text += f"; stop-first: {no_room_text(self.room) if self.room else _STOP_FIRST[self.stop_first]}"
         return text
 
 
@@ -106,7 +111,8 @@ _STOP_FIRST = {StopFirst.CONFIGURED: "update: stop-first in the spec",
                StopFirst.COMMAND: "a wrapped process cannot share its port",
                StopFirst.TCP: "its tcp server is bound by its own code", StopFirst.NO_SERVERS: "it has no servers",
                StopFirst.LINKS: "its buffers are wired into links",
-               StopFirst.PLACEMENT: "its placement group has no room for a stand-in", StopFirst.DEAD: "not running"}
+               StopFirst.PLACEMENT: "its placement group has no room for a stand-in", StopFirst.DEAD: "not running",
+               StopFirst.NO_ROOM: "its node has no room for a stand-in"}
 
 
 class StepKind(StrEnum):
@@ -135,38 +141,6 @@ class ServerRow:
     url: str  # port "auto" until bound
 
 
-class LinkReason(StrEnum):
-    SPEC = "set-in-spec"
-    ONE_NODE = "one-node"  # every replica will share one node
-    PLACED_ONE_NODE = "placed-on-one-node"
-    PLACED_SEVERAL_NODES = "placed-on-several-nodes"
-    NOT_PLACED = "not-placed-yet"  # `auto` decides once the replicas are placed
-
-
-_LINK_REASONS = {LinkReason.SPEC: "set in the spec", LinkReason.ONE_NODE: "one node",
-                 LinkReason.PLACED_ONE_NODE: "replicas on one node",
-                 LinkReason.PLACED_SEVERAL_NODES: "replicas on several nodes",
-                 LinkReason.NOT_PLACED: "decided when the replicas are placed"}
-
-
-@dataclass
-class LinkRow:
-    name: str
-    source: str
-    target: str
-    device: str
-    transport: str | None  # None: not decided until the replicas are placed
-    reason: LinkReason
-    options: list[str] = field(default_factory=list)  # what `auto` may pick, while undecided
-    nbytes: int = 0  # bytes per push and target
-    buffering: str = "single"
-
-    def describe(self) -> tuple[str, str]:
-        """(transport, why) in words."""
-        transport = self.transport or f"auto ({' or '.join(self.options)})"
-        return transport, _LINK_REASONS[self.reason]
-
-
 @dataclass
 class Plan:
     name: str
@@ -179,6 +153,7 @@ class Plan:
     links: list[LinkRow]
     resources: dict[str, float]
     upload: dict | None = None  # what travels to a cluster that is not this machine: folder, files, bytes
+    warnings: list[str] = field(default_factory=list)  # what the cluster cannot hold, or holds badly
 
     @property
     def changes(self) -> list[Action]:
@@ -195,7 +170,9 @@ class Plan:
 
 def actor_config(spec: Spec, name: str) -> dict:
     """Everything that, when changed, needs the actor's replicas replaced (not the number of
-    replicas, its own or its peers': that changes in place; nor how it is updated)."""
+    replicas, its own or its peers': that changes in place; nor how it is updated, nor how many
+    share a node: `max_per_node` places new replicas, the running ones stay where they are; `labels`
+    do count, a replica on a node without them must move)."""
     actor = spec.actors[name]
     peers = {}
     for key, text in actor.connect.items():
@@ -204,7 +181,8 @@ def actor_config(spec: Spec, name: str) -> dict:
             target = next((s for s in spec.actors[ref.actor].servers if s.name == ref.member), None)
             peers[key] = {"server": target.model_dump(mode="json") if target else None}
     links = [link.model_dump(mode="json", by_alias=True) for link in spec.links if name in link_actors(link)]
-    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude={"when", "replicas", "drain", "update"}),
+    exclude = {"when", "replicas", "drain", "update", "max_per_node", "no_room"}
+    config = {"actor": actor.model_dump(mode="json", by_alias=True, exclude=exclude),
               "ray": spec.ray.model_dump(mode="json", exclude={"address"}), "peers": peers, "links": links}
     if spec.ray.placement:  # one placement group holds every replica: its layout is everyone's config
         config["layout"] = [(n, a.replicas, a.resources.model_dump(mode="json")) for n, a in spec.actors.items()]
@@ -263,14 +241,16 @@ def strategy_of(spec: Spec, name: str) -> tuple[Strategy, StopFirst | None]:
 
 def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool | None = None,
               topology: dict[tuple[str, int], Topology] | None = None, code: dict[str, str] | None = None,
-              restart: set[str] | None = None) -> Plan:
+              restart: set[str] | None = None, migrate_req: bool | None = None) -> Plan:
     """Desired spec + observed state → actions with reasons, the steps apply carries out, start
-    order, servers, links, totals.
+    order, servers, links, totals, warnings.
 
     single_node: True when every replica will share one node (embedded Ray, or a STRICT_PACK
     placement), so `auto` can be decided before anything runs. code: actor -> digest of its
     class's source (oobspec.code); a running replica with another digest is replaced. restart:
-    actors whose running replicas are replaced even when unchanged (`oob restart`)."""
+    actors whose running replicas are replaced even when unchanged (`oob restart`). migrate_req:
+    this machine's net.ipv4.tcp_migrate_req (None: unknown, or the cluster is elsewhere), read by
+    the caller so the planner stays pure."""
     code = code or {}
     observed = observed or Observed()
     waves = start_waves(spec)
@@ -278,70 +258,44 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
     for wave in waves:
         for name in wave:
             actions += _actions_of(spec, name, {r.replica: r for r in observed.of(name)}, code.get(name),
-                                   name in (restart or ()))
+                                   name in (restart or ()), observed.nodes)
     for name in sorted({r.actor for r in observed.replicas} - set(spec.actors)):
         actions.append(Action(ActionKind.DELETE, name, [r.replica for r in observed.of(name)], Reason.REMOVED))
+    live = {(r.actor, r.replica): r for r in observed.replicas}
+    warnings = capacity_warnings(spec, observed.nodes) if observed.online else []
+    for a in actions:
+        if a.kind == ActionKind.REPLACE and a.strategy == Strategy.ROLLING:
+            where = {i: live[a.actor, i].node_id for i in a.replicas}
+            warnings += wait_warnings(a.actor, spec.actors[a.actor], where, observed.nodes)
+    warnings += migrate_warnings(spec, migrate_req)
     steps = _steps(spec, waves, actions)
     servers = []
-    live = {(r.actor, r.replica): r for r in observed.replicas}
+    addresses = {n.node_id: n.address for n in observed.nodes if n.alive}
     for name, actor in spec.actors.items():
         for i in range(actor.replicas):
             state = live.get((name, i))
             for server in actor.servers:
                 url = state.endpoints.get(server.name) if state and state.config_hash == config_hash(spec, name) else None
-                port = server.port + i if server.port else "auto"
+                port = (server.port if server.shared else server.port + i) if server.port else "auto"
+                host = addresses.get(state.node_id, server.host) if state and server.host == "node" else server.host
                 servers.append(ServerRow(name, i, server.name, server.protocol,
-                                         url or server_url(server.protocol, server.host, port,
+                                         url or server_url(server.protocol, host, port,
                                                            getattr(server, "tls", None) is not None)))
 
-    links = _link_rows(spec, observed, topology, single_node)
+    placed = {(r.actor, r.replica): Topology(r.node_id, r.gpu_uuid) for r in observed.replicas if r.node_id}
+    links = link_rows(spec, placed | (topology or {}), single_node)
     totals = {"actors": 0, "cpus": 0.0, "gpus": 0.0, "memory_bytes": 0}
     for actor in spec.actors.values():
         totals["actors"] += actor.replicas
         totals["cpus"] += (actor.resources.cpus or 0) * actor.replicas
         totals["gpus"] += actor.resources.gpus * actor.replicas
         totals["memory_bytes"] += (memory_bytes(actor.resources.memory) or 0) * actor.replicas
-    return Plan(spec.name, spec.namespace, observed.online, actions, waves, steps, servers, links, totals)
-
-
-def _link_rows(spec: Spec, observed: Observed, topology: dict | None, single_node: bool | None) -> list[LinkRow]:
-    """Each link target's transport: set in the spec, decided by where the ends run, or open."""
-    links = []
-    topology = dict(topology or {})
-    for r in observed.replicas:
-        if r.node_id:
-            topology.setdefault((r.actor, r.replica), Topology(r.node_id, r.gpu_uuid))
-    for link in spec.links:
-        src_actor, src_buf = Ref.parse(link.from_).actor, Ref.parse(link.from_).member
-        buf = spec.actors[src_actor].buffers.get(src_buf) if src_actor in spec.actors else None
-        device = buf.device if buf else "cpu"
-        size = {"nbytes": buf.nbytes if buf else 0, "buffering": link.buffering}
-        for target in link.to:
-            if link.transport != "auto":
-                links.append(LinkRow(link.name, link.from_, target, device, link.transport, LinkReason.SPEC, **size))
-                continue
-            dst_actor = Ref.parse(target).actor
-            ends = [topology.get((src_actor, 0))] + [topology.get((dst_actor, i))
-                                                     for i in range(spec.actors[dst_actor].replicas)] \
-                if dst_actor in spec.actors else []
-            if ends and all(ends):
-                picks = sorted({choose_transport(device, ends[0], t) for t in ends[1:]})
-                links.append(LinkRow(link.name, link.from_, target, device, "/".join(picks),
-                                     LinkReason.PLACED_ONE_NODE if len({e.node_id for e in ends}) == 1
-                                     else LinkReason.PLACED_SEVERAL_NODES, **size))
-            elif single_node:
-                links.append(LinkRow(link.name, link.from_, target, device,
-                                     choose_transport(device, Topology("local"), Topology("local")), LinkReason.ONE_NODE,
-                                     **size))
-            else:
-                options = ["cuda_ipc", "nccl"] if device == "gpu" else ["shm", "object_store"]
-                links.append(LinkRow(link.name, link.from_, target, device, None, LinkReason.NOT_PLACED, options,
-                                     **size))
-    return links
+    return Plan(spec.name, spec.namespace, observed.online, actions, waves, steps, servers, links, totals,
+                warnings=warnings)
 
 
 def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str | None,
-                restart: bool = False) -> list[Action]:
+                restart: bool = False, nodes: list[NodeState] | None = None) -> list[Action]:
     actor = spec.actors[name]
     if not have:
         return [Action(ActionKind.CREATE, name, list(range(actor.replicas)), Reason.NEW)]
@@ -357,7 +311,14 @@ def _actions_of(spec: Spec, name: str, have: dict[int, ReplicaState], code: str 
     strategy, why = strategy_of(spec, name)
     if changed or recoded:
         reason = Reason.SPEC if changed else Reason.RESTART if restart else Reason.CODE
-        out.append(Action(ActionKind.REPLACE, name, sorted(changed + recoded), reason, strategy, why))
+        rolling = sorted(changed + recoded)
+        if strategy == Strategy.ROLLING and actor.no_room == "stop-first":  # stand-ins start on their replica's node
+            for replicas, room in no_room(actor, {i: have[i].node_id for i in rolling}, nodes or []):
+                out.append(Action(ActionKind.REPLACE, name, replicas, reason, Strategy.STOP_FIRST, StopFirst.NO_ROOM,
+                                  room=room))
+                rolling = [i for i in rolling if i not in replicas]
+        if rolling:
+            out.append(Action(ActionKind.REPLACE, name, rolling, reason, strategy, why))
     missing = [i for i in range(actor.replicas) if i not in have]
     if missing:
         out.append(Action(ActionKind.CREATE, name, missing, Reason.SCALED, was=len(have), now=actor.replicas))

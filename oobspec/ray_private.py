@@ -3,7 +3,7 @@
 Tested with Ray 2.60 only, by tests/test_ray_private.py: one test per function against a real
 local Ray (the KV round trip with keys by prefix and delete, reload_config, an actor of the test
 found in actor_table's ActorTableData, the session folder and its logs/, walk_upload's files and
-excludes, both uploads returning gcs:// URIs). A Ray upgrade that moves one of these breaks here
+excludes, both uploads returning gcs:// URIs, free resources per node). A Ray upgrade that moves one of these breaks here
 and in that test, nowhere else. Both sides use it: the control side (the `oob` CLI) and the
 replicas.
 """
@@ -33,6 +33,12 @@ def kv_del(key: str) -> None:
 def kv_keys(prefix: str) -> list[str]:
     from ray.experimental import internal_kv
     return [k.decode() for k in internal_kv._internal_kv_list(prefix.encode(), namespace=KV_NAMESPACE)]
+
+
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """node id -> the resources free on it now (one none of is free is left out)."""
+    from ray._private.state import available_resources_per_node
+    return available_resources_per_node()
 
 
 def reload_config() -> None:

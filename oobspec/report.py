@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .errors import Diagnostic
+from .nodes import size
 from .plan import Plan
 
 
@@ -40,14 +41,6 @@ def summary(diags: list[Diagnostic], files: int) -> str:
 _SIGN = {"create": "+", "replace": "~", "delete": "-", "keep": "="}
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def plan_text(plan: Plan) -> str:
     out = [f"deployment {plan.name} (namespace {plan.namespace}) — "
            + ("compared with the running cluster" if plan.online else "offline: no cluster running, showing what apply would create")]
@@ -79,6 +72,8 @@ def plan_text(plan: Plan) -> str:
         out.append("")
         out.append(f"upload: {up['folder']} ({up['files']} file{'s' if up['files'] != 1 else ''}, {size(up['bytes'])}) "
                    "as the actors' working_dir, with oobspec as a py_module")
+    if plan.warnings:
+        out += ["", "warnings:"] + [f"  ! {w}" for w in plan.warnings]
     r = plan.resources
     out.append("")
     out.append(f"total: {r['actors']} actor replica{'s' if r['actors'] != 1 else ''}, {r['cpus']:g} CPU, "
@@ -107,8 +102,9 @@ def status_text(status: dict) -> str:
         out[-1:] = [f"last apply stopped at {last['step']}: {last['cause']}",
                     f"  new version: {', '.join(last['new']) or '-'}; previous version: {', '.join(last['old']) or '-'}",
                     ""]
-    rows = [[r["name"], r["state"], _restarts(r), r["pid"] or "-", (r["node_id"] or "-")[:12],
-             " ".join(r["endpoints"].values()) or "-"] for r in status["replicas"]]
+    rows = [[r["name"], r["state"], _restarts(r), r["pid"] or "-", _node(r),
+             f"pending: {r['pending']}" if "pending" in r else " ".join(r["endpoints"].values()) or "-"]
+            for r in status["replicas"]]
     out.append(table(["ACTOR", "STATE", "RESTARTS", "PID", "NODE", "ENDPOINTS"], rows) if rows else "(no actors)")
     if status["links"]:
         out.append("")
@@ -155,6 +151,12 @@ def watch_text(view: dict) -> str:
              _links_cell(r["links"])] for r in view["replicas"]]
     body = table(["REPLICA", "STATE", "REQ/S", "P50", "P99", "4XX/S", "5XX/S", "REQUESTS", "LINKS"], rows)
     return "\n".join([head, body, *metrics_lines(view["metrics"])])
+
+
+def _node(row: dict) -> str:
+    """The address Ray knows the replica's node by (rows from an older oobspec: its id's start)."""
+    address = row["node_address"] if "node_address" in row else None
+    return address or (row["node_id"] or "-")[:12]
 
 
 def _restarts(row: dict) -> str:

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from oobspec.contract import Topology, choose_transport
 from oobspec.models import Spec
+from oobspec.nodes import NodeState, node_matches
 from oobspec.plan import (
     Observed,
     ReplicaState,
-    Topology,
-    choose_transport,
     config_hash,
     make_plan,
     strategy_of,
     start_waves,
 )
+from oobspec.report import plan_text
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -580,3 +581,157 @@ def test_plan_json_has_codes_not_prose():
         ("replace", "store", "spec-changed", "rolling"), ("create", "web", "scaled", None),
         ("keep", "web", "unchanged", None), ("keep", "batch", "unchanged", None)}
     assert [s["kind"] for s in plan["steps"]] == ["roll", "start", "update"]
+
+
+# --- Step 10: nodes -------------------------------------------------------------------------
+
+def node(node_id: str, address: str, cpus: float = 4, free: float | None = 4, **labels) -> NodeState:
+    return NodeState(node_id, address, labels, {"CPU": cpus, "memory": 8 * 2**30},
+                     None if free is None else {"CPU": free, "memory": 8 * 2**30} if free else {"memory": 8 * 2**30})
+
+
+@pytest.mark.parametrize("selector, labels, match", [
+    ({}, {}, True),
+    ({"zone": "a"}, {"zone": "a"}, True),
+    ({"zone": "a"}, {"zone": "b"}, False),
+    ({"zone": "a"}, {}, False),
+    ({"zone": "!a"}, {"zone": "b"}, True),
+    ({"zone": "!a"}, {}, True),
+    ({"zone": "!a"}, {"zone": "a"}, False),
+    ({"zone": "in(a, b)"}, {"zone": "b"}, True),
+    ({"zone": "in(a,b)"}, {"zone": "c"}, False),
+    ({"zone": "in(a,b)"}, {}, False),
+    ({"zone": "!in(a,b)"}, {"zone": "c"}, True),
+    ({"zone": "!in(a,b)"}, {"zone": "a"}, False),
+    ({"zone": "!in(a,b)"}, {}, True),
+    ({"zone": "a", "disk": "ssd"}, {"zone": "a", "disk": "hdd"}, False),
+])
+def test_node_labels_match_rays_label_selector(selector, labels, match):
+    assert node_matches(selector, labels) is match
+
+
+def spread(**web) -> Spec:
+    return spec_of({"web": {"class": "m:Web", "servers": [{"name": "http", "port": 8000}], **web}})
+
+
+def test_plan_warns_of_labels_no_alive_node_has():
+    spec = spread(replicas=2, labels={"zone": "c"})
+    nodes = [node("n1", "10.0.0.1", zone="a"), node("n2", "10.0.0.2", zone="b"),
+             NodeState("n3", "10.0.0.3", {"zone": "c"}, alive=False)]
+    plan = make_plan(spec, Observed(online=True, nodes=nodes))
+    assert plan.warnings == ["actor web: no alive node has labels {zone: c} (its replicas will wait)"]
+    assert "warnings:\n  ! actor web: no alive node has labels {zone: c}" in plan_text(plan)
+    assert plan.to_dict()["warnings"] == plan.warnings
+
+
+def test_plan_warns_when_max_per_node_times_nodes_is_below_replicas():
+    nodes = [node("n1", "10.0.0.1", zone="a"), node("n2", "10.0.0.2", zone="a"), node("n3", "10.0.0.3", zone="a"),
+             node("n4", "10.0.0.4", zone="b")]
+    plan = make_plan(spread(replicas=4, max_per_node=1, labels={"zone": "a"}), Observed(online=True, nodes=nodes))
+    assert plan.warnings == ["actor web: 4 replicas, max_per_node 1, 3 matching nodes: 1 will wait"]
+    fits = make_plan(spread(replicas=4, max_per_node=2, labels={"zone": "a"}), Observed(online=True, nodes=nodes))
+    assert fits.warnings == []
+
+
+def test_plan_warns_of_a_replica_bigger_than_any_node_and_of_more_than_all_nodes_have():
+    nodes = [node("n1", "10.0.0.1", cpus=4), node("n2", "10.0.0.2", cpus=2)]
+    big = make_plan(spread(resources={"cpus": 8}), Observed(online=True, nodes=nodes))
+    assert big.warnings == ["actor web: needs 8 CPU per replica, no alive node has that much (its replicas will wait)",
+                            "the spec asks for 8 CPU in all, the alive nodes have 6 (some replicas will wait)"]
+    gpu = make_plan(spread(resources={"gpus": 1, "memory": "1GiB"}, labels={"zone": "a"}),
+                    Observed(online=True, nodes=[node("n1", "10.0.0.1", zone="a")]))
+    assert gpu.warnings[0] == ("actor web: needs 1 GPU, 1.0 GiB memory per replica, no alive node with labels "
+                               "{zone: a} has that much (its replicas will wait)")
+    many = make_plan(spread(replicas=4, resources={"cpus": 2}), Observed(online=True, nodes=nodes))
+    assert many.warnings == ["the spec asks for 8 CPU in all, the alive nodes have 6 (some replicas will wait)"]
+
+
+def test_capacity_warnings_need_a_cluster_and_its_nodes():
+    spec = spread(replicas=4, max_per_node=1, labels={"zone": "c"})
+    assert make_plan(spec).warnings == []
+    assert make_plan(spec, Observed(online=True)).warnings == []  # nodes not looked at
+
+
+def test_plan_warns_of_a_shared_port_without_tcp_migrate_req():
+    spec = spread(replicas=2, servers=[{"name": "http", "port": 8000, "shared": True}, {"name": "admin", "port": 9000}])
+    assert make_plan(spec, migrate_req=False).warnings == [
+        "actor web: server http is shared but net.ipv4.tcp_migrate_req is 0 on this machine: a draining replica "
+        "resets connections queued on it (sysctl -w net.ipv4.tcp_migrate_req=1)"]
+    assert make_plan(spec, migrate_req=True).warnings == make_plan(spec).warnings == []
+
+
+def on_nodes(spec: Spec, where: list[str]) -> Observed:
+    """`spec` running, replica i on node where[i] (an older version of it: it will be replaced)."""
+    return Observed(True, [ReplicaState("web", i, "old", pid=100 + i, node_id=n) for i, n in enumerate(where)])
+
+
+def test_a_stand_in_without_room_on_its_node_makes_that_replica_stop_first():
+    spec = spread(replicas=3, resources={"cpus": 2})
+    observed = on_nodes(spec, ["n1", "n2", "n1"])
+    observed.nodes = [node("n1", "10.0.0.1", free=0.5), node("n2", "10.0.0.2", free=2)]
+    plan = make_plan(spec, observed)
+    replace = [a for a in plan.actions if a.kind == "replace"]
+    assert [(a.replicas, a.strategy, a.stop_first) for a in replace] == [
+        ([0, 2], "stop-first", "no-room"), ([1], "rolling", None)]
+    assert replace[0].describe() == ("spec changed; stop-first: node 10.0.0.1 has no room for a stand-in "
+                                     "(needs 2 CPU, 0.5 free)")
+    assert steps(plan) == [("stop", "web", (0, 2)), ("start", "web", (0, 2)), ("roll", "web", (1,))]
+    assert plan.warnings == []
+    assert "~ replace  web [0,2]  (spec changed; stop-first: node 10.0.0.1 has no room" in plan_text(plan)
+    assert plan.to_dict()["actions"][0]["room"] == {"node": "10.0.0.1", "short": {"CPU": [2.0, 0.5]}}
+
+
+def test_a_resource_none_of_is_free_is_no_room_and_memory_reads_as_a_size():
+    spec = spread(resources={"memory": "2GiB", "custom": {"tpu": 1}})
+    observed = on_nodes(spec, ["n1"])
+    observed.nodes = [NodeState("n1", "10.0.0.1", {}, {"memory": 2**34, "tpu": 1}, {"memory": 2**29})]
+    (replace,) = [a for a in make_plan(spec, observed).actions if a.kind == "replace"]
+    assert replace.describe().endswith("(needs 2.0 GiB memory, 512.0 MiB free; needs 1 tpu, 0 free)")
+
+
+def test_no_room_wait_keeps_rolling_and_says_the_roll_waits():
+    spec = spread(replicas=2, resources={"cpus": 2}, no_room="wait")
+    observed = on_nodes(spec, ["n1", "n2"])
+    observed.nodes = [node("n1", "10.0.0.1", free=0), node("n2", "10.0.0.2")]
+    plan = make_plan(spec, observed)
+    assert [(a.replicas, a.strategy) for a in plan.actions if a.kind == "replace"] == [([0, 1], "rolling")]
+    assert plan.warnings == ["actor web: node 10.0.0.1 has no room for a stand-in (needs 2 CPU, 0 free): the roll of "
+                             "replica 0 waits for room (no_room: wait)"]
+
+
+@pytest.mark.parametrize("free", [None, 4])
+def test_room_unknown_or_enough_rolls(free):
+    spec = spread(replicas=2, resources={"cpus": 2})
+    observed = on_nodes(spec, ["n1", "n1"])
+    observed.nodes = [node("n1", "10.0.0.1", free=free)]
+    plan = make_plan(spec, observed)
+    assert [(a.replicas, a.strategy) for a in plan.actions if a.kind == "replace"] == [([0, 1], "rolling")]
+    assert plan.warnings == []
+
+
+def test_a_replica_asking_for_nothing_always_has_room():
+    spec = spread(replicas=2)
+    observed = on_nodes(spec, ["n1", "n2"])
+    observed.nodes = [node("n1", "10.0.0.1", free=0), node("n2", "10.0.0.2", free=0)]
+    assert {a.strategy for a in make_plan(spec, observed).actions if a.kind == "replace"} == {"rolling"}
+
+
+def test_max_per_node_and_no_room_change_no_hash_labels_do():
+    old = spread(replicas=2)
+    assert config_hash(spread(replicas=2, max_per_node=1, no_room="wait"), "web") == config_hash(old, "web")
+    assert not make_plan(spread(replicas=2, max_per_node=1, no_room="wait"), running(old)).changes
+    assert config_hash(spread(replicas=2, labels={"zone": "a"}), "web") != config_hash(old, "web")
+
+
+def test_a_shared_servers_rows_bind_one_port_on_every_replica():
+    spec = spread(replicas=3, servers=[{"name": "http", "port": 8000, "shared": True}, {"name": "admin", "port": 9000}])
+    rows = {(r.server, r.replica): r.url for r in make_plan(spec).servers}
+    assert [rows["http", i] for i in range(3)] == ["http://127.0.0.1:8000"] * 3
+    assert [rows["admin", i] for i in range(3)] == [f"http://127.0.0.1:{9000 + i}" for i in range(3)]
+
+
+def test_a_node_host_row_names_the_replicas_node_once_known():
+    spec = spread(replicas=2, servers=[{"name": "http", "port": 8000, "host": "node", "shared": True}])
+    observed = on_nodes(spec, ["n1", "gone"])
+    observed.nodes = [node("n1", "10.0.0.1")]
+    assert [r.url for r in make_plan(spec, observed).servers] == ["http://10.0.0.1:8000", "http://node:8000"]

@@ -112,6 +112,14 @@ def test_session_dir_is_this_nodes_session_with_its_logs(local_ray):
     assert any(p.name.startswith("raylet") for p in (folder / "logs").iterdir())
 
 
+def test_free_resources_per_node_has_this_nodes_free_cpus(local_ray):
+    import ray
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    free = ray_private.free_resources_per_node()
+    assert set(free) == {node["NodeID"]}
+    assert 0 < free[node["NodeID"]]["CPU"] <= node["Resources"]["CPU"]
+
+
 def test_walk_upload_visits_what_travels_with_rays_exclusion_rules(tmp_path):
     (tmp_path / "pkg" / "deep").mkdir(parents=True)
     (tmp_path / "cache").mkdir()

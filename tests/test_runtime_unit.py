@@ -42,7 +42,7 @@ from oobspec.models import Auth, Buffer, GrpcServer, HttpServer
 from oobspec.plan import (Action, ActionKind, LinkReason, LinkRow, Plan, Reason, ServerRow, Step, StepKind, StopFirst,
                           Strategy, config_hash)
 from oobspec.report import endpoints_text, plan_text, size, status_text
-from oobspec.replica import actor as actor_module
+from oobspec.replica import supervised as supervised_module
 from oobspec.control import cluster, state
 from oobspec.replica.actor import CommandActor, OobMixin, Supervised, make_actor_class, make_command_class
 from oobspec.control.ray_cluster import _cause
@@ -733,7 +733,7 @@ def test_supervised_backoff_doubles_up_to_30s_and_restarts_forever(monkeypatch):
         delays.append(delay)
         await real_sleep(0)
     # Only the supervisor's module sees the recording sleep: the test's own polling sleeps for real.
-    monkeypatch.setattr(actor_module, "asyncio", types.SimpleNamespace(**dict(vars(asyncio), sleep=record)))
+    monkeypatch.setattr(supervised_module, "asyncio", types.SimpleNamespace(**dict(vars(asyncio), sleep=record)))
     sup = supervise("pass", restarts=-1, until_done=lambda s: s.starts >= 9)
     assert sup.starts >= 9
     assert delays[:8] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]

@@ -63,6 +63,8 @@ class Applier:
                                                             self.given.code if self.given else None, self.restart)
         for action in plan.changes:
             self.progress(f"{action.kind} {action.actor} [{','.join(map(str, action.replicas))}]: {action.describe()}")
+        for warning in plan.warnings:
+            self.progress(f"warning: {warning}")
         ray_cluster = RayCluster(self.spec.namespace, timeout)
         previous, was = ray_cluster.current(), history.current_number(self.spec.namespace)
         revision = self.given or self._revision()
@@ -171,7 +173,9 @@ def plan_on_cluster(spec: Spec, base_dir: Path, code: dict[str, str] | None = No
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     code = code_versions(spec, base_dir) if code is None else code
     single = spec.ray.placement == "STRICT_PACK" or len(nodes) == 1
-    return make_plan(spec, observed, single_node=single, code=code, restart=restart), observed, code
+    migrate_req = None if cluster.is_client() else cluster.tcp_migrate_req()  # Ray Client: nodes elsewhere
+    return make_plan(spec, observed, single_node=single, code=code, restart=restart,
+                     migrate_req=migrate_req), observed, code
 
 
 def code_versions(spec: Spec, base_dir: Path) -> dict[str, str]:

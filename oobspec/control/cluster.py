@@ -14,6 +14,7 @@ from .connect import (  # noqa: F401 (re-exported: callers find and connect thro
     token_mode, unregister_embedded, use_token_if_any, _embedded_address, _host_port)
 from .state import actor_records, is_client  # noqa: F401 (is_client: used by callers of cluster)
 from ..errors import ClusterError
+from ..nodes import NodeState
 from ..plan import Observed, ReplicaState
 
 INFO_TIMEOUT = 15.0
@@ -99,7 +100,34 @@ def observe(namespace: str) -> Observed:
                                          info.endpoints, info.gpu_uuid, info.code_hash, ports=info.ports))
         else:  # failed in __init__, or still pending: not a working replica
             replicas.append(ReplicaState(actor, index, "", alive=False))
-    return Observed(online=True, replicas=replicas)
+    return Observed(online=True, replicas=replicas, nodes=nodes())
+
+
+def nodes() -> list[NodeState]:
+    """Every node Ray knows (dead ones too, alive=False): its address, labels, resources in all
+    and free now, for the plan's warnings, stand-ins' room and why a replica waits."""
+    import ray
+    free = _free_per_node()
+    return [NodeState(n["NodeID"], n["NodeManagerAddress"], dict(n["Labels"]), dict(n["Resources"]),
+                      free.get(n["NodeID"], {}) if free is not None and n["Alive"] else None, bool(n["Alive"]))
+            for n in ray.nodes()]
+
+
+def _free_per_node() -> dict[str, dict[str, float]] | None:
+    """node id -> its free resources (a resource none of is free is left out), as the nodes last
+    reported them to the GCS; None through Ray Client, which has no GCS connection to ask."""
+    if is_client():
+        return None
+    return ray_private.free_resources_per_node()  # a DeveloperAPI: no public equivalent
+
+
+def tcp_migrate_req() -> bool | None:
+    """This machine's net.ipv4.tcp_migrate_req (None: no such setting, e.g. not Linux 5.14+)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return None
 
 
 def _recorded(namespace: str, name: str, record) -> ReplicaInfo | None:

@@ -14,6 +14,7 @@ from typing import Iterator, NamedTuple
 
 from ..errors import ClusterError, OobError, UsageError, last_line
 from ..models import Spec
+from ..nodes import NodeState, pending_reason
 from ..plan import Plan, make_plan
 from . import cluster, remote, state
 from ..contract import Ref, ReplicaInfo, host_port, namespace_of, replica_name, split_name
@@ -24,7 +25,9 @@ def plan_for(spec: Spec, address: str | None) -> Plan:
     single = spec.ray.placement == "STRICT_PACK" or None
     with session(spec.name, address, spec.ray.address, required=False) as found:
         if found is None:
-            return make_plan(spec, single_node=True if single or not (address or spec.ray.address) else None)
+            local = not (address or spec.ray.address)  # apply would start Ray on this machine
+            return make_plan(spec, single_node=True if single or local else None,
+                             migrate_req=cluster.tcp_migrate_req() if local else None)
         from .apply import plan_on_cluster
         base = spec._source.base_dir if spec._source else Path.cwd()
         plan, _observed, _code = plan_on_cluster(spec, base)
@@ -42,10 +45,13 @@ def declared(spec: Spec | None) -> list[str]:
     return [replica_name(name, i) for name, actor in (spec.actors.items() if spec else ()) for i in range(actor.replicas)]
 
 
-def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo | None) -> dict:
+def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo | None,
+                 addresses: dict[str, str] | None = None) -> dict:
+    """One replica's row of `oob status`; addresses: node id -> the address Ray knows it by."""
     actor, index = split_name(name)
     row = {"name": name, "actor": actor, "replica": index, "restarts": record.restarts if record else 0,
-           "healthy": False, "pid": record.pid if record and record.pid else None, "node_id": None, "endpoints": {}}
+           "healthy": False, "pid": record.pid if record and record.pid else None, "node_id": None,
+           "node_address": None, "endpoints": {}}
     if record is None:
         row["state"] = "missing"
     elif record.state != "ALIVE":
@@ -55,6 +61,7 @@ def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo 
     else:
         process = info.process
         row.update(state="alive", healthy=True, pid=info.pid, node_id=info.node_id,
+                   node_address=info.node_address or (addresses or {}).get(info.node_id),
                    endpoints=info.endpoints, process=process, versions=info.versions)
         if info.error:
             row.update(state=f"failed: {info.error}", healthy=False)
@@ -63,6 +70,34 @@ def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo 
         elif process and not process["alive"]:
             row.update(state=f"process exited ({process['last_exit']})", healthy=False)
     return row
+
+
+def unplaced(record: state.ActorRecord | None, alive: set[str]) -> bool:
+    """Whether Ray has yet to place the replica: not created and no worker yet, or restarting
+    with no process to show (none yet, or the one it had is on a node that is gone)."""
+    if record is None:
+        return False
+    if record.state == "PENDING_CREATION":
+        return not record.pid
+    return record.state in ("RESTARTING", "DEPENDENCIES_UNREADY") and (not record.pid or record.node_id not in alive)
+
+
+def explain_pending(rows: list[dict], records: dict[str, state.ActorRecord], spec: Spec | None,
+                    nodes: list[NodeState]) -> None:
+    """Rows of replicas Ray has yet to place become `pending`, with what each waits for (labels
+    no node has, more than any node holds, max_per_node reached, or room that is taken)."""
+    alive = {n.node_id for n in nodes if n.alive}
+    placed: dict[str, list[str]] = {}  # actor -> the nodes its placed replicas are on
+    for row in rows:
+        record = records.get(row["name"])
+        node = row["node_id"] or (record.node_id if record and record.state != "DEAD"
+                                  and not unplaced(record, alive) else None)
+        if node:
+            placed.setdefault(row["actor"], []).append(node)
+    for row in rows:
+        if unplaced(records.get(row["name"]), alive):
+            actor = spec.actors.get(row["actor"]) if spec else None
+            row.update(state="pending", pid=None, pending=pending_reason(actor, nodes, placed.get(row["actor"], [])))
 
 
 def status(name: str, address: str | None) -> dict:
@@ -86,7 +121,10 @@ def observe_status(name: str, timeout: float = INFO_TIMEOUT) -> Observation:
         raise ClusterError(f"no deployment '{name}' in this cluster")
     names = declared(meta) + sorted(set(live) - set(declared(meta)))
     details = infos(namespace, [n for n in names if n in records and records[n].state == "ALIVE"], timeout)
-    replicas = [_replica_row(n, records.get(n), details.get(n)) for n in names]
+    nodes = cluster.nodes()
+    addresses = {node.node_id: node.address for node in nodes}
+    replicas = [_replica_row(n, records.get(n), details.get(n), addresses) for n in names]
+    explain_pending(replicas, records, meta, nodes)
     links = []
     for row in replicas:
         info = details.get(row["name"])

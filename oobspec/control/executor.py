@@ -194,8 +194,9 @@ class Executor(Steps):
         actor = self.spec.actors.get(step.actor)
         drain = actor.drain if actor else 1.0
         self.cluster.stop([replica_name(step.actor, i) for i in step.replicas], drain=drain)
-        for i in step.replicas:
-            self.info.pop((step.actor, i), None)
+        for i in step.replicas:  # a successor prefers its replica's node (and so keeps its URL)
+            if (old := self.info.pop((step.actor, i), None)) and old.node_id and (step.actor, i) in self.replaced:
+                self.builder.pins[(step.actor, i)] = old.node_id
             self.builder.where.pop((step.actor, i), None)
         if actor:
             self._collect_endpoints(step.actor)

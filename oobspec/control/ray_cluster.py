@@ -12,7 +12,8 @@ from ..errors import ApplyError, last_line
 from ..models import Spec
 from . import cluster, state
 from .executor import Progress, StartFailed, _label
-from .replicas import Builder, Node
+from ..nodes import NodeState
+from .replicas import Builder
 from .revisions import Revision
 
 
@@ -148,9 +149,8 @@ class RayCluster:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def alive_nodes() -> list[Node]:
-    import ray
-    return [Node(n["NodeID"], n["NodeManagerAddress"], dict(n["Labels"])) for n in ray.nodes() if n["Alive"]]
+def alive_nodes() -> list[NodeState]:
+    return [n for n in cluster.nodes() if n.alive]
 
 
 def _answer(ref) -> bool:

@@ -3,13 +3,13 @@ options and actor class. Pure reading of the spec, plus the endpoints seen so fa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..contract import LinkRole, Ref, ReplicaConfig, replica_name, surge_name
 from ..errors import ApplyError
 from ..models import Spec, memory_bytes
+from ..nodes import NodeState, node_matches
 from ..plan import config_hash
 from ..replica.context import endpoint_env
 
@@ -17,27 +17,7 @@ from ..replica.context import endpoint_env
 NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries it
 
 
-@dataclass(frozen=True)
-class Node:
-    """An alive node as placement sees it."""
-
-    node_id: str
-    address: str
-    labels: dict[str, str]
-
-    def matches(self, selector: dict[str, str]) -> bool:
-        return all(label_matches(value, self.labels.get(key)) for key, value in selector.items())
-
-
-def label_matches(want: str, have: str | None) -> bool:
-    """Ray's label_selector values: `v`, `!v`, `in(a,b)`, `!in(a,b)`."""
-    negate = want.startswith("!")
-    want = want[1:] if negate else want
-    values = [v.strip() for v in want[3:-1].split(",")] if want.startswith("in(") and want.endswith(")") else [want]
-    return (have in values) != negate
-
-
-def pick_node(nodes: list[Node], counts: dict[str, int], limit: int) -> str | None:
+def pick_node(nodes: list[NodeState], counts: dict[str, int], limit: int) -> str | None:
     """The node with the fewest of the actor's replicas, below `limit` (ties: by address)."""
     room = [n for n in nodes if counts.get(n.node_id, 0) < limit]
     best = min(room, key=lambda n: (counts.get(n.node_id, 0), n.address), default=None)
@@ -65,8 +45,8 @@ class Builder:
         # Replicas whose stand-in and successor start on this node (a rolling hand-over).
         self.pins: dict[tuple[str, int], str] = {}
         # The cluster's alive nodes, asked for once, when an actor spreads (max_per_node).
-        self.node_source: Callable[[], list[Node]] = lambda: []
-        self._nodes: list[Node] | None = None
+        self.node_source: Callable[[], list[NodeState]] = lambda: []
+        self._nodes: list[NodeState] | None = None
 
     def peer_endpoints(self, name: str) -> dict[str, list[str]]:
         """connect key -> the peers' URLs, one per replica (one per node for a shared server)."""
@@ -242,7 +222,7 @@ class Builder:
             if full:
                 selector[NODE_ID_LABEL] = f"!in({','.join(full)})"
             if target is None:
-                target = pick_node([n for n in self.nodes() if n.matches(actor.labels)], counts, actor.max_per_node)
+                target = pick_node([n for n in self.nodes() if node_matches(actor.labels, n.labels)], counts, actor.max_per_node)
                 if target is not None:
                     self.where[(name, index)] = target
         if selector:
@@ -252,7 +232,7 @@ class Builder:
                                                                          _spill_on_unavailable=pin is None)
         return opts
 
-    def nodes(self) -> list[Node]:
+    def nodes(self) -> list[NodeState]:
         if self._nodes is None:
             self._nodes = self.node_source()
         return self._nodes
