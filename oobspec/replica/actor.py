@@ -17,7 +17,7 @@ import traceback
 from typing import Any
 
 from .. import ray_private
-from . import launch
+from . import launch, peers
 from ..contract import ReplicaConfig, ReplicaInfo, replica_name, server_url
 from .context import Context, endpoint_env, set_current
 from .node import node_address, on_this_node
@@ -144,6 +144,27 @@ class OobMixin:
                           peer_replicas: dict[str, int] | None = None) -> bool:
         """Scaling in place: this actor's replica count and its peers' endpoints, live. Calls the
         user's `on_peers_changed(replicas, endpoints)` (sync or async) when something changed."""
+        async with peers.lock(self):  # never between a refresh's read and its apply
+            changed = await self._oob_apply_peers(replicas, endpoints, peer_replicas)
+        try:  # what a restart of this replica starts from
+            await asyncio.to_thread(peers.save_counts, self._oob_cfg, replicas)
+        except Exception:
+            log.debug("could not record the counts", exc_info=True)
+        return changed
+
+    async def _oob_refresh(self) -> bool:
+        """A peer (re)started: read the peers' records from the cluster's KV and apply what they
+        say as `_oob_update` does. True when something changed."""
+        cfg = self._oob_cfg
+        if not cfg.connect or self._oob_failed is not None or "_oob_stopped" in vars(self):
+            return False
+        async with peers.lock(self):
+            found = await asyncio.to_thread(peers.read_endpoints, cfg)
+            ctx = self._oob_context
+            return await self._oob_apply_peers(ctx.replicas, peers.merged(ctx.endpoints, found))
+
+    async def _oob_apply_peers(self, replicas: int, endpoints: dict[str, list[str]],
+                               peer_replicas: dict[str, int] | None = None) -> bool:
         if peer_replicas is not None:
             self._oob_cfg.peer_replicas.update(peer_replicas)
         ctx = self._oob_context
@@ -162,6 +183,8 @@ class OobMixin:
         servers stop accepting, the class's `on_stop()` runs (once) and in-flight requests
         finish (`drain` seconds at most); with
         `hand_over`, new connections go to the successor sharing the port first."""
+        for task in vars(self).pop("_oob_peer_tasks", []):  # no more announcing or re-reading
+            task.cancel()
         process = getattr(self, "_oob_process", None)
         servers, self._oob_servers = getattr(self, "_oob_servers", []), []
         drained = asyncio.gather(*(r.drain(drain, hand_over) for r in servers), return_exceptions=True)
@@ -254,9 +277,12 @@ async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
     self._oob_metrics = Metrics(cfg.deployment, cfg.actor, cfg.replica)
     self._oob_marks = LogMarks.started(log_files())
     try:
-        if _was_restarted():
+        restarted = _was_restarted()
+        if restarted:
             self._oob_metrics.restarted()
         self._oob_context = _prepare(cfg)
+        if restarted:  # scaled or moved since its first start: current from the start
+            peers.at_restart(cfg, self._oob_context)
         await user_start()
         await OobMixin._oob_start(self, cfg)
         await call_hook(self, "on_start")  # its servers are up; the replica is not ready until it returns
@@ -268,6 +294,8 @@ async def _guarded_start(self, cfg: ReplicaConfig, user_start) -> None:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_PACKAGE)]
         print("".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(exc)),
               file=sys.stderr, flush=True)
+        return
+    peers.start(self, cfg)
 
 
 def _was_restarted() -> bool:
