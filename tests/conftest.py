@@ -151,6 +151,19 @@ def ray_head():
         yield f"127.0.0.1:{port}"
 
 
+@pytest.fixture(scope="module")
+def ray_nodes():
+    """A 3-node Ray cluster of our own on loopback (tests/multinode.py): head 127.0.0.2 (zone=a),
+    workers 127.0.0.3 (zone=b) and 127.0.0.4 (zone=c); `.address` for `--address`."""
+    from multinode import LocalCluster
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
 def status_of(address, name) -> dict:
     """`oob status NAME -o json` as a user runs it."""
     out = oob("status", name, "--address", address, "-o", "json")

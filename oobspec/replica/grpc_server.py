@@ -170,7 +170,7 @@ async def start_grpc(instance, server, import_object, exclusive: bool = True, *,
     if server.service:
         await health.set(server.service, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(seconds: float) -> None:
+    async def stop(seconds: float, settle: float = 0.0) -> None:  # (GOAWAY needs no settling)
         # First the listener closes and clients get GOAWAY (their next call goes, on a new
         # connection, to whoever else holds the port); then health turns NOT_SERVING for the
         # calls still in flight here, which finish, `seconds` at most.

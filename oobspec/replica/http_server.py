@@ -373,8 +373,9 @@ async def start_http(instance, server, exclusive: bool = True, *, tls: tuple[byt
         await runner.cleanup()
         raise
 
-    async def stop(seconds: float) -> None:
-        listener.close()  # no new connections
+    async def stop(seconds: float, settle: float = 0.0) -> None:
+        listener.close()  # no new connections (a shared port's queue moves to the node's others)
+        await asyncio.sleep(settle)  # connections accepted just before the close send their requests
         manager.pre_shutdown()
         await manager.shutdown(seconds)  # in-flight requests finish, `seconds` at most
         await runner.cleanup()

@@ -219,10 +219,11 @@ class Running:
             self.steer(1)
             await asyncio.sleep(SETTLE)  # what the kernel queued here before the steering is accepted
         self.draining = True  # /-/healthz: 503 from here on, for whoever still talks to this one
-        await self.stop(seconds)
+        await self.stop(seconds, settle=SETTLE if self.shared else 0.0)
 
-    async def stop(self, seconds: float = 1.0) -> None:
+    async def stop(self, seconds: float = 1.0, settle: float = 0.0) -> None:
+        """settle: seconds between closing the listener and closing idle connections."""
         if self._stop is not None:
             stop, self._stop = self._stop, None
-            await stop(seconds)
+            await stop(seconds, settle)
 
