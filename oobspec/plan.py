@@ -277,7 +277,7 @@ def make_plan(spec: Spec, observed: Observed | None = None, *, single_node: bool
             for server in actor.servers:
                 url = state.endpoints.get(server.name) if state and state.config_hash == config_hash(spec, name) else None
                 port = (server.port if server.shared else server.port + i) if server.port else "auto"
-                host = addresses.get(state.node_id, server.host) if state and server.host == "node" else server.host
+                host = server.host if server.host != "node" else addresses.get(state.node_id, "<node>") if state else "<node>"
                 servers.append(ServerRow(name, i, server.name, server.protocol,
                                          url or server_url(server.protocol, host, port,
                                                            getattr(server, "tls", None) is not None)))

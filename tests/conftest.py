@@ -137,10 +137,11 @@ def started_head(*args: str, env: dict | None = None, ports: tuple[int, ...] = (
         yield
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
+        try:  # a head takes half a minute to exit on SIGTERM; what it does then, nobody reads
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ URL, and a node killed and brought back on a new address, its peer re-wired with
 The test that kills a node runs last but one; the fixture's own node-failure check runs last."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -130,8 +131,8 @@ def rows(address: str, name: str, actor: str) -> list[dict]:
 
 
 def node_of(row: dict) -> str:
-    """The node address status names, else the host of the replica's URL."""
-    return row.get("node_address") or urlsplit(row["endpoints"]["http"]).hostname
+    """The node address status names."""
+    return row["node_address"]
 
 
 def get(url: str, timeout: float = 5) -> dict:
@@ -242,7 +243,7 @@ def test_max_per_node_puts_one_replica_on_each_node_and_status_names_it(ray_node
     assert [r["state"] for r in shelf] == ["alive"] * 3, shelf
     assert sorted(node_of(r) for r in shelf) == [HEAD, B, C], shelf
     for r in shelf:
-        assert r.get("node_address") in (HEAD, B, C), f"status row has no node_address: {r}"
+        assert r["node_address"] in (HEAD, B, C), r
         url = r["endpoints"]["http"]
         assert urlsplit(url).hostname == r["node_address"]
         answer = get(f"{url}/who")
@@ -337,6 +338,37 @@ def test_a_rolling_update_keeps_every_replica_on_its_node_and_url(ray_nodes, spr
         assert {m["ip"] for m in mine} == {urlsplit(url).hostname}, url
 
 
+# --- a stand-in with no room on its replica's node, said at plan time ------------------------
+
+TIGHT = """
+version: 1
+name: tight
+actors:
+  big:
+    class: mnapp:Shelf
+    labels: {{zone: b}}
+    resources: {{cpus: 3}}
+    restarts: -1
+    no_room: {no_room}
+    kwargs: {{tag: {tag}}}
+    servers: [{{name: http, host: node, port: {port}, routes: [{{path: /who, call: who}}]}}]
+"""
+
+
+def test_plan_says_when_a_stand_in_has_no_room_on_its_node(ray_nodes, tmp_path):
+    folder, port, address = project(tmp_path), ports(1), ray_nodes.address
+    apply(write_in(folder, TIGHT.format(no_room="stop-first", tag="v1", port=port)), address)
+    try:
+        plan = oob("plan", write_in(folder, TIGHT.format(no_room="stop-first", tag="v2", port=port)),
+                   "--address", address)
+        assert plan.returncode == 0, plan.stderr
+        assert f"stop-first: node {B} has no room for a stand-in (needs 3 CPU, 1 free)" in plan.stdout, plan.stdout
+        plan = oob("plan", write_in(folder, TIGHT.format(no_room="wait", tag="v2", port=port)), "--address", address)
+        assert "rolling, no downtime" in plan.stdout and f"node {B} has no room" in plan.stdout, plan.stdout
+    finally:
+        assert oob("delete", "tight", "--address", address).returncode == 0
+
+
 # --- (d) a node dies and comes back on a new address ---------------------------------------
 
 
@@ -353,8 +385,12 @@ def test_a_node_back_on_a_new_address_serves_its_replica_and_the_peer_follows(ra
 
     ray_nodes.kill(C)
     wait_for(f"{C} dead in Ray", lambda: C not in ray_nodes.alive(), 40)
-    gone = {r["name"]: r for r in rows(address, "spread", "shelf")}[victim["name"]]
-    assert gone["state"] != "alive", gone
+    # No node with room: it waits (max_per_node 1, the other two nodes hold one each), and says so.
+    deadline = time.monotonic() + 20
+    while (gone := {x["name"]: x for x in rows(address, "spread", "shelf")}[victim["name"]])["state"] != "pending":
+        assert time.monotonic() < deadline, json.dumps(gone)
+        time.sleep(0.5)
+    assert "max_per_node (1)" in gone["pending"], gone
     ray_nodes.add(new_ip, {"zone": "c"})
 
     def serving():

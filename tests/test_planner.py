@@ -734,4 +734,4 @@ def test_a_node_host_row_names_the_replicas_node_once_known():
     spec = spread(replicas=2, servers=[{"name": "http", "port": 8000, "host": "node", "shared": True}])
     observed = on_nodes(spec, ["n1", "gone"])
     observed.nodes = [node("n1", "10.0.0.1")]
-    assert [r.url for r in make_plan(spec, observed).servers] == ["http://10.0.0.1:8000", "http://node:8000"]
+    assert [r.url for r in make_plan(spec, observed).servers] == ["http://10.0.0.1:8000", "http://<node>:8000"]

@@ -23,8 +23,8 @@ def node(node_id: str, cpus: float = 4, free: float | None = 4, alive: bool = Tr
                      None if free is None else {"CPU": free} if free else {}, alive)
 
 
-def record(name: str, state: str = "ALIVE", pid: int = 7, node_id: str = "n1") -> ActorRecord:
-    return ActorRecord(name, state, pid, "w", node_id, 0, 1, None)
+def record(name: str, state: str = "ALIVE", pid: int = 7, node_id: str = "n1", worker: str = "w") -> ActorRecord:
+    return ActorRecord(name, state, pid, worker, node_id, 0, 1, None)
 
 
 @pytest.mark.parametrize("fields, nodes, others, reason", [
@@ -51,18 +51,19 @@ def test_pending_reason_without_the_applied_spec():
     assert pending_reason(None, [node("n1")], []) == "waiting to be placed"
 
 
-@pytest.mark.parametrize("state, pid, node_id, pending", [
-    ("PENDING_CREATION", 0, "", True),
-    ("PENDING_CREATION", 7, "n1", False),  # a worker runs its __init__: starting
-    ("DEPENDENCIES_UNREADY", 0, "", True),
-    ("RESTARTING", 0, "", True),
-    ("RESTARTING", 7, "gone", True),  # its process was on a node that died
-    ("RESTARTING", 7, "n1", False),
-    ("ALIVE", 7, "n1", False),
-    ("DEAD", 0, "", False),
+@pytest.mark.parametrize("state, pid, node_id, worker, pending", [
+    ("PENDING_CREATION", 0, "", "", True),
+    ("PENDING_CREATION", 7, "n1", "w", False),  # a worker runs its __init__: starting
+    ("DEPENDENCIES_UNREADY", 0, "", "", True),
+    ("RESTARTING", 0, "", "", True),
+    ("RESTARTING", 7, "gone", "w", True),  # its process was on a node that died
+    ("RESTARTING", 7, "n1", "", True),  # the dead process's pid, no worker leased (as Ray 2.60 keeps it)
+    ("RESTARTING", 7, "n1", "w", False),
+    ("ALIVE", 7, "n1", "w", False),
+    ("DEAD", 0, "", "", False),
 ])
-def test_unplaced(state, pid, node_id, pending):
-    assert unplaced(record("web-0", state, pid, node_id), {"n1"}) is pending
+def test_unplaced(state, pid, node_id, worker, pending):
+    assert unplaced(record("web-0", state, pid, node_id, worker), {"n1"}) is pending
     assert unplaced(None, {"n1"}) is False
 
 

@@ -103,11 +103,11 @@ def observe(namespace: str) -> Observed:
     return Observed(online=True, replicas=replicas, nodes=nodes())
 
 
-def nodes() -> list[NodeState]:
+def nodes(free: bool = True) -> list[NodeState]:
     """Every node Ray knows (dead ones too, alive=False): its address, labels, resources in all
-    and free now, for the plan's warnings, stand-ins' room and why a replica waits."""
+    and (free=True) free now, for the plan's warnings, stand-ins' room and why a replica waits."""
     import ray
-    free = _free_per_node()
+    free = _free_per_node() if free else None
     return [NodeState(n["NodeID"], n["NodeManagerAddress"], dict(n["Labels"]), dict(n["Resources"]),
                       free.get(n["NodeID"], {}) if free is not None and n["Alive"] else None, bool(n["Alive"]))
             for n in ray.nodes()]

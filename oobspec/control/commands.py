@@ -74,12 +74,14 @@ def _replica_row(name: str, record: state.ActorRecord | None, info: ReplicaInfo 
 
 def unplaced(record: state.ActorRecord | None, alive: set[str]) -> bool:
     """Whether Ray has yet to place the replica: not created and no worker yet, or restarting
-    with no process to show (none yet, or the one it had is on a node that is gone)."""
+    with no worker leased (Ray keeps the dead process's pid in the record meanwhile) or only one
+    on a node that is gone."""
     if record is None:
         return False
     if record.state == "PENDING_CREATION":
         return not record.pid
-    return record.state in ("RESTARTING", "DEPENDENCIES_UNREADY") and (not record.pid or record.node_id not in alive)
+    return record.state in ("RESTARTING", "DEPENDENCIES_UNREADY") and (
+        not record.pid or not record.worker_id or record.node_id not in alive)
 
 
 def explain_pending(rows: list[dict], records: dict[str, state.ActorRecord], spec: Spec | None,
@@ -121,10 +123,12 @@ def observe_status(name: str, timeout: float = INFO_TIMEOUT) -> Observation:
         raise ClusterError(f"no deployment '{name}' in this cluster")
     names = declared(meta) + sorted(set(live) - set(declared(meta)))
     details = infos(namespace, [n for n in names if n in records and records[n].state == "ALIVE"], timeout)
-    nodes = cluster.nodes()
+    nodes = cluster.nodes(free=False)  # free resources only to explain a pending replica
     addresses = {node.node_id: node.address for node in nodes}
     replicas = [_replica_row(n, records.get(n), details.get(n), addresses) for n in names]
-    explain_pending(replicas, records, meta, nodes)
+    alive = {node.node_id for node in nodes if node.alive}
+    if any(unplaced(records.get(n), alive) for n in names):
+        explain_pending(replicas, records, meta, cluster.nodes())
     links = []
     for row in replicas:
         info = details.get(row["name"])
