@@ -183,13 +183,14 @@ def bench_apply(n: int, rounds: int, port: int, nodes: int) -> dict:
 
 def bench_status_and_roll(n: int, port: int, nodes: int, address: str, roll: bool) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    (folder / "bench_scale.py").write_text((HERE / "bench_scale.py").read_text())
+    for module in ("bench_scale.py", "bench_apply.py"):  # the user's class, and what its module imports
+        (folder / module).write_text((HERE / module).read_text())
     spec = folder / "spec.yaml"
     spec.write_text(make_spec(n, port, nodes))
     out: dict = {}
     try:
         t0 = time.perf_counter()
-        applied = oob("apply", str(spec), "--detach", address=address)
+        applied = oob("apply", str(spec), address=address)
         out["apply_cli_s"] = time.perf_counter() - t0
         assert applied.returncode == 0, applied.stderr[-2000:]
         cli = []
@@ -202,12 +203,16 @@ def bench_status_and_roll(n: int, port: int, nodes: int, address: str, roll: boo
         out["status_cli_s"] = cli
         out["status_rows"] = len(rows)
         out["nodes"] = sorted({r.get("node_address") or "" for r in rows})
+        import ray
+
         from oobspec.control.commands import observe_status
+        ray.init(address=address, namespace="oob-bench-scale", log_to_driver=False)
         inproc = []
-        for _ in range(5):
+        for _ in range(5):  # connected already: what the call itself costs
             t0 = time.perf_counter()
             observe_status("bench-scale")
             inproc.append(time.perf_counter() - t0)
+        ray.shutdown()
         out["status_in_process_s"] = inproc
         if roll:
             urls = sorted({u for r in rows for u in r["endpoints"].values()})
@@ -215,7 +220,7 @@ def bench_status_and_roll(n: int, port: int, nodes: int, address: str, roll: boo
             with Clients(urls) as clients:
                 time.sleep(1)
                 t0 = time.perf_counter()
-                rolled = oob("apply", str(spec), "--detach", "--timeout", "900", address=address)
+                rolled = oob("apply", str(spec), "--timeout", "900", address=address)
                 out["roll_s"] = time.perf_counter() - t0
                 time.sleep(1)
             assert rolled.returncode == 0, rolled.stderr[-2000:]
@@ -258,24 +263,29 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-roll", action="store_true")
+    parser.add_argument("--skip-apply", action="store_true", help="only 2. and 3. (results/scale.json keeps 1.)")
     args = parser.parse_args()
-    import ray
     from multinode import LocalCluster, free_port, node_env
     os.environ.update(node_env())  # token auth, as the nodes run (for this process and `oob`)
+    import ray  # after: Ray reads the auth mode when imported
     migrate = MIGRATE.read_text().strip() if MIGRATE.exists() else None
     if migrate == "0":
         try:
             MIGRATE.write_text("1")
         except OSError:
             print("net.ipv4.tcp_migrate_req is 0 and cannot be set: draining shared replicas may reset connections")
-    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="bench-scale-ray-")), num_cpus=max(8, args.replicas))
+    cluster = LocalCluster(num_cpus=max(8, args.replicas))
     try:
         cluster.start()
         port = free_port()
         ray.init(address=cluster.address, namespace="oob-bench-scale", log_to_driver=False)
         result = {"replicas": args.replicas, "nodes": 3, "cpus": os.cpu_count()}
-        print(f"1. apply of {args.replicas} replicas over 3 nodes, {args.rounds} rounds")
-        result["apply"] = bench_apply(args.replicas, args.rounds, port, 3)
+        if args.skip_apply:
+            result["apply"] = json.loads((HERE / "results" / "scale.json").read_text())["apply"]
+        else:
+            print(f"1. apply of {args.replicas} replicas over 3 nodes, {args.rounds} rounds")
+            result["apply"] = bench_apply(args.replicas, args.rounds, port, 3)
+            (HERE / "results" / "scale.json").write_text(json.dumps(result, indent=2) + "\n")  # so far
         ray.shutdown()
         print("2./3. status and a rolling update (CLI, from /)")
         result["rest"] = bench_status_and_roll(args.replicas, port, 3, cluster.address, not args.skip_roll)
