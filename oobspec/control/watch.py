@@ -8,7 +8,10 @@ show a minute later, read now.
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -107,8 +110,8 @@ def watch(name: str, address: str | None, interval: float = 1.0) -> Iterator[dic
     """One view of the deployment every `interval` seconds, forever (the caller stops on Ctrl-C).
     The first view has no rates yet: they need two snapshots."""
     last: dict[str, tuple[int, ReplicaStats]] = {}  # replica -> (pid, its last stats)
-    with session(name, address):
-        while True:
+    with session(name, address), _until_ctrl_c() as stop:
+        while not stop.is_set():
             began = time.monotonic()
             seen = observe_status(name, timeout=max(2.0, interval))
             rows = []
@@ -124,4 +127,20 @@ def watch(name: str, address: str | None, interval: float = 1.0) -> Iterator[dic
             yield {"name": name, "namespace": namespace_of(name), "healthy": seen.status["healthy"],
                    "time": time.strftime("%H:%M:%S"), "interval": interval, "replicas": rows,
                    "metrics": seen.status["metrics"]}
-            time.sleep(max(0.0, interval - (time.monotonic() - began)))
+            stop.wait(max(0.0, interval - (time.monotonic() - began)))
+
+
+@contextmanager
+def _until_ctrl_c() -> Iterator[threading.Event]:
+    """Ctrl-C sets the event instead of raising wherever the watch is: a KeyboardInterrupt
+    inside one of Ray's calls can leave its client unable to shut down. (Only the main thread
+    can take signals: elsewhere, the caller stops the watch.)"""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_args: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
