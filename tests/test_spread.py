@@ -124,7 +124,7 @@ def test_shared_servers_bind_one_port_on_every_replica():
     assert ports == [[8000, 9000], [8000, 9001], [8000, 9002]]
 
 
-def test_the_executor_pins_a_rolling_hand_over_to_the_replicas_node():
+def test_the_executor_knows_which_node_each_observed_replica_runs_on():
     b = builder("    servers: [{name: http, port: 8000}]\n")
     ex = Executor(b.spec, b, cluster=None, progress=lambda _m: None, detached=True, timeout=5)
     info = ReplicaInfo("shelf", 1, "h", "", 7, N4, {"http": "http://127.0.0.1:8001"})
