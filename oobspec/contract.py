@@ -110,7 +110,8 @@ class LinkRole:
     role: str  # "source" | "target"
     source_buffer: str | None = None  # set on the source
     target_buffer: str | None = None  # set on a target
-    buffering: str = "single"  # "double": targets hold two slots
+    buffering: str = "single"  # "double" / "triple": targets hold two / three slots
+    timeout: float = 10.0  # seconds a push waits for readers (or an nccl broadcast), a reader for a push
 
 
 @dataclass

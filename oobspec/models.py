@@ -326,9 +326,15 @@ class Link(Strict):
     transport: Annotated[Literal["auto", "cuda_ipc", "nccl", "shm", "object_store"], Field(
         description="auto: cuda_ipc for gpu buffers on one node, nccl across nodes; shm for cpu "
                     "buffers on one node, object_store across nodes.")] = "auto"
-    buffering: Annotated[Literal["single", "double"], Field(
-        description="double: every target holds two copies and a push fills the idle one, then flips; "
-                    "ctx.buffers[b] is always a complete version while the next one lands.")] = "single"
+    buffering: Annotated[Literal["single", "double", "triple"], Field(
+        description="single: one copy; a push waits for readers (ctx.reading) and readers for a push. "
+                    "double: two copies; a push fills the one that is not current, then flips, so "
+                    "ctx.buffers[b] is always a complete version; it waits if a reader holds that one. "
+                    "triple: three; a push never waits for one held snapshot.")] = "single"
+    timeout: Annotated[float, Field(
+        gt=0, description="Seconds a push waits for readers to let go of the slot it needs (and for an "
+                          "nccl broadcast to finish), and a reader for a push in progress; then it fails "
+                          "naming the target.")] = 10
     when: WhenField = None
 
     @field_validator("to", mode="before")

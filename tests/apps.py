@@ -1,6 +1,7 @@
 """Actor classes for the runtime tests."""
 import asyncio
 import os
+import time
 
 import oobspec
 
@@ -237,3 +238,58 @@ class Slow:
 
     def get(self) -> str:
         return "ok"
+
+
+class Stamper:
+    """A source whose every push is distinct: all of its buffer holds the version being pushed."""
+
+    async def push_stamped(self, count: int, pause: float = 0.0) -> list:
+        """Each push's version, or its error (a string)."""
+        ctx, out = oobspec.context(), []
+        for _ in range(count):
+            self.stamp = getattr(self, "stamp", 0) + 1
+            ctx.buffers["data"].fill(self.stamp)
+            try:
+                out.append((await ctx.push("data"))["version"])
+            except oobspec.OobError as exc:
+                out.append(str(exc))
+            await asyncio.sleep(pause)
+        return out
+
+
+class Reader:
+    """A target that reads through snapshots: each read is checked whole (all of it = its version)."""
+
+    async def hold(self, seconds: float) -> dict:
+        ctx = oobspec.context()
+        async with ctx.reading("data") as snap:
+            first = [snap.version, float(snap.array.min()), float(snap.array.max())]
+            await asyncio.sleep(seconds)
+            last = [snap.version, float(snap.array.min()), float(snap.array.max())]
+            return {"first": first, "last": last, "intact": snap.intact, "newest": ctx.versions["data"]}
+
+    async def read_loop(self, seconds: float) -> dict:
+        ctx, reads, torn, seen = oobspec.context(), 0, 0, set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            async with ctx.reading("data") as snap:
+                whole = snap.array.min() == snap.array.max() == snap.version and snap.intact
+            reads, torn = reads + 1, torn + (not whole)
+            seen.add(snap.version)
+            await asyncio.sleep(0)
+        return {"reads": reads, "torn": torn, "versions": sorted(seen)}
+
+    async def stamp(self) -> list:
+        ctx = oobspec.context()
+        async with ctx.reading("data") as snap:
+            return [snap.version, float(snap.array.min()), float(snap.array.max())]
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class Relay(Reader):
+    """A link's target that is the source of another: forwards the version it holds."""
+
+    async def forward(self) -> dict:
+        return await oobspec.context().push("onward")

@@ -199,3 +199,27 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def kill_and_wait(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 20
+    while not _gone(pid) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """Every thread has exited (and so its files are closed): a killed process's main thread
+    turns zombie while its other threads, which share the files, are still exiting."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1][0] not in "ZX":
+                    return False
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return True

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 import oobspec
-from conftest import oob
+from conftest import kill_and_wait, oob
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
@@ -100,30 +100,6 @@ links:
   - {{name: weights, from: trainer.params, to: [server.params, mortal.params], buffering: double,
      transport: {transport}}}
 """
-
-
-def kill_and_wait(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.time() + 20
-    while not _gone(pid) and time.time() < deadline:
-        time.sleep(0.05)
-
-
-def _gone(pid: int) -> bool:
-    """Every thread has exited (and so its files are closed): a killed process's main thread
-    turns zombie while its other threads, which share the files, are still exiting."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(") ", 1)[1][0] not in "ZX":
-                    return False
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return True
 
 
 def restart(handle) -> None:

@@ -176,7 +176,7 @@ def test_wait_times_out_and_wakes_every_waiter(prefix):
         outbox.publish(1, outbox.begin())
         assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [1, 1, 1]
         assert await inbox.wait(0) == 1  # already newer: no wait
-        inbox.publish(2)  # what a push by Ray call does
+        inbox.publish(2, inbox.begin())  # what a push by Ray call does
         assert await asyncio.wait_for(inbox.wait(1), 5) == 2
         outbox.close()
         inbox.close()

@@ -73,10 +73,11 @@ class Builder:
             mine = [t for t in targets if t.actor == name]
             if source.actor == name:
                 out[link.name] = LinkRole(link.name, source, targets, link.transport, "source", source_buffer=source.member,
-                                          target_buffer=mine[0].member if mine else None, buffering=link.buffering)
+                                          target_buffer=mine[0].member if mine else None, buffering=link.buffering,
+                                          timeout=link.timeout)
             elif mine:
                 out[link.name] = LinkRole(link.name, source, targets, link.transport, "target",
-                                          target_buffer=mine[0].member, buffering=link.buffering)
+                                          target_buffer=mine[0].member, buffering=link.buffering, timeout=link.timeout)
         return out
 
     def config(self, name: str, index: int, shared_ports: frozenset[int] = frozenset(),

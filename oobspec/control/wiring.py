@@ -32,7 +32,7 @@ def setup_links(spec: Spec, namespace: str, info: dict[tuple[str, int], ReplicaI
         sender = handle(replica_name(source.actor, 0))
         nccl = [(key, uuid) for key, transport, uuid in peers if transport == "nccl"]
         if nccl:
-            _nccl_group(link.name, sender, src_topo.gpu_uuid, nccl, handle)
+            _nccl_group(link, sender, src_topo.gpu_uuid, nccl, handle)
         descriptors = iter(ray.get([handle(key)._oob_link_receiver.remote(link.name, transport)
                                     for key, transport, _ in peers if transport != "nccl"]))
         wired = [WiredTarget(key, transport, next(descriptors) if transport != "nccl" else None)
@@ -44,16 +44,24 @@ def setup_links(spec: Spec, namespace: str, info: dict[tuple[str, int], ReplicaI
         progress(f"link {link.name}: {link.from_} -> {', '.join(link.to)} over {'/'.join(picked)}")
 
 
-def _nccl_group(link: str, sender, source_gpu: str | None, targets: list[tuple[str, str | None]], handle) -> None:
-    """One communicator: the source is rank 0, the targets 1..n (each on its own GPU)."""
+def _nccl_group(link, sender, source_gpu: str | None, targets: list[tuple[str, str | None]], handle) -> None:
+    """One communicator: the source is rank 0 (it makes the unique id, so no rank has to reach
+    the apply process), the targets 1..n (each on its own GPU). A rank that does not join within
+    the link's timeout is an error naming it."""
     import ray
 
+    from ..errors import OobError
     from ..transports import get_transport
-    module = get_transport("nccl")
-    module.check_distinct_gpus([source_gpu] + [uuid for _key, uuid in targets])
-    unique_id = module.new_unique_id()
+    get_transport("nccl").check_distinct_gpus([source_gpu] + [uuid for _key, uuid in targets])
+    unique_id = ray.get(sender._oob_nccl_id.remote(link.name))
     world = len(targets) + 1
-    refs = [sender._oob_nccl_root.remote(link, unique_id, world)]
-    refs += [handle(key)._oob_link_receiver.remote(link, "nccl", {"unique_id": unique_id, "world": world, "rank": r + 1})
+    refs = [sender._oob_nccl_root.remote(link.name, unique_id, world)]
+    refs += [handle(key)._oob_link_receiver.remote(link.name, "nccl", {"unique_id": unique_id, "world": world,
+                                                                       "rank": r + 1})
              for r, (key, _uuid) in enumerate(targets)]
+    seconds = max(30.0, link.timeout)
+    _ready, pending = ray.wait(refs, num_returns=len(refs), timeout=seconds)
+    if pending:
+        names = ["rank 0 (the source)" if ref is refs[0] else targets[refs.index(ref) - 1][0] for ref in pending]
+        raise OobError(f"link '{link.name}': nccl ranks did not join within {seconds:g} s: {', '.join(names)}")
     ray.get(refs)

@@ -234,6 +234,10 @@ class OobMixin:
     async def _oob_link_version(self, link: str) -> int:
         return self._oob_context._links.target_version(link)
 
+    async def _oob_nccl_id(self, link: str) -> bytes:
+        from ..transports import get_transport
+        return get_transport("nccl").new_unique_id()
+
     async def _oob_nccl_root(self, link: str, unique_id, world: int) -> None:
         await self._oob_context._links.nccl_root(link, unique_id, world)
 

@@ -1,4 +1,4 @@
-"""A replica's declared buffers: one allocation each, in one slot or two (`buffering: double`);
+"""A replica's declared buffers: one allocation each, in one slot, two or three (`buffering:`);
 a link target's in named shared memory (cpu) or its own cudaMalloc (gpu) with its inbox
 (control block + doorbell, `transports.inbox`), made when the replica starts."""
 from __future__ import annotations
@@ -13,8 +13,9 @@ class Allocation:
     """One declared buffer: its memory in `slots` slots and, for a link target, the inbox that
     says which slot is complete and current."""
 
-    def __init__(self, buf: Buffer, slots: int = 1, segment: str | None = None):
+    def __init__(self, buf: Buffer, slots: int = 1, segment: str | None = None, timeout: float = 10.0):
         self.buffer, self.slots, self.segment = buf, slots, segment
+        self.timeout = timeout  # how long a reader waits for a push in progress (the link's `timeout`)
         self.inbox = self._shared = None
         nbytes, (shape, dtype) = buf.nbytes, buf.storage()
         # Slots start on PART_ALIGN boundaries too, so every part of slot 1 is aligned as in slot 0.
@@ -44,7 +45,7 @@ class Allocation:
 
     @property
     def current(self) -> int:
-        return self.inbox.slot if self.inbox is not None and self.slots == 2 else 0
+        return self.inbox.slot if self.inbox is not None and self.slots > 1 else 0
 
     @property
     def array(self):
@@ -53,10 +54,6 @@ class Allocation:
 
     def slot(self, index: int):
         return self._arrays[index]
-
-    @property
-    def idle(self) -> int:
-        return 1 - self.current if self.slots == 2 else 0
 
     def views(self, slot: int | None = None) -> dict[str, Any]:
         """The named parts of a `layout` buffer, as arrays over the current slot (no copy)."""
@@ -75,11 +72,14 @@ class Allocation:
 
 def allocate_buffers(cfg: ReplicaConfig) -> dict[str, Allocation]:
     """Every declared buffer of a replica (name -> Allocation)."""
-    double = {role.target_buffer for role in cfg.links.values() if role.target_buffer and role.buffering == "double"}
+    into = {role.target_buffer: role for role in cfg.links.values() if role.target_buffer}
     out = {}
     for name, buf in cfg.buffers.items():
-        segment = None
+        segment, role = None, into.get(name)
         if name in cfg.link_targets:
             segment = segment_name(cfg.deployment, cfg.actor, cfg.replica, name)
-        out[name] = Allocation(buf, 2 if name in double else 1, segment)
+        out[name] = Allocation(buf, SLOTS[role.buffering] if role else 1, segment, role.timeout if role else 10.0)
     return out
+
+
+SLOTS = {"single": 1, "double": 2, "triple": 3}

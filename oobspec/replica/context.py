@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import OobError
+from .snapshot import Reading, torch_view
 
 
 class _Live(Mapping):
@@ -78,6 +79,13 @@ class Context:
         except asyncio.TimeoutError:
             raise LinkTimeout(f"no push into '{buffer}' after version {after} within {timeout} s") from None
 
+    def reading(self, buffer: str, timeout: float | None = None):
+        """`async with ctx.reading(b) as snap:` snap.version, snap.array, snap.views, snap.tensors():
+        a complete version no push overwrites until the block ends (on a GPU: until the work the
+        block queued is done). Waits for a push in progress (one slot) at most `timeout` seconds
+        (default: the link's), then OobError."""
+        return Reading(self._owner(buffer), buffer, timeout)
+
     def views(self, buffer: str) -> dict[str, Any]:
         """The named parts of a `layout:` buffer as numpy / cupy arrays (bfloat16 as uint16 bits)."""
         owner = self._owner(buffer)
@@ -88,14 +96,14 @@ class Context:
     def tensor(self, buffer: str):
         """A torch view of the buffer (cpu or cuda; shared memory, no copy; a layout as flat bytes)."""
         owner = self._owner(buffer)
-        return _torch_view(owner.array, None if owner.buffer.layout else owner.buffer.dtype)
+        return torch_view(owner.array, None if owner.buffer.layout else owner.buffer.dtype)
 
     def tensors(self, buffer: str) -> dict[str, Any]:
         """The named parts of a `layout:` buffer as torch tensors (bfloat16 included), no copy."""
         owner = self._owner(buffer)
         if not owner.buffer.layout:
             raise OobError(f"buffer '{buffer}' has no layout: use tensor('{buffer}')")
-        return {name: _torch_view(view, owner.buffer.layout[name].dtype) for name, view in owner.views().items()}
+        return {name: torch_view(view, owner.buffer.layout[name].dtype) for name, view in owner.views().items()}
 
     def _owner(self, buffer: str):
         if buffer not in self._owners:
@@ -106,16 +114,6 @@ class Context:
 
 class LinkTimeout(OobError, TimeoutError):
     """`ctx.updated(..., timeout=...)` saw no new version in time."""
-
-
-def _torch_view(array, dtype: str | None):
-    try:
-        import torch
-    except ImportError:
-        raise OobError("ctx.tensor needs torch (pip install torch)") from None
-    if dtype == "bfloat16":  # uint16 bits; through int16, which DLPack and any torch take
-        return torch.from_dlpack(array.view("int16")).view(torch.bfloat16)
-    return torch.from_dlpack(array)
 
 
 def env_key(key: str) -> str:

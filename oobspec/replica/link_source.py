@@ -12,6 +12,8 @@ from typing import Any
 
 from ..contract import Descriptor, PushResult, WiredTarget
 from ..errors import OobError
+from ..transports.base import TransportError
+from ..transports.inbox import SlotBusy, TargetGone
 from .metrics import off
 
 log = logging.getLogger(__name__)
@@ -150,82 +152,101 @@ class LinkSource:
             raise OobError(f"link '{link}' is not connected yet: apply wires it once every replica is ready "
                            f"(if Ray restarted {self.book.cfg.name}, run `oob apply` again to re-wire it)")
         async with self._lock:  # one push of a link at a time: versions stay in order
-            source = self.book.owner(spec.source_buffer).array
-            version = self.version[link] + 1
-            targets = self.targets[link]
-            start = time.perf_counter()
-            failed: dict[str, str] = {}
-            direct = [t for t in targets if t.direct]
-            if direct:
-                await self._push_direct(direct, source, version, failed)
-            others = [t for t in targets if not t.direct]
-            if others:
-                await self._push_by_call(link, others, source, version, failed)
-            seconds = time.perf_counter() - start
-            self.version[link] = version
-            reached = len(targets) - len(failed)
-            nbytes = int(source.nbytes) * reached
-            self.metrics.push(link, seconds, nbytes)
-            self.last[link] = PushResult(version, nbytes, seconds, nbytes / seconds / 1e9 if seconds else 0.0, reached,
-                                         len(direct), "/".join(sorted({t.transport for t in targets})), time.time())
-            if failed:
-                why = "; ".join(f"{key}: {reason}" for key, reason in failed.items())
-                raise OobError(f"link '{link}': version {version} reached {reached} of {len(targets)} targets; "
-                               f"{why}")
-            return self.last[link].to_dict()
+            owner = self.book.owner(spec.source_buffer)
+            # A relay (its source buffer is itself a link's target) holds the slot it sends.
+            held = await owner.inbox.pin(spec.timeout) if owner.inbox is not None else None
+            try:
+                return await self._push(link, spec, owner.slot(held) if held is not None else owner.array)
+            finally:
+                if held is not None:
+                    owner.inbox.unpin(held)
 
-    async def _push_direct(self, targets: list[Target], source, version: int, failed: dict) -> None:
-        from ..transports.base import TransportError
-        from ..transports.inbox import TargetGone
-        live = []
+    async def _push(self, link: str, spec, source) -> dict:
+        version = self.version[link] + 1
+        targets = self.targets[link]
+        start = time.perf_counter()
+        failed: dict[str, str] = {}
+        direct = [t for t in targets if t.direct]
+        if direct:
+            await self._push_direct(direct, source, version, spec.timeout, failed)
+        others = [t for t in targets if not t.direct]
+        if others:
+            await self._push_by_call(link, others, source, version, spec.timeout, failed)
+        seconds = time.perf_counter() - start
+        self.version[link] = version
+        reached = len(targets) - len(failed)
+        nbytes = int(source.nbytes) * reached
+        self.metrics.push(link, seconds, nbytes)
+        self.last[link] = PushResult(version, nbytes, seconds, nbytes / seconds / 1e9 if seconds else 0.0, reached,
+                                     len(direct), "/".join(sorted({t.transport for t in targets})), time.time())
+        if failed:
+            why = "; ".join(f"{key}: {reason}" for key, reason in failed.items())
+            raise OobError(f"link '{link}': version {version} reached {reached} of {len(targets)} targets; {why}")
+        return self.last[link].to_dict()
+
+    async def _claim(self, t: Target, source, seconds: float) -> int | None:
+        """Before the copy: the target runs, is the one we mapped (else map its successor), is not
+        closing, and a slot of it is ours; None if not (said in `failed` by the caller)."""
+        if t.outbox is None or t.outbox.closing:  # gone at the last push, or restarted since
+            self._open(t, source)
+        try:
+            t.outbox.check()
+            return await t.outbox.claim(seconds)
+        except TargetGone:
+            t.close()
+            raise
+
+    async def _push_direct(self, targets: list[Target], source, version: int, seconds: float, failed: dict) -> None:
+        live, slots = [], []
         for t in targets:
-            if t.outbox is None:  # gone at the last push: has it been restarted since?
-                try:
-                    self._open(t, source)
-                except TargetGone:
-                    failed[t.key] = "not running (restarting, or dead)"
-                    continue
-                except TransportError as exc:  # e.g. another user's file under its name: refused
-                    failed[t.key] = str(exc)
-                    continue
-            live.append(t)
-        slots = [t.outbox.begin() for t in live]
-        await self._copy(live, slots, source)
-        retry = []
+            try:
+                slots.append(await self._claim(t, source, seconds))
+                live.append(t)
+            except TargetGone:
+                failed[t.key] = "not running (restarting, or dead)"
+            except SlotBusy as exc:
+                failed[t.key] = str(exc)
+            except TransportError as exc:  # e.g. another user's file under its name: refused
+                failed[t.key] = str(exc)
+        try:
+            await self._copy(live, slots, source)
+        except BaseException:
+            for t, slot in zip(live, slots):
+                t.outbox.abandon(slot)
+            raise
         for t, slot in zip(live, slots):
             try:
                 t.outbox.publish(version, slot)
-            except TargetGone:
-                retry.append(t)  # it exited since we mapped it; a restarted one has a new segment
-        for t in retry:
-            try:
-                self._open(t, source)
-                slot = t.outbox.begin()
-                await self._copy([t], [slot], source)
-                t.outbox.publish(version, slot)
-            except TargetGone:
+            except TargetGone:  # it exited during the copy; a restarted one gets the next push
                 t.close()
                 failed[t.key] = "not running (it exited; restarting, or dead)"
-            except TransportError as exc:
-                t.close()
-                failed[t.key] = str(exc)
+
+    def _ordered(self, source):
+        """Our copy stream, after the work the caller queued on its current cupy and torch streams;
+        returns (stream, whether that work is done already)."""
+        from ..transports.base import callers_work, import_cupy
+        if self._stream is None:
+            with source.device:
+                self._stream = import_cupy().cuda.Stream(non_blocking=True)
+        events = callers_work(source.device)
+        for event in events:
+            self._stream.wait_event(event)
+        return self._stream, all(event.done for event in events)
 
     async def _copy(self, targets: list[Target], slots: list[int], source) -> None:
         if not targets:
             return
+        inline = source.nbytes * len(targets) <= INLINE_BYTES
         if any(t.transport == "cuda_ipc" for t in targets):
-            from ..transports.base import import_cupy
-            cp = import_cupy()
             with source.device:
-                if self._stream is None:
-                    self._stream = cp.cuda.Stream(non_blocking=True)
-                # Queued here, on the caller's thread: after whatever the user queued on the stream
-                # current here, back to back on one stream; then one wait.
-                self._stream.wait_event(cp.cuda.get_current_stream().record())
+                # Queued here, back to back on one stream, after the caller's work; then one wait,
+                # on the event loop only if the caller's work is done already (else in a thread).
+                stream, done = self._ordered(source)
                 for t, slot in zip(targets, slots):
                     if t.transport == "cuda_ipc":
-                        t.sender.copy(slot, self._stream, source)
-        if source.nbytes * len(targets) <= INLINE_BYTES:
+                        t.sender.copy(slot, stream, source)
+            inline = inline and done
+        if inline:
             self._finish(targets, slots, source)
         else:
             await asyncio.to_thread(self._finish, targets, slots, source)
@@ -237,29 +258,49 @@ class LinkSource:
         if self._stream is not None and any(t.transport == "cuda_ipc" for t in targets):
             self._stream.synchronize()
 
-    async def _push_by_call(self, link: str, targets: list[Target], source, version: int, failed: dict) -> None:
+    async def _push_by_call(self, link: str, targets: list[Target], source, version: int, seconds: float,
+                            failed: dict) -> None:
         calls = []
         nccl = [t for t in targets if t.transport == "nccl"]
         if nccl:
             calls += [(t, t.handle._oob_receive.remote(link, {"transport": "nccl"}, version)) for t in nccl]
-            await asyncio.to_thread(self.groups.get(link).broadcast, source)
+            group = self.groups.get(link)
+            try:
+                if group is None:
+                    raise OobError("nccl is wired at apply: re-apply to wire the link again")
+                with source.device:
+                    stream, _done = self._ordered(source)
+                await asyncio.to_thread(group.broadcast, source, seconds, stream)
+            except OobError as exc:  # aborted (or never wired): name the ranks that did not take part
+                self.groups.by_link.pop(link, None)
+                await self._name_missing(calls, failed, str(exc))
+                calls = []
         others = [t for t in targets if t.transport != "nccl"]
 
         async def send(t: Target):
-            # cuda_ipc records its event here, on the stream current for the caller; object_store's
-            # ray.put copies, off the event loop.
-            return t.sender.send() if t.transport == "cuda_ipc" else await asyncio.to_thread(t.sender.send)
+            # cuda_ipc records its event on our stream, after the caller's work; object_store's
+            # ray.put copies the slot being sent, off the event loop.
+            if t.transport == "cuda_ipc":
+                with source.device:
+                    return t.sender.send(source, self._ordered(source)[0])
+            return await asyncio.to_thread(t.sender.send, source)
         payloads = await asyncio.gather(*(send(t) for t in others))
         calls += [(t, t.handle._oob_receive.remote(link, {"transport": t.transport, "payload": p}, version))
                   for t, p in zip(others, payloads)]
         results = await asyncio.gather(*(ref for _, ref in calls), return_exceptions=True)
         for (t, _), result in zip(calls, results):
             if isinstance(result, BaseException):
-                import ray
-                first = (str(result).splitlines() or [""])[0]
-                first = first if len(first) <= 120 else first[:117] + "..."
-                gone = isinstance(result, ray.exceptions.RayActorError)  # dead, or restarting
-                failed[t.key] = f"{'not running (' if gone else ''}{type(result).__name__}: {first}{')' if gone else ''}"
+                failed[t.key] = _why(result)
+
+    @staticmethod
+    async def _name_missing(calls: list, failed: dict, why: str) -> None:
+        """After an aborted broadcast: each rank's own error if it said one within a second, else `why`."""
+        futures = [asyncio.ensure_future(ref) for _, ref in calls]
+        await asyncio.wait(futures, timeout=1.0)
+        for (t, _), future in zip(calls, futures):
+            error = future.exception() if future.done() and not future.cancelled() else None
+            failed[t.key] = _why(error) if error else why
+            future.cancel()
 
     def stats(self) -> dict:
         return {name: {"last_push": self.last[name].to_dict() if name in self.last else None, "transports": sorted({t.transport for t in self.targets.get(name, [])})}
@@ -277,3 +318,13 @@ class LinkSource:
             for t in targets:
                 t.close()
         self.targets.clear()
+
+
+def _why(error: BaseException) -> str:
+    """A target's failed Ray call, in one line: "not running (...)" when its actor is dead or restarting."""
+    import ray
+    first = (str(error).splitlines() or [""])[0]
+    first = first if len(first) <= 120 else first[:117] + "..."
+    if isinstance(error, ray.exceptions.RayActorError):
+        return f"not running ({type(error).__name__}: {first})"
+    return f"{type(error).__name__}: {first}"

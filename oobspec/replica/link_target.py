@@ -1,5 +1,5 @@
 """A link target's side inside a replica: what the source needs to reach it, and a push that
-comes by Ray call (object_store, nccl, cuda_ipc from another GPU), received into the idle slot
+comes by Ray call (object_store, nccl, cuda_ipc from another GPU), received into a free slot
 and published in the target's own inbox."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class LinkTarget:
         return self.receivers.get(key)
 
     async def receive(self, link: str, message: Any, version: int) -> None:
-        """A push that comes by Ray call: into the idle slot, then published in our own inbox."""
+        """A push that comes by Ray call: into a free slot, then published in our own inbox."""
         alloc = self.book.owner(self.book.role(link).target_buffer)
         transport = message["transport"]
         # Made here too: a target that Ray restarted receives again without a re-apply.
@@ -44,11 +44,15 @@ class LinkTarget:
         if receiver is None:
             raise OobError(f"link '{link}' is not set up on {self.book.cfg.name}"
                            + (" (nccl is wired at apply: re-apply after a restart)" if transport == "nccl" else ""))
-        slot = alloc.idle
-        if transport == "nccl":
-            await asyncio.to_thread(receiver.broadcast, alloc.slot(slot))
-        else:
-            await asyncio.to_thread(receiver.receive, message["payload"], alloc.slot(slot))
+        slot = await alloc.inbox.claim(alloc.timeout)  # a slot no reader holds, never the current one
+        try:
+            if transport == "nccl":
+                await asyncio.to_thread(receiver.broadcast, alloc.slot(slot), alloc.timeout)
+            else:
+                await asyncio.to_thread(receiver.receive, message["payload"], alloc.slot(slot))
+        except BaseException:
+            alloc.inbox.abandon(slot)
+            raise
         alloc.inbox.publish(version, slot)
 
     def version(self, link: str) -> int:

@@ -56,6 +56,9 @@ class Groups:
 
     async def join(self, link: str, unique_id, world: int, rank: int):
         from ..transports import get_transport
+        old = self.by_link.pop(link, None)
+        if old is not None:  # a re-apply wires the link again: one communicator per rank, not one more each time
+            old.close()
         self.by_link[link] = await asyncio.to_thread(get_transport("nccl").Group, unique_id, world, rank)
         return self.by_link[link]
 

@@ -54,6 +54,19 @@ def import_cupy():
     return cupy
 
 
+def callers_work(device) -> list:
+    """Events marking the work queued so far on the current cupy stream of `device` and, when
+    torch is loaded and using CUDA, on torch's current stream (a side stream of a training step)."""
+    import sys
+    cp = import_cupy()
+    with device:
+        events = [cp.cuda.get_current_stream().record()]
+        torch = sys.modules["torch"] if "torch" in sys.modules else None
+        if torch is not None and torch.cuda.is_initialized():
+            events.append(cp.cuda.ExternalStream(torch.cuda.current_stream(device.id).cuda_stream).record())
+    return events
+
+
 def spec(array) -> dict:
     """Plain-data shape/dtype, safe to pickle across processes and Ray calls."""
     return {"shape": tuple(int(n) for n in array.shape), "dtype": np.dtype(array.dtype).str}

@@ -111,6 +111,7 @@ class Sender:
         rt = cp.cuda.runtime
         self._src = array
         base, offset = _export_base(array)
+        self._base = base
         with array.device:
             self._event = cp.cuda.Event(block=False, disable_timing=True, interprocess=True)
             self._message = {
@@ -122,11 +123,17 @@ class Sender:
                 "device_uuid": gpu_uuid(array.device.id),
             }
 
-    def send(self) -> dict:
-        # Marks the end of the source's queued writes; the target's copy waits on it.
+    def send(self, source=None, stream=None) -> dict:
+        """Record the event the target's copy waits on, on `stream` (default: the current one),
+        and say where `source` (a relay's current slot; default the array given at start) is:
+        an offset into the exported allocation."""
+        source = self._src if source is None else source
+        base, offset = _export_base(source)
+        if base != self._base:
+            raise TransportError("cuda_ipc: a relay sends a slot of the allocation it exported, not another one")
         with self._src.device:
-            self._event.record()
-        return dict(self._message)
+            self._event.record(stream)
+        return {**self._message, "offset": offset}
 
     def close(self) -> None:
         self._src = self._event = None

@@ -2,36 +2,49 @@
 seen, without a Ray call.
 
 The target owns two files next to its data, named after its segment:
-- `<segment>.ctl`, a small shared-memory block: version, current slot, state, the slot count
-  and size, the owner's pid, and (gpu) the CUDA IPC handle of its memory;
+- `<segment>.ctl`, a small shared-memory block: version, current slot, the slot count and size,
+  the owner's pid, a closing flag, per slot its sequence number and version, and (gpu) the
+  CUDA IPC handle of its memory; bytes 0..2 of the file are the slots' locks (`slots.py`);
 - `<segment>.bell`, a FIFO the target keeps open for reading.
 
-The source opens both once. A push writes the data, then the slot and version into the block,
-then one byte into the FIFO: the target's event loop wakes on it (no thread, no polling), and
-a write that finds no reader (EPIPE) means the target's process is gone.
+The source opens both once. A push takes the exclusive lock of a slot no reader holds (never
+the current one with two or three slots), makes that slot's sequence odd, writes the data,
+makes it even, then sets the slot and version in the block, drops the lock and writes one byte
+into the FIFO: the target's event loop wakes on it (no thread, no polling), and a write that
+finds no reader (EPIPE) means the target's process is gone. A reader (`ctx.reading`) holds a
+shared lock on the slot it reads; an odd or changed sequence says a read was torn.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 
-import numpy as np
-
+from . import slots as locks
 from .base import TransportError
 from .shm import _check_name, _open, _release, _unlink, in_the_way, open_checked, path_of, unlink_own
 
-MAGIC = int.from_bytes(b"oobctl01", "little")
+log = logging.getLogger(__name__)
+
+MAGIC = int.from_bytes(b"oobctl02", "little")
 CTL_BYTES = 4096
+MAX_SLOTS = 3
 # uint64 fields of the block
-_MAGIC, _VERSION, _SLOT, _STATE, _SLOTS, _NBYTES, _PID, _PUSHED_NS = range(8)
-_HANDLE = 64  # byte offset of the CUDA IPC handle (64 bytes) of the target's memory
-IDLE, WRITING = 0, 1
+_MAGIC, _VERSION, _SLOT, _UNUSED, _SLOTS, _NBYTES, _PID, _PUSHED_NS, _CLOSING = range(9)
+_SEQ, _VER = 16, 24  # per slot: its sequence number (odd while written), the version it holds
+_FIELDS = 32
+_HANDLE = 8 * _FIELDS  # byte offset of the CUDA IPC handle (64 bytes) of the target's memory
+CLOSE_WAIT = 5.0  # seconds a closing target waits for a write in progress
 
 
 class TargetGone(TransportError):
     """The process that owns a target is not running (it exited, or has not started yet)."""
+
+
+class SlotBusy(TransportError):
+    """Readers (or a push in progress) held the slot a push or a read needs past the deadline."""
 
 
 def _paths(segment: str) -> tuple[str, str]:
@@ -40,31 +53,84 @@ def _paths(segment: str) -> tuple[str, str]:
 
 
 class _Block:
-    """The fields of a mapped control block."""
+    """The fields of a mapped control block, and the writer's side of its slots."""
+
+    _wfd = -1  # the fd whose lock a write holds (its own open file description)
 
     def _map(self, shm) -> None:
         self._shm = shm
-        self.fields = np.ndarray(8, np.uint64, buffer=shm.buf)
+        # A memoryview of uint64: plain ints in and out, a fraction of numpy's per-element cost.
+        self.fields = shm.buf[:8 * _FIELDS].cast("Q")
 
-    version = property(lambda self: int(self.fields[_VERSION]), doc="Version of the last push published.")
-    slot = property(lambda self: int(self.fields[_SLOT]), doc="The slot that holds that version.")
-    slots = property(lambda self: int(self.fields[_SLOTS]), doc="1, or 2 with buffering: double.")
-    pid = property(lambda self: int(self.fields[_PID]), doc="The owner's process id.")
-    pushed_ns = property(lambda self: int(self.fields[_PUSHED_NS]), doc="time.time_ns() of the last publish.")
+    version = property(lambda self: self.fields[_VERSION], doc="Version of the last push published.")
+    slot = property(lambda self: self.fields[_SLOT], doc="The slot that holds that version.")
+    slots = property(lambda self: self.fields[_SLOTS], doc="1, 2 (double) or 3 (triple).")
+    pid = property(lambda self: self.fields[_PID], doc="The owner's process id.")
+    pushed_ns = property(lambda self: self.fields[_PUSHED_NS], doc="time.time_ns() of the last publish.")
+    closing = property(lambda self: bool(self.fields[_CLOSING]), doc="The owner is freeing its memory.")
+
+    def seq(self, slot: int) -> int:
+        return self.fields[_SEQ + slot]
+
+    def held(self, slot: int) -> int:
+        """The version in `slot` (complete when its sequence is even)."""
+        return self.fields[_VER + slot]
 
     @property
     def handle(self) -> bytes:
         return bytes(self._shm.buf[_HANDLE:_HANDLE + 64])
 
+    def _free_slots(self) -> list[int]:
+        """The slots a push may fill, oldest first: never the current one when there are others."""
+        n, current = self.slots, self.slot
+        return [0] if n == 1 else [(current + k) % n for k in range(1, n)]
+
+    async def claim(self, seconds: float) -> int:
+        """A slot to fill, locked for this write; waits up to `seconds` for readers to let go
+        (SlotBusy), and stops at once when the target is closing (TargetGone)."""
+        try:
+            return self.begin()  # the usual case: a free slot, no wait
+        except SlotBusy:
+            pass
+        try:
+            slot = await locks.lock_any(self._wfd, locks.EXCLUSIVE, self._free_slots(),
+                                        time.monotonic() + seconds, lambda: self.closing)
+        except locks.Busy:
+            raise SlotBusy(f"readers held its slots for {seconds:g} s (ctx.reading)") from None
+        return self._claimed(slot)
+
+    def begin(self) -> int:
+        """claim() without waiting: SlotBusy at once if the slot is held."""
+        slot = next((s for s in self._free_slots() if locks.try_lock(self._wfd, locks.EXCLUSIVE, s)), None)
+        if slot is None:
+            raise SlotBusy("readers hold its slots (ctx.reading)")
+        return self._claimed(slot)
+
+    def _claimed(self, slot: int) -> int:
+        if slot < 0 or self.closing:
+            if slot >= 0:
+                locks.unlock(self._wfd, slot)
+            raise TargetGone(f"{self.segment}: the target is closing")
+        self.fields[_SEQ + slot] |= 1  # odd: being written
+        return slot
+
+    def abandon(self, slot: int) -> None:
+        """A write that failed: the slot stays marked torn (odd) and is let go."""
+        locks.unlock(self._wfd, slot)
+
     def _write(self, version: int, slot: int) -> None:
-        # Data first, then slot, then version: a reader that sees the version sees the slot.
+        # Data first, then the slot's sequence and version, then slot and version: a reader that
+        # sees the version sees the slot.
+        self.fields[_SEQ + slot] = (self.fields[_SEQ + slot] | 1) + 1  # even: complete
+        self.fields[_VER + slot] = version
         self.fields[_SLOT] = slot
         self.fields[_PUSHED_NS] = time.time_ns()
         self.fields[_VERSION] = version
-        self.fields[_STATE] = IDLE
+        locks.unlock(self._wfd, slot)
 
     def _unmap(self) -> None:
         if getattr(self, "_shm", None) is not None:
+            self.fields.release()
             self.fields = None
             _release(self._shm)
             self._shm = None
@@ -79,16 +145,21 @@ class Inbox(_Block):
         self.segment = segment
         ctl, self._bell = _paths(segment)
         self._read = self._write_fd = None
+        self._pins = [0] * slots  # readers in this process holding each slot (one shared lock each)
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._loops: set[asyncio.AbstractEventLoop] = set()
         # A crashed predecessor's files are ours to replace; another user's are refused (ShmOwnerError).
+        _retire(ctl)
         _unlink(ctl)
         _unlink(f"{segment}.bell")
         self._map(_open(ctl, create=True, size=CTL_BYTES))
         try:
-            self.fields[:] = 0
-            self.fields[[_MAGIC, _SLOTS, _NBYTES, _PID]] = [MAGIC, slots, nbytes, os.getpid()]
+            for index, value in ((_MAGIC, MAGIC), (_SLOTS, slots), (_NBYTES, nbytes), (_PID, os.getpid())):
+                self.fields[index] = value  # the rest of a new file reads 0
             self._shm.buf[_HANDLE:_HANDLE + len(handle)] = handle
+            # Writes that come by Ray call lock through their own open file (a reader's shared
+            # lock, held through the mapping's, then conflicts with them as with the source's).
+            self._wfd = open_checked(self._shm.path, os.O_RDWR)
             self._make_bell()
         except BaseException:
             self.close()
@@ -104,10 +175,37 @@ class Inbox(_Block):
         # that came through a Ray call rings the same bell.
         self._write_fd = open_checked(self._bell, os.O_WRONLY | os.O_NONBLOCK, fifo=True)
 
-    def publish(self, version: int, slot: int = 0) -> None:
-        """A push that arrived by a Ray call landed in `slot`."""
+    def publish(self, version: int, slot: int) -> None:
+        """A push that arrived by a Ray call landed in `slot` (claimed first)."""
         self._write(version, slot)
         _ring(self._write_fd)
+
+    async def pin(self, seconds: float) -> int:
+        """Hold the current slot for a reader: no push writes it until `unpin`. With one slot this
+        waits for a push in progress (SlotBusy after `seconds`)."""
+        deadline = time.monotonic() + seconds
+        naps = locks._naps(deadline)
+        while True:
+            slot = self.slot
+            if self._pins[slot] or locks.try_lock(self._shm.fd, locks.SHARED, slot):
+                if self.slot == slot or self._pins[slot]:
+                    self._pins[slot] += 1
+                    return slot
+                locks.unlock(self._shm.fd, slot)  # a push flipped meanwhile: read the newer one
+                continue
+            if self.closing:
+                raise TargetGone(f"{self.segment}: closing")
+            if self.slot != slot:
+                continue
+            nap = next(naps, None)
+            if nap is None:
+                raise SlotBusy(f"{self.segment}: a push held slot {slot} for {seconds:g} s")
+            await asyncio.sleep(nap)
+
+    def unpin(self, slot: int) -> None:
+        self._pins[slot] -= 1
+        if not self._pins[slot] and self._shm is not None:
+            locks.unlock(self._shm.fd, slot)
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         """The first version newer than `after`: at once if there is one, else at the next push."""
@@ -142,6 +240,12 @@ class Inbox(_Block):
             loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(None))
 
     def close(self) -> None:
+        if getattr(self, "_shm", None) is not None and self._wfd >= 0:
+            # No new write starts; one in progress (the source's copy) ends before the memory goes.
+            self.fields[_CLOSING] = 1
+            locks.unlock(self._shm.fd, 0, MAX_SLOTS)
+            if not locks.lock_all_now(self._wfd, self.slots, time.monotonic() + CLOSE_WAIT):
+                log.warning("%s: a push was still writing after %g s; closing anyway", self.segment, CLOSE_WAIT)
         for loop in self._loops:
             try:
                 loop.remove_reader(self._read)
@@ -151,10 +255,11 @@ class Inbox(_Block):
         mine = [(path, os.fstat(fd).st_ino) for path, fd in ((self._bell, self._read),) if fd is not None]
         if getattr(self, "_shm", None) is not None:
             mine.append((self._shm.path, os.fstat(self._shm.fd).st_ino))
-        for fd in (self._read, self._write_fd):
+        for fd in (self._read, self._write_fd, self._wfd if self._wfd >= 0 else None):
             if fd is not None:
                 os.close(fd)
         self._read = self._write_fd = None
+        self._wfd = -1
         self._unmap()
         for path, inode in mine:
             unlink_own(path, inode)
@@ -179,8 +284,9 @@ class Outbox(_Block):
         try:
             self._inode = os.fstat(self._bell).st_ino
             self._map(_open(ctl))
-            if int(self.fields[_MAGIC]) != MAGIC:
-                raise TransportError(f"{self._shm.path} is not an oobspec control block")
+            if self.fields[_MAGIC] != MAGIC:
+                raise TransportError(f"{self._shm.path} is not an oobspec control block (of this oobspec version)")
+            self._wfd = self._shm.fd
         except FileNotFoundError:
             self.close()
             raise TargetGone(f"{segment} has no control block (the target is not running)") from None
@@ -188,20 +294,31 @@ class Outbox(_Block):
             self.close()
             raise
 
-    def begin(self) -> int:
-        """Mark the target as being written; returns the slot to fill (the idle one of two)."""
-        self.fields[_STATE] = WRITING
-        return 1 - self.slot if self.slots == 2 else 0
+    def stale(self) -> bool:
+        """The target was replaced since we opened it (a new doorbell under its name), or is gone."""
+        try:
+            return os.stat(self._path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def check(self) -> None:
+        """Before a copy: the target is still running and not closing (TargetGone if not)."""
+        if self.closing:
+            raise TargetGone(f"{self.segment}: the target is closing")
+        try:
+            os.kill(self.pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (PermissionError: another user's pid now)
+            raise TargetGone(f"{self.segment}: the target exited") from None
 
     def publish(self, version: int, slot: int) -> None:
         self._write(version, slot)
         try:
-            # A restarted target made a new doorbell (its forked children may still hold the old
-            # one open, so the old one's EPIPE alone would not tell).
-            if os.stat(self._path).st_ino != self._inode:
-                raise BrokenPipeError
+            # A restarted target marked its predecessor's block (whose forked children may still
+            # hold the old doorbell open, so the old one's EPIPE alone would not tell).
+            if self.closing:  # its successor marked it (inbox._retire), or it is shutting down
+                raise TargetGone(f"{self.segment}: the target is closing (or was restarted)")
             _ring(self._bell)
-        except (BrokenPipeError, FileNotFoundError):
+        except BrokenPipeError:
             raise TargetGone(f"{self.segment}: the target exited") from None
 
     def close(self) -> None:
@@ -209,6 +326,23 @@ class Outbox(_Block):
             os.close(self._bell)
             self._bell = None
         self._unmap()
+
+
+def _retire(ctl: str) -> None:
+    """Mark a crashed predecessor's control block as closing before it is replaced (Ray restarted
+    the replica): a source that still maps it sees that before its next copy, with no system call."""
+    try:
+        old = _open(ctl)
+    except (FileNotFoundError, TransportError):  # none, or not ours to touch (the unlink says why)
+        return
+    try:
+        if old.size >= CTL_BYTES:
+            fields = old.buf[:8 * _FIELDS].cast("Q")
+            if fields[_MAGIC] == MAGIC:
+                fields[_CLOSING] = 1
+            fields.release()
+    finally:
+        _release(old)
 
 
 def _ring(fd: int) -> None:

@@ -6,6 +6,7 @@ other transports a broadcast is collective: every rank calls broadcast() at once
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 from .base import TransportError
@@ -63,18 +64,39 @@ class Group:
         except TypeError:  # cupy < 14 takes the id as a tuple of signed chars
             self._comm = nccl.NcclCommunicator(world, tuple(b - 256 if b > 127 else b for b in uid), rank)
 
-    def broadcast(self, array) -> None:
-        """Rank 0's `array` overwrites every other rank's `array`."""
+    def broadcast(self, array, seconds: float, stream=None) -> None:
+        """Rank 0's `array` overwrites every other rank's `array`, queued on `stream` (default: the
+        current one). Waits at most `seconds` (polling, as torch's watchdog does): a rank that never
+        joins aborts the communicator and raises TransportError, never a hang."""
         if not array.flags.c_contiguous:
             raise TransportError("nccl needs C-contiguous buffers")
+        if self._comm is None:
+            raise TransportError("the nccl communicator was aborted or closed: re-apply to wire the link again")
         cp, nccl = _cupy(), _nccl()
         with array.device:
-            stream = cp.cuda.get_current_stream()
+            stream = stream or cp.cuda.get_current_stream()
             # As bytes, so any dtype goes through without a dtype table.
             self._comm.broadcast(array.data.ptr, array.data.ptr, array.nbytes, nccl.NCCL_UINT8, 0, stream.ptr)
-            stream.synchronize()
+            done = stream.record()
+            deadline = time.monotonic() + seconds
+            nap = 0.0001
+            while not done.done:
+                try:
+                    self._comm.check_async_error()
+                except Exception as exc:  # a peer failed (NCCL said so)
+                    self.abort()
+                    raise TransportError(f"nccl broadcast failed: {exc}") from None
+                if time.monotonic() > deadline:
+                    self.abort()
+                    raise TransportError(f"nccl broadcast did not finish in {seconds:g} s (a rank did not take part)")
+                time.sleep(nap)
+                nap = min(nap * 2, 0.005)
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """End the communicator now, cancelling what it has queued (a dead peer cannot hang it)."""
         if self._comm is not None:
-            self._comm.destroy()
+            self._comm.abort()
             self._comm = None
+
+    # Closing aborts too: ncclCommDestroy would first wait for queued work a dead peer never ends.
+    close = abort

@@ -28,12 +28,13 @@ class Sender:
         self._src = array
         self._ref = None
 
-    def send(self) -> dict:
+    def send(self, source=None) -> dict:
+        """`source`: the array to send this time (a relay's current slot); default the one given at start."""
         import ray
 
         # Hold the newest ref until the next send so the object survives the hop
         # to the target even if the message travels outside a Ray call.
-        self._ref = ray.put(self._src)
+        self._ref = ray.put(self._src if source is None else source)
         return {"ref": self._ref}
 
     def close(self) -> None:
