@@ -36,6 +36,7 @@ class Topology:
 
     node_id: str
     gpu_uuid: str | None = None
+    gpu_peers: tuple[str, ...] | None = None  # GPUs its GPU reaches peer-to-peer (None: not known)
 
 
 def choose_transport(device: str, source: Topology | None, target: Topology | None) -> str | None:
@@ -45,8 +46,11 @@ def choose_transport(device: str, source: Topology | None, target: Topology | No
         return None
     same_node = source.node_id == target.node_id
     if device in ("gpu", "cuda"):
-        # Peer GPUs on one node still use IPC: one direct copy, no communicator to set up.
-        return "cuda_ipc" if same_node else "nccl"
+        # Peer GPUs on one node still use IPC (one direct copy, no communicator to set up), if the
+        # target's GPU can reach the source's peer-to-peer (it pulls from it); NCCL otherwise.
+        peer = (source.gpu_uuid == target.gpu_uuid or target.gpu_peers is None
+                or source.gpu_uuid in target.gpu_peers)
+        return "cuda_ipc" if same_node and peer else "nccl"
     return "shm" if same_node else "object_store"
 
 
@@ -228,6 +232,7 @@ class ReplicaInfo:
     endpoints: dict[str, str]  # server name -> URL
     error: str | None = None  # its start-up failed (it is kept alive only to report this)
     gpu_uuid: str | None = None
+    gpu_peers: tuple[str, ...] | None = None  # the GPUs its GPU reaches peer-to-peer (NVML; None: unknown)
     process: dict | None = None  # a command actor's program: argv, pid, alive, starts, last_exit
     links: dict[str, Any] = field(default_factory=dict)  # link -> push stats
     versions: dict[str, int] = field(default_factory=dict)

@@ -298,7 +298,10 @@ def test_choose():
     a1 = Topology("node-a", "GPU-1")
     b0 = Topology("node-b", "GPU-0")
     assert choose("gpu", a0, a0) == "cuda_ipc"
-    assert choose("gpu", a0, a1) == "cuda_ipc"  # peer GPUs
+    assert choose("gpu", a0, a1) == "cuda_ipc"  # peer GPUs (peer access not known: as before)
+    src, reach = Topology("node-a", "GPU-0", ()), Topology("node-a", "GPU-1", ("GPU-0",))
+    assert choose("gpu", src, reach) == "cuda_ipc"  # the target's GPU reads the source's peer-to-peer
+    assert choose("gpu", src, Topology("node-a", "GPU-1", ())) == "nccl"  # no peer access: NCCL
     assert choose("gpu", a0, b0) == "nccl"
     assert choose("cpu", Topology("node-a"), Topology("node-a")) == "shm"
     assert choose("cpu", Topology("node-a"), Topology("node-b")) == "object_store"

@@ -18,7 +18,7 @@ def setup_links(spec: Spec, namespace: str, info: dict[tuple[str, int], ReplicaI
     for link in spec.links:
         source = Ref.parse(link.from_)
         src_info = info[(source.actor, 0)]
-        src_topo = Topology(src_info.node_id, src_info.gpu_uuid)
+        src_topo = Topology(src_info.node_id, src_info.gpu_uuid, src_info.gpu_peers)
         device = spec.actors[source.actor].buffers[source.member].device
         peers = []  # (key, transport, its GPU)
         for target in link.to:
@@ -27,7 +27,7 @@ def setup_links(spec: Spec, namespace: str, info: dict[tuple[str, int], ReplicaI
                 peer = info[(t_actor, i)]
                 transport = link.transport
                 if transport == "auto":
-                    transport = choose_transport(device, src_topo, Topology(peer.node_id, peer.gpu_uuid))
+                    transport = choose_transport(device, src_topo, Topology(peer.node_id, peer.gpu_uuid, peer.gpu_peers))
                 peers.append((replica_name(t_actor, i), transport, peer.gpu_uuid))
         sender = handle(replica_name(source.actor, 0))
         nccl = [(key, uuid) for key, transport, uuid in peers if transport == "nccl"]

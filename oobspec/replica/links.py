@@ -30,6 +30,7 @@ class LinkBook:
         self.ctx, self.cfg = ctx, cfg
         self.links: dict[str, LinkRole] = cfg.links
         self._uuid: str | None = None
+        self._peers: tuple[str, ...] | None = None
 
     def role(self, name: str) -> LinkRole:
         if name not in self.links:
@@ -46,6 +47,13 @@ class LinkBook:
             from ..transports import get_transport
             self._uuid = get_transport("cuda_ipc").gpu_uuid()
         return self._uuid
+
+    def gpu_peers(self) -> tuple[str, ...] | None:
+        """The GPUs of this node that ours reaches peer-to-peer (None: no GPU buffer, or not known)."""
+        if self._peers is None and self.gpu_uuid():
+            from ..transports import get_transport
+            self._peers = get_transport("cuda_ipc").peer_gpus(self.gpu_uuid())
+        return self._peers
 
 
 class Groups:
@@ -101,6 +109,9 @@ class Links:
 
     def gpu_uuid(self) -> str | None:
         return self.book.gpu_uuid()
+
+    def gpu_peers(self) -> tuple[str, ...] | None:
+        return self.book.gpu_peers()
 
     async def receiver(self, link: str, transport: str, setup: dict | None = None) -> Descriptor | None:
         return await self.target.receiver(link, transport, setup)

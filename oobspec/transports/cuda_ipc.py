@@ -41,6 +41,34 @@ def gpu_uuid(device_index: int = 0) -> str:
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def peer_gpus(uuid: str) -> tuple[str, ...] | None:
+    """The GPUs of this node that the GPU `uuid` can read peer-to-peer, by UUID, from NVML (which
+    sees every GPU, whatever CUDA_VISIBLE_DEVICES hides); None when NVML cannot say."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2():
+        return None
+    try:
+        me, count = ctypes.c_void_p(), ctypes.c_uint()
+        if nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(me)) or \
+                nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)):
+            return None
+        peers = []
+        for index in range(count.value):
+            other, name, status = ctypes.c_void_p(), ctypes.create_string_buffer(96), ctypes.c_int()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(other)) or nvml.nvmlDeviceGetUUID(other, name, 96):
+                continue
+            # NVML_P2P_CAPS_INDEX_READ (0); NVML_P2P_STATUS_OK (0)
+            if name.value.decode() != uuid and not nvml.nvmlDeviceGetP2PStatus(me, other, 0, ctypes.byref(status)) \
+                    and status.value == 0:
+                peers.append(name.value.decode())
+        return tuple(peers)
+    finally:
+        nvml.nvmlShutdown()
+
+
 def allocate_gpu(shape, dtype):
     """A cupy array in its own cudaMalloc, outside cupy's pool.
 

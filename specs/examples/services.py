@@ -71,14 +71,15 @@ class PolicyTrainer:
 
 
 class PolicyServer:
-    """An inference replica: its weights are always one complete version (buffering: double)."""
+    """An inference replica: it reads its weights in a snapshot, one complete version each time."""
 
     async def wait(self, after: int = 0, timeout: float = 30) -> dict:
         """Answers once a version newer than `after` has landed (a long poll; no polling inside)."""
         ctx = oobspec.context()
-        version = await ctx.updated("params", after=after, timeout=timeout)
-        return {"version": version, "checksum": _checksum(ctx.views("params"))}
+        await ctx.updated("params", after=after, timeout=timeout)
+        return await self.weights()
 
     async def weights(self) -> dict:
         ctx = oobspec.context()
-        return {"version": ctx.versions["params"], "checksum": _checksum(ctx.views("params"))}
+        async with ctx.reading("params") as snap:  # one version, whole, however long the read takes
+            return {"version": snap.version, "checksum": _checksum(snap.views)}
