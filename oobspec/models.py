@@ -324,8 +324,9 @@ class Link(Strict):
     to: Annotated[list[Annotated[str, Field(pattern=REF_RE)]], Field(
         min_length=1, description="Targets <actor>.<buffer>; every replica of each target receives the data.")]
     transport: Annotated[Literal["auto", "cuda_ipc", "nccl", "shm", "object_store"], Field(
-        description="auto: cuda_ipc for gpu buffers on one node, nccl across nodes; shm for cpu "
-                    "buffers on one node, object_store across nodes.")] = "auto"
+        description="auto: cuda_ipc for gpu buffers on one node (nccl between two GPUs without peer "
+                    "access), nccl across nodes; shm for cpu buffers on one node, object_store across "
+                    "nodes.")] = "auto"
     buffering: Annotated[Literal["single", "double", "triple"], Field(
         description="single: one copy; a push waits for readers (ctx.reading) and readers for a push. "
                     "double: two copies; a push fills the one that is not current, then flips, so "

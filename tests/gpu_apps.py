@@ -50,7 +50,7 @@ class GpuStamper:
             import torch
             side = torch.cuda.Stream()
             with torch.cuda.stream(side):
-                queue = cp.cuda.ExternalStream(side.cuda_stream)
+                queue = cp.cuda.ExternalStream(side.cuda_stream)  # deprecated in cupy 14, still works
                 spin(spin_ms, queue)
                 fill(buf, seed, queue)
                 pushed = await self._push(ctx)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..contract import Descriptor, PushResult, WiredTarget
 from ..errors import OobError
-from ..transports.base import TransportError
+from ..transports.base import TransportError, callers_work
 from ..transports.inbox import SlotBusy, TargetGone
 from .metrics import off
 
@@ -151,27 +151,29 @@ class LinkSource:
         if link not in self.targets and not await self._rewire(link):
             raise OobError(f"link '{link}' is not connected yet: apply wires it once every replica is ready "
                            f"(if Ray restarted {self.book.cfg.name}, run `oob apply` again to re-wire it)")
+        owner = self.book.owner(spec.source_buffer)
+        # The caller's GPU work, marked now: its streams are current here, maybe not after an await.
+        caller = callers_work(owner.array.device) if owner.buffer.device == "gpu" else []
         async with self._lock:  # one push of a link at a time: versions stay in order
-            owner = self.book.owner(spec.source_buffer)
             # A relay (its source buffer is itself a link's target) holds the slot it sends.
             held = await owner.inbox.pin(spec.timeout) if owner.inbox is not None else None
             try:
-                return await self._push(link, spec, owner.slot(held) if held is not None else owner.array)
+                return await self._push(link, spec, owner.slot(held) if held is not None else owner.array, caller)
             finally:
                 if held is not None:
                     owner.inbox.unpin(held)
 
-    async def _push(self, link: str, spec, source) -> dict:
+    async def _push(self, link: str, spec, source, caller: list) -> dict:
         version = self.version[link] + 1
         targets = self.targets[link]
         start = time.perf_counter()
         failed: dict[str, str] = {}
         direct = [t for t in targets if t.direct]
         if direct:
-            await self._push_direct(direct, source, version, spec.timeout, failed)
+            await self._push_direct(direct, source, version, spec.timeout, caller, failed)
         others = [t for t in targets if not t.direct]
         if others:
-            await self._push_by_call(link, others, source, version, spec.timeout, failed)
+            await self._push_by_call(link, others, source, version, spec.timeout, caller, failed)
         seconds = time.perf_counter() - start
         self.version[link] = version
         reached = len(targets) - len(failed)
@@ -196,7 +198,8 @@ class LinkSource:
             t.close()
             raise
 
-    async def _push_direct(self, targets: list[Target], source, version: int, seconds: float, failed: dict) -> None:
+    async def _push_direct(self, targets: list[Target], source, version: int, seconds: float, caller: list,
+                           failed: dict) -> None:
         live, slots = [], []
         for t in targets:
             try:
@@ -209,7 +212,7 @@ class LinkSource:
             except TransportError as exc:  # e.g. another user's file under its name: refused
                 failed[t.key] = str(exc)
         try:
-            await self._copy(live, slots, source)
+            await self._copy(live, slots, source, caller)
         except BaseException:
             for t, slot in zip(live, slots):
                 t.outbox.abandon(slot)
@@ -221,19 +224,18 @@ class LinkSource:
                 t.close()
                 failed[t.key] = "not running (it exited; restarting, or dead)"
 
-    def _ordered(self, source):
-        """Our copy stream, after the work the caller queued on its current cupy and torch streams;
-        returns (stream, whether that work is done already)."""
-        from ..transports.base import callers_work, import_cupy
+    def _ordered(self, source, caller: list):
+        """Our copy stream, after the caller's work (`caller`: its events); returns (stream,
+        whether that work is done already)."""
         if self._stream is None:
+            from ..transports.base import import_cupy
             with source.device:
                 self._stream = import_cupy().cuda.Stream(non_blocking=True)
-        events = callers_work(source.device)
-        for event in events:
+        for event in caller:
             self._stream.wait_event(event)
-        return self._stream, all(event.done for event in events)
+        return self._stream, all(event.done for event in caller)
 
-    async def _copy(self, targets: list[Target], slots: list[int], source) -> None:
+    async def _copy(self, targets: list[Target], slots: list[int], source, caller: list) -> None:
         if not targets:
             return
         inline = source.nbytes * len(targets) <= INLINE_BYTES
@@ -241,7 +243,7 @@ class LinkSource:
             with source.device:
                 # Queued here, back to back on one stream, after the caller's work; then one wait,
                 # on the event loop only if the caller's work is done already (else in a thread).
-                stream, done = self._ordered(source)
+                stream, done = self._ordered(source, caller)
                 for t, slot in zip(targets, slots):
                     if t.transport == "cuda_ipc":
                         t.sender.copy(slot, stream, source)
@@ -259,18 +261,20 @@ class LinkSource:
             self._stream.synchronize()
 
     async def _push_by_call(self, link: str, targets: list[Target], source, version: int, seconds: float,
-                            failed: dict) -> None:
+                            caller: list, failed: dict) -> None:
         calls = []
         nccl = [t for t in targets if t.transport == "nccl"]
         if nccl:
+            # The caller's work first (off the loop): the broadcast's deadline is for the broadcast.
+            pending = [event for event in caller if not event.done]
+            if pending:
+                await asyncio.to_thread(lambda: [event.synchronize() for event in pending])
             calls += [(t, t.handle._oob_receive.remote(link, {"transport": "nccl"}, version)) for t in nccl]
             group = self.groups.get(link)
             try:
                 if group is None:
                     raise OobError("nccl is wired at apply: re-apply to wire the link again")
-                with source.device:
-                    stream, _done = self._ordered(source)
-                await asyncio.to_thread(group.broadcast, source, seconds, stream)
+                await asyncio.to_thread(group.broadcast, source, seconds)
             except OobError as exc:  # aborted (or never wired): name the ranks that did not take part
                 self.groups.by_link.pop(link, None)
                 await self._name_missing(calls, failed, str(exc))
@@ -282,7 +286,7 @@ class LinkSource:
             # ray.put copies the slot being sent, off the event loop.
             if t.transport == "cuda_ipc":
                 with source.device:
-                    return t.sender.send(source, self._ordered(source)[0])
+                    return t.sender.send(source, self._ordered(source, caller)[0])
             return await asyncio.to_thread(t.sender.send, source)
         payloads = await asyncio.gather(*(send(t) for t in others))
         calls += [(t, t.handle._oob_receive.remote(link, {"transport": t.transport, "payload": p}, version))

@@ -30,7 +30,7 @@ class LinkBook:
         self.ctx, self.cfg = ctx, cfg
         self.links: dict[str, LinkRole] = cfg.links
         self._uuid: str | None = None
-        self._peers: tuple[str, ...] | None = None
+        self._peers: tuple[str, ...] | None | bool = False  # False: not asked yet
 
     def role(self, name: str) -> LinkRole:
         if name not in self.links:
@@ -50,9 +50,9 @@ class LinkBook:
 
     def gpu_peers(self) -> tuple[str, ...] | None:
         """The GPUs of this node that ours reaches peer-to-peer (None: no GPU buffer, or not known)."""
-        if self._peers is None and self.gpu_uuid():
+        if self._peers is False:  # asked once (NVML is slow to start); None when it cannot say
             from ..transports import get_transport
-            self._peers = get_transport("cuda_ipc").peer_gpus(self.gpu_uuid())
+            self._peers = get_transport("cuda_ipc").peer_gpus(self.gpu_uuid()) if self.gpu_uuid() else None
         return self._peers
 
 

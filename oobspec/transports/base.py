@@ -56,14 +56,20 @@ def import_cupy():
 
 def callers_work(device) -> list:
     """Events marking the work queued so far on the current cupy stream of `device` and, when
-    torch is loaded and using CUDA, on torch's current stream (a side stream of a training step)."""
+    torch is loaded and using CUDA, on torch's current stream (a side stream of a training step).
+    Blocking-sync events: a thread that waits on one sleeps instead of spinning a core."""
     import sys
     cp = import_cupy()
+    streams = [cp.cuda.get_current_stream().ptr]
+    torch = sys.modules["torch"] if "torch" in sys.modules else None
+    if torch is not None and torch.cuda.is_initialized():
+        streams.append(torch.cuda.current_stream(device.id).cuda_stream)
+    events = []
     with device:
-        events = [cp.cuda.get_current_stream().record()]
-        torch = sys.modules["torch"] if "torch" in sys.modules else None
-        if torch is not None and torch.cuda.is_initialized():
-            events.append(cp.cuda.ExternalStream(torch.cuda.current_stream(device.id).cuda_stream).record())
+        for stream in streams:
+            event = cp.cuda.Event(block=True, disable_timing=True)
+            cp.cuda.runtime.eventRecord(event.ptr, stream)
+            events.append(event)
     return events
 
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from .base import TransportError
 from .base import import_cupy as _cupy
 
+NOT_READY = 600  # cudaErrorNotReady: what cudaEventQuery says of work still running
+
 
 def _nccl():
     _cupy()  # a clear TransportError when cupy is missing
@@ -56,39 +58,54 @@ class Group:
     """
 
     def __init__(self, unique_id, world: int, rank: int):
-        nccl = _nccl()
+        cp, nccl = _cupy(), _nccl()
         uid = _as_bytes(unique_id)
         self.world, self.rank = world, rank
         try:
             self._comm = nccl.NcclCommunicator(world, uid, rank)
-        except TypeError:  # cupy < 14 takes the id as a tuple of signed chars
-            self._comm = nccl.NcclCommunicator(world, tuple(b - 256 if b > 127 else b for b in uid), rank)
+        except TypeError:  # cupy < 14 takes the id as a tuple of chars (signed on x86, unsigned on arm)
+            try:
+                self._comm = nccl.NcclCommunicator(world, tuple(b - 256 if b > 127 else b for b in uid), rank)
+            except OverflowError:
+                self._comm = nccl.NcclCommunicator(world, tuple(uid), rank)
+        # Our own stream: a broadcast waiting for a late rank never blocks the legacy null stream
+        # (and with it torch's default stream).
+        self._stream = cp.cuda.Stream(non_blocking=True)
+        # Connect the ranks now, while all are here (NCCL >= 2.22 connects at the first
+        # collective, on the host, where no deadline could end a wait for a dead rank).
+        warm = cp.zeros(1, cp.uint8)
+        self._comm.broadcast(warm.data.ptr, warm.data.ptr, 1, nccl.NCCL_UINT8, 0, self._stream.ptr)
+        self._stream.synchronize()
 
     def broadcast(self, array, seconds: float, stream=None) -> None:
         """Rank 0's `array` overwrites every other rank's `array`, queued on `stream` (default: the
-        current one). Waits at most `seconds` (polling, as torch's watchdog does): a rank that never
-        joins aborts the communicator and raises TransportError, never a hang."""
+        group's own). Waits at most `seconds` (polling, as torch's watchdog does): a rank that never
+        joins, or an error, aborts the communicator and raises TransportError, never a hang."""
         if not array.flags.c_contiguous:
             raise TransportError("nccl needs C-contiguous buffers")
         if self._comm is None:
             raise TransportError("the nccl communicator was aborted or closed: re-apply to wire the link again")
         cp, nccl = _cupy(), _nccl()
+        rt = cp.cuda.runtime
         with array.device:
-            stream = stream or cp.cuda.get_current_stream()
-            # As bytes, so any dtype goes through without a dtype table.
-            self._comm.broadcast(array.data.ptr, array.data.ptr, array.nbytes, nccl.NCCL_UINT8, 0, stream.ptr)
+            stream = stream or self._stream
+            try:  # as bytes, so any dtype goes through without a dtype table
+                self._comm.broadcast(array.data.ptr, array.data.ptr, array.nbytes, nccl.NCCL_UINT8, 0, stream.ptr)
+            except Exception as exc:  # NcclError: e.g. a peer it cannot reach
+                self.abort()
+                raise TransportError(f"nccl broadcast failed: {exc}") from None
             done = stream.record()
-            deadline = time.monotonic() + seconds
-            nap = 0.0001
-            while not done.done:
+            deadline, nap = time.monotonic() + seconds, 0.0001
+            while (status := rt.eventQuery(done.ptr)) != 0:
                 try:
+                    if status != NOT_READY:  # a CUDA error, not "still running"
+                        raise TransportError(f"CUDA error {status} during the broadcast")
                     self._comm.check_async_error()
-                except Exception as exc:  # a peer failed (NCCL said so)
+                    if time.monotonic() > deadline and rt.eventQuery(done.ptr) != 0:
+                        raise TransportError(f"did not finish in {seconds:g} s (a rank did not take part)")
+                except Exception as exc:  # a peer failed (NCCL said so), an error, or the deadline
                     self.abort()
                     raise TransportError(f"nccl broadcast failed: {exc}") from None
-                if time.monotonic() > deadline:
-                    self.abort()
-                    raise TransportError(f"nccl broadcast did not finish in {seconds:g} s (a rank did not take part)")
                 time.sleep(nap)
                 nap = min(nap * 2, 0.005)
 
