@@ -9,7 +9,10 @@ address, as tests/multinode.py starts them): N replicas (default 64) spread over
                                soft node affinity; its async `start` binds aiohttp on the node's
                                address with SO_REUSEPORT on the same port; timed until every
                                `start` returned
-              Each side is torn down fully before the other starts; the order alternates over
+              c. both again with an environment variable: `env: {VERSION: v1}` in the spec, the
+                 same `runtime_env={"env_vars": ...}` by hand. A runtime_env costs Ray fresh
+                 worker processes (no prestarted ones), for both sides alike.
+              Each side is torn down fully before the next starts; the order alternates over
               the rounds; medians and the ratio of each round. Goal: oobspec <= 1.2x.
   2. status   `oob status -o json` of the N replicas, run as a user runs it (a new process,
               connecting to the cluster), and the same call in this process (already
@@ -76,7 +79,8 @@ class HandServer(Hits):
         return os.getpid()
 
 
-def make_spec(n: int, port: int, nodes: int, version: str = "v1") -> str:
+def make_spec(n: int, port: int, nodes: int, version: str | None = None) -> str:
+    env = f"\n    env: {{VERSION: {version}}}" if version else ""
     return f"""version: 1
 name: bench-scale
 actors:
@@ -85,8 +89,7 @@ actors:
     replicas: {n}
     max_per_node: {math.ceil(n / nodes)}
     restarts: -1
-    drain: 1
-    env: {{VERSION: {version}}}
+    drain: 1{env}
     servers:
       - name: http
         host: node
@@ -109,13 +112,14 @@ def run_oobspec(spec) -> float:
     return elapsed
 
 
-def run_hand(n: int, port: int) -> float:
+def run_hand(n: int, port: int, version: str | None = None) -> float:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     nodes = sorted((node["NodeID"] for node in ray.nodes() if node["Alive"]))
+    env = {"runtime_env": {"env_vars": {"VERSION": version}}} if version else {}
     t0 = time.perf_counter()
     actors = [ray.remote(HandServer).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)).remote()
+        scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True), **env).remote()
         for i in range(n)]
     pids = ray.get([a.start.remote(port) for a in actors])
     elapsed = time.perf_counter() - t0
@@ -167,17 +171,22 @@ def bench_apply(n: int, rounds: int, port: int, nodes: int) -> dict:
     path = Path(tempfile.mkdtemp(prefix="bench-scale-")) / "spec.yaml"
     path.write_text(make_spec(n, port, nodes))
     spec = oobspec.load(path)
+    path.with_name("env.yaml").write_text(make_spec(n, port, nodes, version="v1"))
+    spec_env = oobspec.load(path.with_name("env.yaml"))
     warm = path.with_name("warm.yaml")
     warm.write_text(make_spec(nodes, port, nodes))
     run_oobspec(oobspec.load(warm))  # warm-up, untimed: first imports, page cache, workers
     run_hand(nodes, port)
-    out = {"oobspec": [], "hand": []}
+    sides = {"oobspec": lambda: run_oobspec(spec), "hand": lambda: run_hand(n, port),
+             "oobspec_env": lambda: run_oobspec(spec_env), "hand_env": lambda: run_hand(n, port, "v1")}
+    out = {side: [] for side in sides}
     for r in range(rounds):
-        order = ["oobspec", "hand"] if r % 2 == 0 else ["hand", "oobspec"]
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for side in order:
-            out[side].append(run_oobspec(spec) if side == "oobspec" else run_hand(n, port))
+            out[side].append(sides[side]())
             print(f"  round {r + 1} {side}: {out[side][-1]:.2f}s", flush=True)
     out["ratios"] = [a / b for a, b in zip(out["oobspec"], out["hand"])]
+    out["ratios_env"] = [a / b for a, b in zip(out["oobspec_env"], out["hand_env"])]
     return out
 
 
@@ -186,7 +195,7 @@ def bench_status_and_roll(n: int, port: int, nodes: int, address: str, roll: boo
     for module in ("bench_scale.py", "bench_apply.py"):  # the user's class, and what its module imports
         (folder / module).write_text((HERE / module).read_text())
     spec = folder / "spec.yaml"
-    spec.write_text(make_spec(n, port, nodes))
+    spec.write_text(make_spec(n, port, nodes, version="v1"))
     out: dict = {}
     try:
         t0 = time.perf_counter()
@@ -242,9 +251,11 @@ def plot(result: dict, path: Path) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     apply = result["apply"]
-    a.boxplot([apply["hand"], apply["oobspec"]], tick_labels=["hand-written Ray", "oobspec apply"])
+    a.boxplot([apply["hand"], apply["oobspec"], apply["hand_env"], apply["oobspec_env"]],
+              tick_labels=["hand-written", "oobspec", "hand + env", "oobspec + env"])
     a.set_ylabel("seconds until every replica serves")
-    a.set_title(f"{result['replicas']} replicas on 3 nodes: x{statistics.median(apply['ratios']):.2f}")
+    a.set_title(f"{result['replicas']} replicas on 3 nodes: x{statistics.median(apply['ratios']):.2f}, "
+                f"with env x{statistics.median(apply['ratios_env']):.2f}")
     rest = result.get("rest", {})
     if rest:
         b.boxplot([rest["status_cli_s"], rest["status_in_process_s"]], tick_labels=["oob status (CLI)", "in process"])
@@ -301,6 +312,10 @@ def main() -> None:
     print(f"apply: oobspec median {statistics.median(apply['oobspec']):.2f}s, hand-written "
           f"{statistics.median(apply['hand']):.2f}s, ratio median x{statistics.median(apply['ratios']):.2f} "
           f"(rounds {', '.join(f'{r:.2f}' for r in apply['ratios'])}; goal <= 1.2)")
+    if "ratios_env" in apply:
+        print(f"apply with env (a runtime_env on both sides): oobspec median {statistics.median(apply['oobspec_env']):.2f}s, "
+              f"hand-written {statistics.median(apply['hand_env']):.2f}s, ratio median "
+              f"x{statistics.median(apply['ratios_env']):.2f} (rounds {', '.join(f'{r:.2f}' for r in apply['ratios_env'])})")
     print(f"status: CLI median {statistics.median(rest['status_cli_s']):.2f}s (min {min(rest['status_cli_s']):.2f}), "
           f"in process median {statistics.median(rest['status_in_process_s']):.2f}s, "
           f"{rest['status_rows']} replicas on {len(rest['nodes'])} nodes (goal < 2 s)")

@@ -5,6 +5,7 @@ the only source of truth. Nothing here imports ray.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -34,20 +35,25 @@ def _text(value: Any) -> Any:
 Text = Annotated[str, BeforeValidator(_text)]
 
 
-_BYTE_SIZE = TypeAdapter(ByteSize)
+@functools.cache
+def _byte_size() -> TypeAdapter:
+    return TypeAdapter(ByteSize)  # built on first use: a replica imports this module and never needs it
 
 
 def memory_bytes(value: int | str | None) -> int | None:
     """Bytes of a size as MEMORY_RE accepts it (pydantic's ByteSize; Kubernetes' Gi is its GiB)."""
     if value is None or isinstance(value, int):
         return value
-    return int(_BYTE_SIZE.validate_python(value.strip() + ("B" if value.strip().endswith("i") else "")))
+    return int(_byte_size().validate_python(value.strip() + ("B" if value.strip().endswith("i") else "")))
 
 
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, use_attribute_docstrings=False)
+    # defer_build: validators are built at the first validation (loading a spec), not at import;
+    # a replica only unpickles models, and starts that much sooner.
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, use_attribute_docstrings=False,
+                              defer_build=True)
 
 
 WhenField = Annotated[
@@ -280,7 +286,7 @@ class Actor(Strict):
     args: Annotated[list[Any], Field(description="Positional arguments for __init__.")] = []
     kwargs: Annotated[dict[str, Any], Field(description="Keyword arguments for __init__.")] = {}
     replicas: Annotated[int, Field(ge=1, description="Replica i is the Ray actor <actor>-<i>.")] = 1
-    resources: Annotated[Resources, Field(description="Ray resources per replica.")] = Resources()
+    resources: Annotated[Resources, Field(description="Ray resources per replica.")] = Resources.model_construct()
     restarts: Annotated[int, Field(ge=-1, description="Ray max_restarts (-1: forever). For command "
                                                       "actors also how often the command is restarted.")] = 0
     env: Annotated[dict[str, Text], Field(description="Environment variables of the actor process.")] = {}
@@ -349,7 +355,7 @@ class Spec(Strict):
 
     version: Annotated[Literal[1], Field(description="Spec format version.")]
     name: Annotated[str, Field(pattern=NAME_RE, description='Deployment name; the Ray namespace is "oob-<name>".')]
-    ray: Annotated[RayConfig, Field(description="Where and how to run on Ray.")] = RayConfig()
+    ray: Annotated[RayConfig, Field(description="Where and how to run on Ray.")] = RayConfig.model_construct()
     actors: Annotated[dict[Annotated[str, Field(pattern=ACTOR_RE)], Actor], Field(
         min_length=1, description="Actors by name.")]
     links: Annotated[list[Link], Field(description="Buffer transfer links between actors.")] = []

@@ -62,9 +62,10 @@ class OobMixin:
     async def _oob_start(self, cfg: ReplicaConfig) -> None:
         self._oob_servers: list[Running] = []
         ctx = self._oob_context
-        from .links import Links
-        ctx._links = Links(ctx, cfg, self)
-        ctx._links.metrics = self._oob_metrics
+        if cfg.links or cfg.buffers:  # only then: links import numpy, a tenth of a second per replica
+            from .links import Links
+            ctx._links = Links(ctx, cfg, self)
+            ctx._links.metrics = self._oob_metrics
         for server in cfg.servers:
             if cfg.command is not None or server.protocol == "tcp":
                 continue  # the command (or the user's own code) serves it; we only health-check
@@ -243,7 +244,7 @@ class OobMixin:
         await self._oob_context._links.nccl_root(link, unique_id, world)
 
     async def _oob_push(self, link: str) -> dict:
-        return await self._oob_context._links.push(link)
+        return await self._oob_context.push(link)
 
 
 def _prepare(cfg: ReplicaConfig) -> Context:
