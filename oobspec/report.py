@@ -65,7 +65,7 @@ def plan_text(plan: Plan) -> str:
         out.append("")
         out.append(table(["LINK", "FROM", "TO", "DEVICE", "SIZE", "TRANSPORT", "WHY"],
                          [[x.name, x.source, x.target, x.device,
-                           size(x.nbytes) + (" x2 (double)" if x.buffering == "double" else ""), *x.describe()]
+                           size(x.nbytes) + _COPIES.get(x.buffering, ""), *x.describe()]
                           for x in plan.links]))
     if plan.upload:
         up = plan.upload
@@ -181,3 +181,6 @@ def history_text(found: dict) -> str:
              r["by"] or "-", r["digest"], r["result"], "*" if r["current"] else "",
              (r["note"] or "apply") + (f": {r['message']}" if r["message"] else "")] for r in found["revisions"]]
     return table(["REVISION", "TIME", "BY", "DIGEST", "RESULT", "CURRENT", "DESCRIPTION"], rows)
+
+
+_COPIES = {"double": " x2 (double)", "triple": " x3 (triple)"}  # what each target holds of a link

@@ -1369,7 +1369,8 @@ def test_plan_text():
                 [Step(StepKind.STOP, "db", [1]), Step(StepKind.START, "db", [1], 0), Step(StepKind.START, "web", [0, 1], 1),
                  Step(StepKind.ROLL, "api", [0], 1), Step(StepKind.ROLL, "api", [1], 1), Step(StepKind.WIRE)],
                 [ServerRow("web", 0, "http", "http", "http://127.0.0.1:8080")],
-                [LinkRow("w", "db.buf", "web.buf", "cpu", "shm", LinkReason.ONE_NODE, nbytes=4096, buffering="double")],
+                [LinkRow("w", "db.buf", "web.buf", "cpu", "shm", LinkReason.ONE_NODE, nbytes=4096, buffering="double"),
+                 LinkRow("t", "db.buf", "web.buf", "cpu", "shm", LinkReason.ONE_NODE, nbytes=4096, buffering="triple")],
                 {"actors": 3, "cpus": 1.5, "gpus": 0.0, "memory_bytes": 1536 * 1024**2})
     lines = plan_text(plan).splitlines()
     assert lines[0] == ("deployment demo (namespace oob-demo) — offline: no cluster running, "
@@ -1382,6 +1383,7 @@ def test_plan_text():
     assert "steps: 1. stop db[1] -> 2. start db[1] -> 3. start web[0,1] -> 4. roll api[0] -> 5. roll api[1] -> 6. wire" in lines
     assert "web    0        http    http      http://127.0.0.1:8080" in lines
     assert "w     db.buf  web.buf  cpu     4.0 KiB x2 (double)  shm        one node" in lines
+    assert "t     db.buf  web.buf  cpu     4.0 KiB x3 (triple)  shm        one node" in lines
     assert lines[-1] == "total: 3 actor replicas, 1.5 CPU, 0 GPU, 1.5 GiB memory"
     quiet = Plan("demo", "oob-demo", True, [Action(ActionKind.KEEP, "db", [0], Reason.UNCHANGED)], [["db"]],
                  [Step(StepKind.UPDATE)], [], [],
