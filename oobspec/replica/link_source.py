@@ -186,36 +186,50 @@ class LinkSource:
             raise OobError(f"link '{link}': version {version} reached {reached} of {len(targets)} targets; {why}")
         return self.last[link].to_dict()
 
-    async def _claim(self, t: Target, source, seconds: float) -> int | None:
+    def _claim_now(self, t: Target, source) -> int:
         """Before the copy: the target runs, is the one we mapped (else map its successor), is not
-        closing, and a slot of it is ours; None if not (said in `failed` by the caller)."""
+        closing, and a slot of it is ours now (SlotBusy if readers hold them; TargetGone)."""
         if t.outbox is None or t.outbox.closing:  # gone at the last push, or restarted since
             self._open(t, source)
         try:
             t.outbox.check()
-            return await t.outbox.claim(seconds)
+            return t.outbox.begin()
         except TargetGone:
             t.close()
             raise
 
     async def _push_direct(self, targets: list[Target], source, version: int, seconds: float, caller: list,
                            failed: dict) -> None:
-        live, slots = [], []
+        claimed, busy = {}, []
         for t in targets:
             try:
-                slots.append(await self._claim(t, source, seconds))
-                live.append(t)
+                claimed[t.key] = self._claim_now(t, source)
+            except SlotBusy:
+                busy.append(t)
             except TargetGone:
                 failed[t.key] = "not running (restarting, or dead)"
-            except SlotBusy as exc:
-                failed[t.key] = str(exc)
             except TransportError as exc:  # e.g. another user's file under its name: refused
                 failed[t.key] = str(exc)
+        if busy:  # wait for their readers together: the slowest bounds the push, not their sum
+            got = await asyncio.gather(*(t.outbox.claim(seconds) for t in busy), return_exceptions=True)
+            for t, slot in zip(busy, got):
+                if isinstance(slot, TargetGone):
+                    t.close()
+                if isinstance(slot, TransportError):
+                    failed[t.key] = str(slot)
+                elif isinstance(slot, int):
+                    claimed[t.key] = slot
+        live = [t for t in targets if t.key in claimed]
+        slots = [claimed[t.key] for t in live]
+        error = next((e for e in (got if busy else []) if isinstance(e, BaseException)
+                      and not isinstance(e, TransportError)), None)
         try:
+            if error is not None:  # cancelled while it waited: let go of what it holds
+                raise error
             await self._copy(live, slots, source, caller)
         except BaseException:
             for t, slot in zip(live, slots):
-                t.outbox.abandon(slot)
+                t.outbox.abandon(slot, written=error is None)
             raise
         for t, slot in zip(live, slots):
             try:

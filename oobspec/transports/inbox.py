@@ -111,11 +111,14 @@ class _Block:
             if slot >= 0:
                 locks.unlock(self._wfd, slot)
             raise TargetGone(f"{self.segment}: the target is closing")
+        self._before = self.fields[_SEQ + slot]
         self.fields[_SEQ + slot] |= 1  # odd: being written
         return slot
 
-    def abandon(self, slot: int) -> None:
-        """A write that failed: the slot stays marked torn (odd) and is let go."""
+    def abandon(self, slot: int, written: bool = True) -> None:
+        """A write that failed: the slot stays marked torn (odd) if it was written, and is let go."""
+        if not written:
+            self.fields[_SEQ + slot] = self._before
         locks.unlock(self._wfd, slot)
 
     def _write(self, version: int, slot: int) -> None:
