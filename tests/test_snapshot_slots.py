@@ -110,6 +110,34 @@ def test_single_buffering_reader_and_push_wait_for_each_other(segment):
     alloc.close()
 
 
+def test_a_reader_in_a_loop_does_not_starve_a_push(segment):
+    """One slot, a reader that takes a snapshot again as soon as it lets go: a waiting push
+    still gets the slot (new snapshots wait for it), within about one read."""
+    alloc, ctx = target(segment, 1)
+    outbox, sender = source(alloc)
+
+    async def go():
+        reading = True
+
+        async def reader():
+            while reading:
+                async with ctx.reading("data"):
+                    await asyncio.sleep(0.005)  # a read that takes a while
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.05)
+        for version in (1, 2, 3):
+            slot = await outbox.claim(2.0)  # SlotBusy if the reader starved it
+            sender.send(slot, np.full(1024, float(version)))
+            outbox.publish(version, slot)
+            await asyncio.sleep(0.02)
+        reading = False
+        await task
+        async with ctx.reading("data") as snap:
+            assert snap.version == 3 and snap.intact
+    asyncio.run(go())
+    alloc.close()
+
+
 def test_a_torn_slot_is_detected_by_its_sequence(segment):
     """A source that failed mid-copy leaves its slot marked: any snapshot of it says not intact."""
     alloc, ctx = target(segment, 1)

@@ -33,7 +33,8 @@ CTL_BYTES = 4096
 MAX_SLOTS = 3
 # uint64 fields of the block
 _MAGIC, _VERSION, _SLOT, _UNUSED, _SLOTS, _NBYTES, _PID, _PUSHED_NS, _CLOSING = range(9)
-_SEQ, _VER = 16, 24  # per slot: its sequence number (odd while written), the version it holds
+_SEQ, _VER, _WANT = 16, 20, 24  # per slot: its sequence (odd while written), the version it holds,
+# and until when (time.monotonic_ns(), one clock for every process) a push waits for it
 _FIELDS = 32
 _HANDLE = 8 * _FIELDS  # byte offset of the CUDA IPC handle (64 bytes) of the target's memory
 CLOSE_WAIT = 5.0  # seconds a closing target waits for a write in progress
@@ -92,11 +93,17 @@ class _Block:
             return self.begin()  # the usual case: a free slot, no wait
         except SlotBusy:
             pass
+        wanted = self._free_slots()
+        deadline = time.monotonic() + seconds
+        for slot in wanted:  # new readers of these slots wait for us: a reader in a loop cannot starve a push
+            self.fields[_WANT + slot] = int(deadline * 1e9)
         try:
-            slot = await locks.lock_any(self._wfd, locks.EXCLUSIVE, self._free_slots(),
-                                        time.monotonic() + seconds, lambda: self.closing)
+            slot = await locks.lock_any(self._wfd, locks.EXCLUSIVE, wanted, deadline, lambda: self.closing)
         except locks.Busy:
             raise SlotBusy(f"readers held its slots for {seconds:g} s (ctx.reading)") from None
+        finally:
+            for index in wanted:
+                self.fields[_WANT + index] = 0
         return self._claimed(slot)
 
     def begin(self) -> int:
@@ -190,7 +197,8 @@ class Inbox(_Block):
         naps = locks._naps(deadline)
         while True:
             slot = self.slot
-            if self._pins[slot] or locks.try_lock(self._shm.fd, locks.SHARED, slot):
+            if self._pins[slot] or (self.fields[_WANT + slot] < time.monotonic_ns()
+                                    and locks.try_lock(self._shm.fd, locks.SHARED, slot)):
                 if self.slot == slot or self._pins[slot]:
                     self._pins[slot] += 1
                     return slot
