@@ -194,7 +194,7 @@ class Inbox(_Block):
         """Hold the current slot for a reader: no push writes it until `unpin`. With one slot this
         waits for a push in progress (SlotBusy after `seconds`)."""
         deadline = time.monotonic() + seconds
-        naps = locks._naps(deadline)
+        waits = locks.naps(deadline)
         while True:
             slot = self.slot
             if self._pins[slot] or (self.fields[_WANT + slot] < time.monotonic_ns()
@@ -208,7 +208,7 @@ class Inbox(_Block):
                 raise TargetGone(f"{self.segment}: closing")
             if self.slot != slot:
                 continue
-            nap = next(naps, None)
+            nap = next(waits, None)
             if nap is None:
                 raise SlotBusy(f"{self.segment}: a push held slot {slot} for {seconds:g} s")
             await asyncio.sleep(nap)
@@ -304,13 +304,6 @@ class Outbox(_Block):
         except BaseException:
             self.close()
             raise
-
-    def stale(self) -> bool:
-        """The target was replaced since we opened it (a new doorbell under its name), or is gone."""
-        try:
-            return os.stat(self._path).st_ino != self._inode
-        except FileNotFoundError:
-            return True
 
     def check(self) -> None:
         """Before a copy: the target is still running and not closing (TargetGone if not)."""

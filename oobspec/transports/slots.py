@@ -42,7 +42,7 @@ def unlock(fd: int, slot: int, count: int = 1) -> None:
     try_lock(fd, UNLOCK, slot, count)
 
 
-def _naps(deadline: float):
+def naps(deadline: float):
     nap = _FIRST_NAP
     while True:
         left = deadline - time.monotonic()
@@ -56,14 +56,14 @@ async def lock_any(fd: int, kind: int, slots: list[int], deadline: float,
                    give_up: Callable[[], bool] = lambda: False) -> int:
     """The first of `slots` whose lock this takes, waiting (on the event loop) until `deadline`
     (time.monotonic()); Busy if none frees in time. `give_up()` ends the wait early (returns -1)."""
-    naps = _naps(deadline)
+    waits = naps(deadline)
     while True:
         for slot in slots:
             if try_lock(fd, kind, slot):
                 return slot
         if give_up():
             return -1
-        nap = next(naps, None)
+        nap = next(waits, None)
         if nap is None:
             raise Busy
         await asyncio.sleep(nap)
@@ -72,9 +72,9 @@ async def lock_any(fd: int, kind: int, slots: list[int], deadline: float,
 def lock_all_now(fd: int, slots: int, deadline: float) -> bool:
     """Exclusive on every slot, waiting (blocking, this thread) until `deadline`; False if it
     could not (a writer is still copying)."""
-    naps = _naps(deadline)
+    waits = naps(deadline)
     while not try_lock(fd, EXCLUSIVE, 0, slots):
-        nap = next(naps, None)
+        nap = next(waits, None)
         if nap is None:
             return False
         time.sleep(nap)
