@@ -15,8 +15,9 @@ address, as tests/multinode.py starts them): N replicas (default 64) spread over
               Each side is torn down fully before the next starts; the order alternates over
               the rounds; medians and the ratio of each round. Goal: oobspec <= 1.2x.
   2. status   `oob status -o json` of the N replicas, run as a user runs it (a new process,
-              connecting to the cluster), and the same call in this process (already
-              connected). Goal: < 2 s.
+              connecting to the cluster), interleaved with its baseline (a new process that
+              imports ray, connects and lists the named actors), and the same call in this
+              process (already connected). Goal: < 2 s.
   3. rolling  a rolling update of all N replicas (an env var changes) while client threads
               send requests, a new connection each, to every node's one URL. Goal: 0 failed.
 
@@ -161,6 +162,12 @@ class Clients:
             t.join()
 
 
+# The baseline of `oob status`: a new Python process that imports Ray, connects and lists the
+# cluster's named actors, as every Ray CLI and script does before its own work.
+BARE_CLIENT = ("import sys, ray\nray.init(address=sys.argv[1], log_to_driver=False)\n"
+               "ray.util.list_named_actors(all_namespaces=True)")
+
+
 def oob(*args: str, address: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(ROOT / ".venv" / "bin" / "oob"), *args, "--address", address], cwd="/",
                           capture_output=True, text=True, timeout=900)
@@ -202,14 +209,19 @@ def bench_status_and_roll(n: int, port: int, nodes: int, address: str, roll: boo
         applied = oob("apply", str(spec), address=address)
         out["apply_cli_s"] = time.perf_counter() - t0
         assert applied.returncode == 0, applied.stderr[-2000:]
-        cli = []
-        for _ in range(5):
+        cli, bare = [], []
+        for _ in range(5):  # interleaved with the baseline: what any new Ray client pays first
             t0 = time.perf_counter()
             status = oob("status", "bench-scale", "-o", "json", address=address)
             cli.append(time.perf_counter() - t0)
             assert status.returncode == 0, status.stderr[-2000:]
+            t0 = time.perf_counter()
+            connected = subprocess.run([sys.executable, "-c", BARE_CLIENT, address], cwd="/", capture_output=True,
+                                       text=True, timeout=300)
+            bare.append(time.perf_counter() - t0)
+            assert connected.returncode == 0, connected.stderr[-2000:]
         rows = json.loads(status.stdout)["replicas"]
-        out["status_cli_s"] = cli
+        out["status_cli_s"], out["ray_client_s"] = cli, bare
         out["status_rows"] = len(rows)
         out["nodes"] = sorted({r.get("node_address") or "" for r in rows})
         import ray
@@ -258,7 +270,8 @@ def plot(result: dict, path: Path) -> None:
                 f"with env x{statistics.median(apply['ratios_env']):.2f}")
     rest = result.get("rest", {})
     if rest:
-        b.boxplot([rest["status_cli_s"], rest["status_in_process_s"]], tick_labels=["oob status (CLI)", "in process"])
+        b.boxplot([rest["status_cli_s"], rest.get("ray_client_s", []), rest["status_in_process_s"]],
+                  tick_labels=["oob status (CLI)", "ray connect (CLI)", "in process"])
         b.axhline(2.0, color="red", linestyle="--", linewidth=1)
         b.set_ylabel("seconds")
         title = f"status of {rest['status_rows']} replicas"
@@ -316,6 +329,9 @@ def main() -> None:
         print(f"apply with env (a runtime_env on both sides): oobspec median {statistics.median(apply['oobspec_env']):.2f}s, "
               f"hand-written {statistics.median(apply['hand_env']):.2f}s, ratio median "
               f"x{statistics.median(apply['ratios_env']):.2f} (rounds {', '.join(f'{r:.2f}' for r in apply['ratios_env'])})")
+    if "ray_client_s" in rest:
+        print(f"  baseline, a new process that imports ray and connects: median "
+              f"{statistics.median(rest['ray_client_s']):.2f}s")
     print(f"status: CLI median {statistics.median(rest['status_cli_s']):.2f}s (min {min(rest['status_cli_s']):.2f}), "
           f"in process median {statistics.median(rest['status_in_process_s']):.2f}s, "
           f"{rest['status_rows']} replicas on {len(rest['nodes'])} nodes (goal < 2 s)")

@@ -2,16 +2,12 @@
 reports back, and the names both sides derive (replicas, stand-ins, segments, URLs).
 
 Defined once, here; apply, the actor, its servers and links, observation and status all use
-these types. Nothing here imports ray.
+these types. Nothing here imports ray, or pydantic (a replica with no buffers never does).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Union
-
-from .models import Buffer, GrpcServer, HttpServer, TcpServer, namespace_of  # noqa: F401 (a name, re-exported)
-
-ServerConfig = Union[HttpServer, GrpcServer, TcpServer]  # the spec's server, its port resolved
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -55,6 +51,11 @@ def choose_transport(device: str, source: Topology | None, target: Topology | No
 
 
 # --- names: one place each ---------------------------------------------------------------------
+
+
+def namespace_of(deployment: str) -> str:
+    """The Ray namespace of a deployment."""
+    return f"oob-{deployment}"
 
 
 def replica_name(actor: str, index: int) -> str:
@@ -104,6 +105,49 @@ def server_url(protocol: str, host: str, port: int | str, tls: bool = False) -> 
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    method: str
+    path: str
+    call: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One server as a replica runs it: the spec's server (`models.HttpServer` / `GrpcServer` /
+    `TcpServer`, validated at apply) in plain types, its port resolved. Fields a protocol does
+    not have keep their defaults."""
+
+    name: str
+    protocol: str  # "http" | "grpc" | "tcp"
+    host: str
+    port: int
+    shared: bool = False
+    token_env: str | None = None  # auth: the variable that holds the bearer token
+    tls: bool = False  # the PEMs travel in ReplicaConfig.tls
+    max_inflight: int = 0
+    timeout: float | None = None
+    errors: str = "safe"
+    error_status: dict[str, int] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()  # http
+    max_body: int = 0
+    header_timeout: float = 0.0
+    service: str | None = None  # grpc
+    methods: tuple[str, ...] = ()
+    proto: str | None = None
+
+    @classmethod
+    def of(cls, server: Any, **changes: Any) -> "ServerConfig":
+        """From the spec's server model, read by attribute (this module imports no pydantic)."""
+        values = {f.name: getattr(server, f.name) for f in fields(cls) if hasattr(server, f.name)}
+        values.update(
+            token_env=server.auth.token_env if server.auth else None,
+            tls=getattr(server, "tls", None) is not None,
+            routes=tuple(RouteConfig(r.method, r.path, r.call) for r in getattr(server, "routes", ())),
+            methods=tuple(getattr(server, "methods", ())), error_status=dict(getattr(server, "error_status", {})))
+        return cls(**{**values, **changes})
+
+
+@dataclass(frozen=True)
 class LinkRole:
     """One link as a replica takes part in it: as its source, a target, or both."""
 
@@ -137,7 +181,8 @@ class ReplicaConfig:
     spec_dir: str | None = None
     servers: list[ServerConfig] = field(default_factory=list)  # port: port + replica, or 0
     endpoints: dict[str, list[str]] = field(default_factory=dict)  # connect key -> peers' URLs
-    buffers: dict[str, Buffer] = field(default_factory=dict)
+    # name -> models.Buffer: only a replica with buffers imports pydantic (a tenth of a second per worker)
+    buffers: dict[str, Any] = field(default_factory=dict)
     link_targets: frozenset[str] = frozenset()  # buffers that links write into (shared memory on cpu)
     links: dict[str, LinkRole] = field(default_factory=dict)
     sys_path: list[str] = field(default_factory=list)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, BeforeValidator, ByteSize, TypeAdapter, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       field_validator, model_validator)
 
+from .contract import namespace_of
 from .scalars import scalar_text
 
 NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
@@ -371,8 +372,3 @@ class Spec(Strict):
         """The spec as the cluster keeps it: what the user set (defaults are not written, so a
         field that may not be set beside another validates again), as JSON."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
-
-
-def namespace_of(deployment: str) -> str:
-    """The Ray namespace of a deployment (the contract re-exports it with the other names)."""
-    return f"oob-{deployment}"

@@ -15,14 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from multinode import free_port  # noqa: F401  (one way to pick a port, for every test)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

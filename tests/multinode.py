@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,11 +37,25 @@ WORKERS = {"127.0.0.3": {"zone": "b"}, "127.0.0.4": {"zone": "c"}}
 HEAD_LABELS = {"zone": "a"}
 
 
+# Ports the tests pick: below the kernel's ephemeral range (32768+, what every bind to port 0
+# and every outgoing connection of Ray's many processes draws from) and above Ray's worker ports
+# (10002-19999). A port picked from the ephemeral range was seen taken by the time a replica
+# bound it (Address already in use).
+TEST_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A port nothing on this machine listens on (Ray binds some of its ports on 0.0.0.0)."""
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+    """A port nothing on this machine listens on (Ray binds some of its ports on 0.0.0.0), and
+    its next one too (replica i binds port + i)."""
+    while True:
+        port = random.choice(TEST_PORTS)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("0.0.0.0", port))
+                b.bind(("0.0.0.0", port + 1))
+            return port
+        except OSError:
+            continue
 
 
 def node_env(**extra: str) -> dict:

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oobspec.contract import ServerConfig
 from oobspec.models import HttpServer
 from oobspec.replica.http_server import start_http
 
@@ -57,7 +58,7 @@ def port():
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    running = asyncio.run_coroutine_threadsafe(start_http(WellBehaved(), model), loop).result(10)
+    running = asyncio.run_coroutine_threadsafe(start_http(WellBehaved(), ServerConfig.of(model)), loop).result(10)
     yield running.port
     asyncio.run_coroutine_threadsafe(running.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)

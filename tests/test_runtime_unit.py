@@ -34,11 +34,11 @@ from conftest import self_signed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import oobspec
-from oobspec.contract import (Descriptor, LinkRole, Ref, ReplicaConfig, ReplicaInfo, WiredTarget, host_port, segment_name,
-                              split_name)
+from oobspec.contract import (Descriptor, LinkRole, Ref, ReplicaConfig, ReplicaInfo, ServerConfig, WiredTarget,
+                              host_port, segment_name, split_name)
 from oobspec.errors import ClusterError, OobError
 from oobspec.imports import import_object
-from oobspec.models import Auth, Buffer, GrpcServer, HttpServer
+from oobspec.models import Buffer, GrpcServer, HttpServer
 from oobspec.plan import (Action, ActionKind, LinkReason, LinkRow, Plan, Reason, ServerRow, Step, StepKind, StopFirst,
                           Strategy, config_hash)
 from oobspec.report import endpoints_text, plan_text, size, status_text
@@ -107,9 +107,9 @@ ROUTES = [("GET", "/hello/{name}", "hello"), ("POST", "/add", "add"), ("GET", "/
 # --- helpers --------------------------------------------------------------------------------
 
 
-def http_entry(**fields) -> HttpServer:
+def http_entry(**fields) -> ServerConfig:
     routes = [{"method": m, "path": p, "call": c} for m, p, c in ROUTES]
-    return HttpServer(name="http", routes=routes, **fields)
+    return ServerConfig.of(HttpServer(name="http", routes=routes, **fields))
 
 
 @dataclass
@@ -141,7 +141,7 @@ def call_http(requests: list[tuple], instance=None, **fields) -> list[Reply]:
 
 @asynccontextmanager
 async def grpc_channel(instance, model: GrpcServer, importer=import_object):
-    running = await start_grpc(instance, model, importer)
+    running = await start_grpc(instance, ServerConfig.of(model), importer)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield channel
@@ -263,7 +263,7 @@ def test_dumps_is_compact_json_of_numpy_sets_tuples_and_models():
 
 
 def test_token_from_env(monkeypatch):
-    auth = Auth(token_env=TOKEN_ENV)
+    auth = TOKEN_ENV
     assert token_from_env(None) is None
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
     assert token_from_env(auth) == "s3cret"
@@ -424,7 +424,7 @@ def test_a_draining_server_finishes_requests_in_flight():
             return "done"
 
     async def go():
-        running = await start_http(SlowSvc(), HttpServer(name="http", routes=[{"path": "/slow", "call": "slow"}]))
+        running = await start_http(SlowSvc(), ServerConfig.of(HttpServer(name="http", routes=[{"path": "/slow", "call": "slow"}])))
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(session.get(f"http://127.0.0.1:{running.port}/slow"))
             await asyncio.sleep(0.1)
@@ -438,9 +438,9 @@ def test_a_draining_server_finishes_requests_in_flight():
 
 def test_grpc_hand_over_keeps_health_serving_on_the_port():
     async def go():
-        model = GrpcServer(name="rpc", protocol="grpc", service="demo.Svc", methods=["add"])
+        model = ServerConfig.of(GrpcServer(name="rpc", protocol="grpc", service="demo.Svc", methods=["add"]))
         old = await start_grpc(Svc(), model, import_object)
-        shared = model.model_copy(update={"port": old.port})
+        shared = dataclasses.replace(model, port=old.port)
         with pytest.raises(OSError):
             await start_grpc(Svc(), shared, import_object)
         new = await start_grpc(Svc(), shared, import_object, exclusive=False)
@@ -458,8 +458,8 @@ def test_grpc_hand_over_keeps_health_serving_on_the_port():
 # --- servers.py: operations (load shedding, timeouts, slow clients, TLS) -----------------------
 
 
-def nap_server(**fields) -> HttpServer:
-    return HttpServer(name="http", routes=[{"path": "/nap", "call": "nap"}], **fields)
+def nap_server(**fields) -> ServerConfig:
+    return ServerConfig.of(HttpServer(name="http", routes=[{"path": "/nap", "call": "nap"}], **fields))
 
 
 def test_http_max_inflight_refuses_exactly_the_overflow_at_once():
@@ -534,7 +534,7 @@ def test_grpc_tls_load_shedding_and_timeout(tmp_path):
     async def go():
         model = GrpcServer(name="rpc", protocol="grpc", service="demo.Svc", methods=["nap", "add"], max_inflight=2,
                            timeout=1.0)
-        running = await start_grpc(Svc(), model, import_object, tls=(cert.read_bytes(), key.read_bytes()))
+        running = await start_grpc(Svc(), ServerConfig.of(model), import_object, tls=(cert.read_bytes(), key.read_bytes()))
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}", credentials) as ch:
             add, nap = ch.unary_unary("/demo.Svc/add"), ch.unary_unary("/demo.Svc/nap")
@@ -1137,7 +1137,7 @@ def test_replica_config_wiring_ports_and_secrets(applier, monkeypatch):
 
     store = [applier.config("store", i) for i in range(2)]
     assert [[s.port for s in cfg.servers] for cfg in store] == [[http_port, rpc_port], [http_port + 1, rpc_port + 1]]
-    assert store[1].servers[0].auth == Auth(token_env=TOKEN_ENV)
+    assert store[1].servers[0].token_env == TOKEN_ENV
     assert (store[1].deployment, store[1].namespace, store[1].actor, store[1].replica, store[1].replicas,
             store[1].config_hash, store[1].restarts, store[1].command, store[1].name) == \
         (name, f"oob-{name}", "store", 1, 2, config_hash(applier.spec, "store"), 3, None, "store-1")

@@ -18,6 +18,7 @@ import pytest
 import oobspec
 from oobspec import HTTPError
 from oobspec.imports import import_object
+from oobspec.contract import ServerConfig
 from oobspec.models import GrpcServer, HttpServer
 from oobspec.replica.grpc_server import start_grpc
 from oobspec.replica.http_server import start_http
@@ -55,13 +56,13 @@ class Store:
 CALLS = ["get", "fail", "teapot", "gone", "missing", "denied", "no_dir"]
 
 
-def http_model(**fields) -> HttpServer:
+def http_model(**fields) -> ServerConfig:
     routes = [{"method": "POST", "path": f"/{c}", "call": c} for c in CALLS]
-    return HttpServer(name="http", routes=routes + [{"path": "/get", "call": "get"}], **fields)
+    return ServerConfig.of(HttpServer(name="http", routes=routes + [{"path": "/get", "call": "get"}], **fields))
 
 
-def grpc_model(**fields) -> GrpcServer:
-    return GrpcServer(name="rpc", protocol="grpc", service="t.Store", methods=CALLS, **fields)
+def grpc_model(**fields) -> ServerConfig:
+    return ServerConfig.of(GrpcServer(name="rpc", protocol="grpc", service="t.Store", methods=CALLS, **fields))
 
 
 async def raw(port: int, data: bytes) -> tuple[int, dict, bytes]:

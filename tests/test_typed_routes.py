@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 import oobspec
 from conftest import oob, write_in
+from oobspec.contract import ServerConfig
 from oobspec.models import GrpcServer, HttpServer
 from oobspec.replica.grpc_server import start_grpc
 from oobspec.replica.http_server import start_http
@@ -104,7 +105,7 @@ def url():
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    running = asyncio.run_coroutine_threadsafe(start_http(Shop(), model), loop).result(10)
+    running = asyncio.run_coroutine_threadsafe(start_http(Shop(), ServerConfig.of(model)), loop).result(10)
     yield f"http://127.0.0.1:{running.port}"
     asyncio.run_coroutine_threadsafe(running.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
@@ -204,8 +205,8 @@ def test_missing_and_unexpected_arguments_stay_400(url):
 
 def test_grpc_json_mode_validates_too():
     async def go():
-        server = await start_grpc(Shop(), GrpcServer(name="rpc", protocol="grpc", service="t.Shop",
-                                                     methods=["pair", "item"]), None)
+        server = await start_grpc(Shop(), ServerConfig.of(GrpcServer(
+            name="rpc", protocol="grpc", service="t.Shop", methods=["pair", "item"])), None)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 pair = channel.unary_unary("/t.Shop/pair")

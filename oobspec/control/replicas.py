@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..contract import LinkRole, Ref, ReplicaConfig, replica_name, surge_name
+from ..contract import LinkRole, Ref, ReplicaConfig, ServerConfig, replica_name, surge_name
 from ..errors import ApplyError
 from ..models import Spec, memory_bytes
 from ..nodes import NodeState, node_matches
@@ -90,7 +90,7 @@ class Builder:
             replicas=actor.replicas, config_hash=config_hash(self.spec, name), code_hash=self.code.get(name, ""),
             restarts=actor.restarts, command=list(actor.command) if actor.command else None,
             cwd=actor.cwd or ".", spec_dir=None if self.shipped else str(self.base_dir.resolve()),
-            servers=[s.model_copy(update={"port": s.port + index if s.port and not s.shared else s.port, "when": None})
+            servers=[ServerConfig.of(s, port=s.port + index if s.port and not s.shared else s.port)
                      for s in actor.servers],
             endpoints=endpoints, buffers=dict(actor.buffers),
             # A stand-in takes no part in links: its buffers are its own, not the replica's segments.

@@ -8,6 +8,7 @@ starts the servers on the actor's event loop, then the class's `on_start()`. Ray
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -83,7 +84,7 @@ class OobMixin:
 
     async def _oob_bind(self, server, port: int, exclusive: bool) -> Running:
         from ..imports import import_object
-        server = server.model_copy(update={"port": port})
+        server = dataclasses.replace(server, port=port)
         tls, metrics = self._oob_cfg.tls.get(server.name), self._oob_metrics
         if server.protocol == "http":
             running = await start_http(self, server, exclusive, tls=tls, metrics=metrics)
@@ -121,7 +122,7 @@ class OobMixin:
                 import ray
                 host = ray.util.get_node_ip_address()
             out[server.name] = server_url(server.protocol, host, self._oob_port(server.name),
-                                          getattr(server, "tls", None) is not None)
+                                          server.tls)
         return out
 
     async def _oob_info(self) -> ReplicaInfo:
@@ -267,8 +268,9 @@ def _prepare(cfg: ReplicaConfig) -> Context:
             pass  # not importable here (a remote node without the folder): the class is enough
     ctx = Context(cfg.deployment, cfg.actor, cfg.replica, cfg.replicas,
                   endpoints={k: list(v) for k, v in cfg.endpoints.items()})
-    from .buffers import allocate_buffers
-    ctx._owners = allocate_buffers(cfg)
+    if cfg.buffers:  # only then: buffers need numpy and the spec's Buffer model (pydantic)
+        from .buffers import allocate_buffers
+        ctx._owners = allocate_buffers(cfg)
     set_current(ctx)
     return ctx
 

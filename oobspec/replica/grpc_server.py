@@ -140,7 +140,7 @@ async def start_grpc(instance, server, import_object, exclusive: bool = True, *,
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
-    token = token_from_env(server.auth)
+    token = token_from_env(server.token_env)
     metrics = metrics or off()
     if exclusive and server.port:  # gRPC binds with SO_REUSEPORT: make sure nobody else holds the port
         listening_socket(server.host, server.port, exclusive=True).close()

@@ -311,7 +311,7 @@ def _expect_handler(web):
 def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
     from aiohttp import web
 
-    token = token_from_env(server.auth)
+    token = token_from_env(server.token_env)
     shared = _Shared(server, _Limit(server.max_inflight), metrics, failures(server),
                      token_bytes(f"Bearer {token}") if token else None, _body_reader(web))
 
@@ -334,10 +334,13 @@ def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
             return web.Response(status=503, body=dumps({"status": "draining"}), content_type="application/json")
         return web.Response(body=dumps({"status": "ok"}), content_type="application/json")
 
-    described = document_bytes(instance, server, getattr(metrics, "base", None))  # built once
+    described: list[bytes] = []  # built on the first request, not at start: pydantic's schema
+    # generation costs each replica a tenth of a second of CPU that few of them ever need
 
     async def openapi(request: web.Request) -> web.Response:  # no auth: it describes, it serves nothing
-        return web.Response(body=described, content_type="application/json")
+        if not described:
+            described.append(document_bytes(instance, server, getattr(metrics, "base", None)))
+        return web.Response(body=described[0], content_type="application/json")
 
     expect = _expect_handler(web)
     app = web.Application(client_max_size=server.max_body)

@@ -1,6 +1,8 @@
 """Where a replica runs: its node's address, and `host: node` resolved to it."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..contract import ReplicaConfig
 
 
@@ -18,5 +20,5 @@ def on_this_node(cfg: ReplicaConfig) -> ReplicaConfig:
     if not any(s.host == "node" for s in cfg.servers):
         return cfg
     address = node_address() or "127.0.0.1"
-    cfg.servers[:] = [s.model_copy(update={"host": address}) if s.host == "node" else s for s in cfg.servers]
+    cfg.servers[:] = [dataclasses.replace(s, host=address) if s.host == "node" else s for s in cfg.servers]
     return cfg

@@ -1,4 +1,4 @@
-"""GET /-/openapi.json: an OpenAPI 3.1 document of one HTTP server, built once when it starts.
+"""GET /-/openapi.json: an OpenAPI 3.1 document of one HTTP server, built once, on its first request.
 
 Every route is an operation: its path params, its other parameters (in the query for GET and
 DELETE, in a JSON object body otherwise), the parameter that takes the whole body (a model or a
@@ -135,7 +135,7 @@ def _operation(instance, route, defs: dict, op_ids: set, auth: bool) -> dict:
 def document(instance, server, title: str) -> dict:
     """The whole document; `instance`: the object whose methods the routes call."""
     defs: dict[str, Any] = {"Error": _ERROR, "ValidationError": _INVALID}
-    auth, op_ids = server.auth is not None, set()
+    auth, op_ids = server.token_env is not None, set()
     paths: dict[str, dict] = {}
     for route in server.routes:
         path = re.sub(r"\{([^}:]+):[^}]*\}", r"{\1}", route.path)  # aiohttp's `{key:regex}` -> `{key}`

@@ -66,13 +66,13 @@ def token_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def token_from_env(auth) -> str | None:
-    """The bearer token an auth block asks for, read from this process's environment."""
-    if auth is None:
+def token_from_env(name: str | None) -> str | None:
+    """The bearer token a server's auth asks for, read from this process's environment."""
+    if name is None:
         return None
-    token = os.environ.get(auth.token_env)
+    token = os.environ.get(name)
     if not token:
-        raise RuntimeError(f"auth needs the environment variable {auth.token_env}, which is not set "
+        raise RuntimeError(f"auth needs the environment variable {name}, which is not set "
                            "in the actor (set it where you run `oob apply`)")
     return token
 
