@@ -19,7 +19,6 @@ from conftest import ROOT, alive_pids, free_port, oob, status_of, write_in
 from oobspec.control.revisions import KEEP, Entry, History
 from oobspec.control.rollouts import diff_text
 from oobspec.plan import ActionKind, Observed, Reason, ReplicaState, Strategy, config_hash, make_plan
-from oobspec.replica.ports import port_free
 from oobspec.report import history_text
 
 SPEC = """
@@ -35,14 +34,6 @@ actors:
     servers:
       - {{name: http, port: {http}, routes: [{{path: /, call: get}}]}}
 """
-
-
-def two_ports() -> int:
-    """A free port whose next one is free too: replica i binds port + i."""
-    while True:
-        port = free_port()
-        if port < 65000 and port_free(port + 1):
-            return port
 
 
 @contextmanager
@@ -90,7 +81,7 @@ def assert_all_answered(seen, last: str) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_history_rollback_diff_and_restart(deployed, ray_head, project, tmp_path):
-    http, name = two_ports(), "days"
+    http, name = free_port(), "days"  # its next one is free too: replica i binds port + i
     spec = lambda greeting, fail="false", folder=project: write_in(  # noqa: E731
         folder, SPEC.format(name=name, greeting=greeting, fail=fail, http=http))
     deployed(spec("v1"), ray_head)

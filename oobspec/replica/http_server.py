@@ -334,13 +334,12 @@ def _http_app(instance, server, draining: Callable[[], bool], metrics: Metrics):
             return web.Response(status=503, body=dumps({"status": "draining"}), content_type="application/json")
         return web.Response(body=dumps({"status": "ok"}), content_type="application/json")
 
-    described: list[bytes] = []  # built on the first request, not at start: pydantic's schema
-    # generation costs each replica a tenth of a second of CPU that few of them ever need
+    # Built on the first request, not at start: pydantic's schema generation costs each replica
+    # a tenth of a second of CPU that few of them ever need.
+    described = functools.cache(lambda: document_bytes(instance, server, getattr(metrics, "base", None)))
 
     async def openapi(request: web.Request) -> web.Response:  # no auth: it describes, it serves nothing
-        if not described:
-            described.append(document_bytes(instance, server, getattr(metrics, "base", None)))
-        return web.Response(body=described[0], content_type="application/json")
+        return web.Response(body=described(), content_type="application/json")
 
     expect = _expect_handler(web)
     app = web.Application(client_max_size=server.max_body)

@@ -281,7 +281,7 @@ class Outbox(_Block):
 
     def __init__(self, segment: str):
         ctl, bell = _paths(segment)
-        self.segment, self._path = segment, bell
+        self.segment = segment
         try:
             # The bell first: it exists and has a reader only once the target's block is complete.
             # Ours, a FIFO, writable by us only (no other user can plant one to be fed our data).
@@ -293,7 +293,6 @@ class Outbox(_Block):
                 raise TargetGone(f"{segment} has no reader (the target is not running)") from None
             raise
         try:
-            self._inode = os.fstat(self._bell).st_ino
             self._map(_open(ctl))
             if self.fields[_MAGIC] != MAGIC:
                 raise TransportError(f"{self._shm.path} is not an oobspec control block (of this oobspec version)")
