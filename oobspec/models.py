@@ -158,7 +158,7 @@ class ServerBase(Strict):
 
 
 class HttpServer(Served, ServerBase):
-    protocol: Annotated[Literal["http"], Field(description="aiohttp server inside the actor.")] = "http"
+    protocol: Annotated[Literal["http"], Field(description="HTTP/1.1 server inside the actor's event loop.")] = "http"
     routes: Annotated[list[Route], Field(description="HTTP routes, each calling a method of the actor. "
                                                      "GET /-/healthz is always there (no auth): 200 ready, "
                                                      "503 draining.")] = []

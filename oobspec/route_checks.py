@@ -15,7 +15,7 @@ from typing import Iterator
 from .imports import suggest
 
 Found = tuple[str, str, tuple, "str | None"]
-PATH_PARAM = re.compile(r"\{([^}:]+)")  # `{key}` and aiohttp's `{key:regex}`
+PATH_PARAM = re.compile(r"\{([^}:]+)")  # `{key}` and `{key:regex}`
 
 
 def repeated_routes(server, spath: tuple, line_of) -> Iterator[Found]:

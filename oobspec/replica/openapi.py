@@ -138,7 +138,7 @@ def document(instance, server, title: str) -> dict:
     auth, op_ids = server.token_env is not None, set()
     paths: dict[str, dict] = {}
     for route in server.routes:
-        path = re.sub(r"\{([^}:]+):[^}]*\}", r"{\1}", route.path)  # aiohttp's `{key:regex}` -> `{key}`
+        path = re.sub(r"\{([^}:]+):[^}]*\}", r"{\1}", route.path)  # `{key:regex}` -> `{key}`
         paths.setdefault(path, {})[route.method.lower()] = _operation(instance, route, defs, op_ids, auth)
     for path, what, schema in (("/-/healthz", "200 ready, 503 draining", {"type": "object"}),
                                ("/-/openapi.json", "this document", {"type": "object"})):

@@ -60,9 +60,9 @@ def dumps(value: Any) -> bytes:
 
 
 def token_bytes(text: str) -> bytes:
-    """A bearer header (or token) as the bytes compared in constant time. A header that is not
-    UTF-8 reaches us with surrogates in it (aiohttp decodes with surrogateescape): they encode
-    too, and compare unequal, instead of raising."""
+    """A bearer header (or token) as the bytes compared in constant time with the request's
+    raw header (gRPC metadata that is not UTF-8 reaches us with surrogates in it: they encode
+    too, and compare unequal, instead of raising)."""
     return text.encode("utf-8", "surrogatepass")
 
 

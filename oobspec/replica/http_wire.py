@@ -1,0 +1,306 @@
+"""HTTP/1.1 on the wire: one asyncio protocol per connection, parsed by httptools (llhttp,
+Node's parser, which uvicorn uses too). What it knows is the protocol, not the routes:
+keep-alive and pipelining (answers in request order), bodies (Content-Length or chunked) up to
+`max_body`, `Expect: 100-continue`, the header timeout, limits on the request line and
+headers, back-pressure both ways, and draining. The application (http_server.py) is one
+coroutine function, `Request -> Answer`.
+
+A request the parser refuses gets a JSON 4xx in its turn, and the connection closes after it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from http import HTTPStatus
+from typing import Awaitable, Callable
+
+import httptools
+
+from ..errors import status_phrase
+from .servers import dumps, error_id
+
+log = logging.getLogger("oobspec")
+
+LINE_LIMIT = 8190  # bytes of a request target or of one header (aiohttp's and nginx's limit)
+HEAD_LIMIT = 64 * 1024  # bytes of a request's line and headers together
+PIPELINE = 32  # requests read ahead of their answers before the connection stops reading
+WANTED = frozenset((b"authorization", b"expect", b"content-encoding"))  # the headers anyone reads
+JSON = b"application/json"
+
+
+class Request:
+    """One parsed request. `headers`: only the ones in WANTED, lowercase names, raw values."""
+
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "answer")
+
+    def __init__(self) -> None:
+        self.method, self.target, self.headers = b"", b"", {}
+        self.body: bytes | list[bytes] = b""
+        self.keep_alive = True
+        self.answer: Answer | None = None  # set when the request was refused before the app saw it
+
+
+class Answer:
+    """A response: status, body, content type and any other headers."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes, content_type: bytes = JSON, headers: tuple = ()) -> None:
+        self.status, self.body, self.content_type, self.headers = status, body, content_type, headers
+
+
+def error(status: int, message: str, ident: str | None = None, headers: tuple = ()) -> Answer:
+    """oob's error answer: JSON `{"error": ..., "status": N}` (and the id of a 500)."""
+    body = {"error": message, "status": status} if ident is None else {"error": message, "status": status, "id": ident}
+    return Answer(status, dumps(body), JSON, headers)
+
+
+def _status_lines() -> dict[int, bytes]:
+    return {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+_STATUS = _status_lines()
+_OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+
+
+def encode(answer: Answer, close: bool, head: bool) -> bytes:
+    """The answer's bytes. head: a HEAD request's, the body left out (its length kept)."""
+    body = answer.body
+    ending = b"\r\nConnection: close\r\n\r\n" if close else b"\r\n\r\n"
+    if answer.status == 200 and answer.content_type is JSON and not answer.headers and not head:
+        return b"".join((_OK_JSON, b"%d" % len(body), ending, body))  # the common case
+    status = _STATUS.get(answer.status) or b"HTTP/1.1 %d %s\r\n" % (answer.status, status_phrase(answer.status).encode())
+    parts = [status, b"Content-Type: ", answer.content_type, b"\r\n"]
+    for name, value in answer.headers:
+        parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+    parts += (b"Content-Length: %d" % len(body), ending)
+    if not head:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: the request is refused with `answer` (the parser stops)."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+
+class Wire:
+    """What the connections of one server share: the application, the limits, and the set of
+    open connections that draining closes."""
+
+    def __init__(self, app: Callable[[Request], Awaitable[Answer]], max_body: int, header_timeout: float) -> None:
+        self.app, self.max_body, self.header_timeout = app, max_body, header_timeout
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self.loop = asyncio.get_running_loop()
+
+    async def drain(self, seconds: float) -> None:
+        """Idle connections close now; busy ones after their answer in flight (`Connection:
+        close`); whatever is left after `seconds` is cut."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        deadline = self.loop.time() + seconds
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses what arrives, answers in order, keeps alive or closes."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[Request] = deque()
+        self.request: Request | None = None  # the one being parsed
+        self.head = 0  # bytes received since the current request's head began
+        self.in_head = True  # between requests or within a head (not within a body)
+        self.broken = False  # the parser gave up: nothing more is read
+        self.task: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.writable: asyncio.Future | None = None  # set while the transport's buffer is full
+        self.reading = True
+
+    # --- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.wire.connections.add(self)
+        self._wait_for_head()
+
+    def connection_lost(self, exc) -> None:
+        self.wire.connections.discard(self)
+        self._stop_timer()
+        self.queue.clear()
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # a callback raised (httptools wraps it)
+            cause = exc.__context__
+            if isinstance(cause, _Refused):
+                self._refuse(cause.answer)
+            else:
+                log.error("HTTP connection failed", exc_info=cause or exc)
+                self._refuse(error(500, "internal error"))
+        except httptools.HttpParserUpgrade:
+            # An upgrade (websocket, CONNECT) is answered as a plain request, then the connection
+            # closes: nothing after the head is HTTP any more.
+            self.broken = True
+            if self.queue:
+                self.queue[-1].keep_alive = False
+        except httptools.HttpParserError as exc:
+            self._refuse(error(400, f"Bad Request: {str(exc).rstrip('.')}"))
+        else:
+            if self.in_head and self.request is not None:
+                self.head += len(data)
+                if self.head > HEAD_LIMIT:
+                    self._refuse(error(400, f"Bad Request: request headers over {HEAD_LIMIT} bytes"))
+
+    def pause_writing(self) -> None:
+        self.writable = self.wire.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # --- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.request = Request()
+        self.head, self.in_head = 0, True
+
+    def on_url(self, url: bytes) -> None:
+        target = self.request.target + url if self.request.target else url
+        if len(target) > LINE_LIMIT:
+            raise _Refused(error(400, f"Bad Request: request target over {LINE_LIMIT} bytes"))
+        self.request.target = target
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(value) > LINE_LIMIT or len(name) > LINE_LIMIT:
+            raise _Refused(error(400, f"Bad Request: a header over {LINE_LIMIT} bytes"))
+        name = name.lower()
+        if name in WANTED:
+            self.request.headers[name] = value
+        elif name == b"content-length" and _too_long(value, self.wire.max_body):
+            raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+
+    def on_headers_complete(self) -> None:
+        request, parser = self.request, self.parser
+        request.method, request.keep_alive = parser.get_method(), parser.should_keep_alive()
+        self.in_head = False
+        self._stop_timer()
+        expect = request.headers.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue" or parser.get_http_version() != "1.1":
+                raise _Refused(error(417, "Expectation Failed: only 100-continue is understood"))
+            if not self.queue and self.task is None:  # (after earlier answers it would cut in before them)
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        if type(request.body) is bytes:
+            request.body = [body] if not request.body else [request.body, body]
+        else:
+            request.body.append(body)
+        if sum(map(len, request.body)) > self.wire.max_body:
+            raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+
+    def on_message_complete(self) -> None:
+        request, self.request = self.request, None
+        self.in_head = True
+        if type(request.body) is list:
+            request.body = b"".join(request.body)
+        self._enqueue(request)
+
+    # --- answering ---------------------------------------------------------------------------
+
+    def _enqueue(self, request: Request) -> None:
+        self.queue.append(request)
+        if self.task is None:
+            self.task = self.wire.loop.create_task(self._answer())
+        elif len(self.queue) > PIPELINE and self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _refuse(self, answer: Answer) -> None:
+        """Answer in turn with `answer`, then close; read nothing more."""
+        self.broken, self.request = True, None
+        refused = Request()
+        refused.answer, refused.keep_alive = answer, False
+        self._enqueue(refused)
+
+    async def _answer(self) -> None:
+        queue, transport = self.queue, self.transport
+        while queue:
+            request = queue[0]
+            answer = request.answer
+            if answer is None:
+                try:
+                    answer = await self.wire.app(request)
+                except Exception:  # the app answers its own failures: this is oob's
+                    ident = error_id()
+                    log.error("error id %s: answering %r failed", ident, request.target[:200], exc_info=True)
+                    answer = error(500, "internal error", ident)
+            if not queue or transport.is_closing():
+                return  # the client went away meanwhile
+            queue.popleft()
+            close = not request.keep_alive or self.wire.closing or (self.broken and not queue)
+            transport.write(encode(answer, close, request.method == b"HEAD"))
+            if close:
+                transport.close()
+                return
+            if self.writable is not None:
+                await self.writable
+        self.task = None
+        if not self.reading and not self.broken:
+            self.reading = True
+            transport.resume_reading()
+        if self.in_head:
+            self._wait_for_head()
+
+    # --- idle connections --------------------------------------------------------------------
+
+    def _wait_for_head(self) -> None:
+        """The header timeout: a connection whose next request's head is not complete within
+        `header_timeout` closes (a slow client cannot hold it)."""
+        self._stop_timer()
+        self.timer = self.wire.loop.call_later(self.wire.header_timeout, self._timed_out)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.task is None and self.in_head:
+            self.transport.close()
+
+    def close_if_idle(self) -> None:
+        """Draining: close now unless a request is under way (that one closes after its answer)."""
+        if self.task is None and self.request is None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.transport.abort()
+
+
+
+def _too_long(length: bytes, most: int) -> bool:
+    """A Content-Length over `most` (llhttp refuses one that is not a number)."""
+    length = length.strip()
+    return len(length) > 20 or (length.isdigit() and int(length) > most)
