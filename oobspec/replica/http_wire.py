@@ -120,6 +120,7 @@ class Connection(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.request: Request | None = None  # the one being parsed
         self.head = 0  # bytes received since the current request's head began
+        self.size = 0  # bytes of the current request's body so far
         self.in_head = True  # between requests or within a head (not within a body)
         self.broken = False  # the parser gave up: nothing more is read
         self.task: asyncio.Task | None = None
@@ -179,7 +180,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.request = Request()
-        self.head, self.in_head = 0, True
+        self.head, self.size, self.in_head = 0, 0, True
 
     def on_url(self, url: bytes) -> None:
         target = self.request.target + url if self.request.target else url
@@ -208,14 +209,17 @@ class Connection(asyncio.Protocol):
             if not self.queue and self.task is None:  # (after earlier answers it would cut in before them)
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def on_body(self, body: bytes) -> None:
+    def on_body(self, chunk: bytes) -> None:
         request = self.request
-        if type(request.body) is bytes:
-            request.body = [body] if not request.body else [request.body, body]
-        else:
-            request.body.append(body)
-        if sum(map(len, request.body)) > self.wire.max_body:
+        self.size += len(chunk)
+        if self.size > self.wire.max_body:
             raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+        if not request.body:
+            request.body = chunk
+        elif type(request.body) is bytes:
+            request.body = [request.body, chunk]
+        else:
+            request.body.append(chunk)
 
     def on_message_complete(self) -> None:
         request, self.request = self.request, None
@@ -257,7 +261,12 @@ class Connection(asyncio.Protocol):
                 return  # the client went away meanwhile
             queue.popleft()
             close = not request.keep_alive or self.wire.closing or (self.broken and not queue)
-            transport.write(encode(answer, close, request.method == b"HEAD"))
+            try:
+                data = encode(answer, close, request.method == b"HEAD")
+            except Exception:  # a header the user's Response set that HTTP cannot carry
+                log.error("answering %r failed", request.target[:200], exc_info=True)
+                data = encode(error(500, "internal error"), close, False)
+            transport.write(data)
             if close:
                 transport.close()
                 return
