@@ -18,7 +18,8 @@ alternating order (a b, b a, ...), round after round; Serve is measured after th
 oobspec/hand-written figure is the median of the per-round ratios (each pair back to back, so
 drift in other load on the machine hits both alike); also printed: the ratio of the medians
 and the server process's CPU time per request (from /proc). oobspec/Serve is the ratio of
-the medians. Goals: oobspec >= 0.9x hand-written, >= 20x Serve.
+the medians. Goals: oobspec >= 0.9x hand-written, >= 20x Serve through its proxy, >= 4.5x Serve
+with direct ingress (--serve-direct-ingress).
 
     .venv/bin/python bench/bench_http.py [--rounds 8] [--serve-rounds 3] [--duration 3] [--warmup 1]
                                          [--connections 32] [--load auto|wrk|aiohttp] [--no-serve]

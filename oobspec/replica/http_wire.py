@@ -160,6 +160,8 @@ class Connection(asyncio.Protocol):
             self.broken = True
             if self.queue:
                 self.queue[-1].keep_alive = False
+            elif self.task is None:  # its head asked for a body first: nothing to answer
+                self.transport.close()
         except httptools.HttpParserError as exc:
             self._refuse(error(400, f"Bad Request: {str(exc).rstrip('.')}"))
         else:
