@@ -30,12 +30,30 @@ class Counter:
         return kwargs
 
     async def teapot(self) -> web.Response:
-        return web.Response(status=418, text="short", headers={"X-Brewed": "yes"})
+        response = web.Response(status=418, text="short", headers={"X-Brewed": "yes"})
+        response.set_cookie("pot", "brown")
+        return response
+
+    async def go(self, to: str) -> web.Response:
+        return web.Response(status=302, headers={"Location": to})
+
+    async def nothing(self) -> web.Response:
+        return web.Response(status=204)
+
+    async def item(self, key: str) -> dict:
+        return {"key": key}
+
+    async def cancelled(self) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()  # what a method sees when something it awaits is cancelled by another
+        return await future
 
 
 def server(**fields) -> ServerConfig:
     routes = [{"path": "/hit", "call": "hit"}, {"method": "POST", "path": "/echo", "call": "echo"},
-              {"path": "/teapot", "call": "teapot"}]
+              {"path": "/teapot", "call": "teapot"}, {"path": "/go", "call": "go"},
+              {"path": "/nothing", "call": "nothing"}, {"path": "/items/{key}", "call": "item"},
+              {"path": "/cancelled", "call": "cancelled"}]
     return ServerConfig.of(HttpServer(name="http", routes=routes, **fields))
 
 
@@ -82,9 +100,33 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection():
     assert rest == b""  # closed after the answer to the request that asked for it
 
 
-def test_http_1_0_closes_unless_asked_to_keep_alive():
+def test_http_1_0_closes_unless_asked_to_keep_alive_and_ignores_expect():
     [(status, headers, body)], rest = exchange(b"GET /hit HTTP/1.0\r\n\r\n", 1)
     assert (status, headers["connection"], json.loads(body), rest) == (200, "close", {"count": 1}, b"")
+    answers, _ = exchange(b"GET /hit HTTP/1.0\r\nConnection: keep-alive\r\nExpect: 100-continue\r\n\r\n"
+                          + get("/hit", close=True), 2)
+    assert [(s, h.get("connection")) for s, h, _ in answers] == [(200, "keep-alive"), (200, "close")]
+
+
+def test_every_answer_has_a_date_and_a_204_no_length():
+    [(status, headers, _)], _ = exchange(get("/hit", close=True), 1)
+    assert status == 200 and headers["date"].endswith(" GMT")
+    async def go():
+        running = await start_http(Counter(), server())
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(get("/nothing", close=True))
+        reply = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await running.stop()
+        return reply
+    reply = asyncio.run(go())
+    assert reply.startswith(b"HTTP/1.1 204 No Content\r\n") and b"Content-Length" not in reply
+
+
+def test_a_path_param_is_decoded_once_and_the_query_wins_over_it():
+    answers, _ = exchange(get("/items/%2541") + get("/items/a%2Fb") + get("/items/a?key=b")
+                          + get("http://t/items/abs", close=True), 4)
+    assert [json.loads(b)["key"] for _, _, b in answers] == ["%41", "a/b", "b", "abs"]
 
 
 @pytest.mark.parametrize("encode,name", [(gzip.compress, b"gzip"), (zlib.compress, b"deflate")])
@@ -136,10 +178,48 @@ def test_connect_and_asterisk_targets_get_json_404s():
     assert [(s, json.loads(b)) for s, _, b in answers] == [(404, {"error": "Not Found", "status": 404})] * 2
 
 
-def test_the_users_own_response_keeps_its_status_and_headers():
+def test_the_users_own_response_keeps_its_status_headers_and_cookies_but_cannot_inject_headers():
     [(status, headers, body)], _ = exchange(get("/teapot", close=True), 1)
     assert (status, headers["x-brewed"], headers["content-type"], body) == (418, "yes", "text/plain; charset=utf-8",
                                                                             b"short")
+    assert headers["set-cookie"] == "pot=brown; Path=/"
+    answers, _ = exchange(get("/go?to=/x") + get("/go?to=/x%0d%0aSet-Cookie:%20evil=1", close=True), 2)
+    assert [(s, h.get("location")) for s, h, _ in answers] == [(302, "/x"), (500, None)]
+    assert "set-cookie" not in answers[1][1] and json.loads(answers[1][2])["error"] == "internal error"
+
+
+def test_a_method_that_meets_a_cancellation_is_a_500_and_the_connection_serves_on():
+    answers, _ = exchange(get("/cancelled") + get("/hit", close=True), 2)
+    assert [(s, json.loads(b).get("error")) for s, _, b in answers] == [(500, "internal error"), (200, None)]
+
+
+def test_a_request_with_a_body_that_asks_to_upgrade_is_refused_not_emptied():
+    data = (b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: 7\r\n\r\n{\"a\":1}")
+    [(status, _, body)], _ = exchange(data, 1)
+    assert (status, json.loads(body)["error"]) == (400, "Bad Request: a request with a body cannot upgrade "
+                                                        "the protocol")
+
+
+def test_many_small_pipelined_requests_are_not_taken_for_one_huge_head():
+    answers, _ = exchange(get("/hit") * 2500 + get("/hit", close=True), 2501)
+    assert {s for s, _, _ in answers} == {200} and json.loads(answers[-1][2]) == {"count": 2501}
+
+
+def test_an_upload_over_max_body_reads_its_413_instead_of_a_reset():
+    async def go():
+        running = await start_http(Counter(), server(max_body=1000))
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8000000\r\n\r\n")
+        for _ in range(8):
+            writer.write(b"x" * 1_000_000)
+            await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await running.stop()
+        return reply
+    reply = asyncio.run(go())
+    assert reply.startswith(b"HTTP/1.1 413 ")
 
 
 def test_stopping_closes_idle_kept_alive_connections_at_once():

@@ -38,6 +38,8 @@ _JSON_TYPES = frozenset((dict, list, int, float, bool))
 _TEXT, _BYTES = b"text/plain; charset=utf-8", b"application/octet-stream"
 _OWN_HEADERS = frozenset(("content-length", "content-type", "transfer-encoding", "connection", "date"))
 _QUERY_FIELDS = 1000  # keys in one query string at most
+_UNSAFE = re.compile(r"[\r\n\0]")
+_KEPT = re.compile(r"(%2[fF5])")  # what stays encoded in the path routes match: "/" and "%"
 
 
 def _response(result: Any) -> Answer:
@@ -59,9 +61,12 @@ def _users_response(web, result) -> Answer:
     body = result.body
     if not isinstance(result, web.Response) or not isinstance(body, (bytes, bytearray, type(None))):
         raise TypeError("a method may return an aiohttp web.Response with a bytes body, not a stream")
-    headers = tuple((k, v) for k, v in result.headers.items() if k.lower() not in _OWN_HEADERS)
-    kind = result.headers.get("Content-Type", "application/octet-stream").encode("latin-1")
-    return Answer(result.status, bytes(body or b""), kind, headers)
+    headers = [(k, v) for k, v in result.headers.items() if k.lower() not in _OWN_HEADERS]
+    headers += [("Set-Cookie", cookie.OutputString()) for cookie in result.cookies.values()]
+    kind = result.headers.get("Content-Type", "application/octet-stream")
+    if any(_UNSAFE.search(text) for text in (kind, *(part for pair in headers for part in pair))):
+        raise ValueError("a header of the method's Response holds CR, LF or NUL (header injection)")
+    return Answer(result.status, bytes(body or b""), kind.encode("latin-1"), tuple(headers))
 
 
 def _invalid(errors: list[dict]) -> Answer:
@@ -120,14 +125,24 @@ class _Routes:
                 if handler is not None:
                     return handler, {k: unquote(v) for k, v in match.groupdict().items()}, allowed
                 allowed |= table.keys()
+        if b"GET" in allowed:
+            allowed.add(b"HEAD")
         return None, {}, allowed
 
 
 def _split(target: bytes) -> tuple[str, str]:
-    """(the path, percent-decoded; the raw query) of a request target."""
-    path, _, query = target.decode("latin-1").partition("?")
+    """(the path routes match, the raw query) of a request target. The path is percent-decoded
+    except for "%2F" and "%25", so that an encoded "/" stays inside its segment and a path
+    param is decoded once (when it is matched). An absolute target ("http://host/path", which
+    a proxy sends) is its path."""
+    text = target.decode("latin-1")
+    if text[:1] != "/" and text[:4].lower() == "http" and "://" in text:
+        text = "/" + text.split("://", 1)[1].partition("/")[2]
+    path, _, query = text.partition("?")
     path = path.partition("#")[0]
-    return (unquote(path) if "%" in path else path), query
+    if "%" in path:
+        path = "".join(part if i % 2 else unquote(part) for i, part in enumerate(_KEPT.split(path)))
+    return path, query
 
 
 # --- one route ------------------------------------------------------------------------------
@@ -167,11 +182,13 @@ def _arguments(sig: Signature, expected: bytes | None):
             pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=_QUERY_FIELDS)
         except ValueError:
             return error(400, f"Bad Request: more than {_QUERY_FIELDS} query fields")
+        values: dict[str, Any] = {}
         for key, value in pairs:
-            params.setdefault(key, value)  # a repeated key: its first value
+            values.setdefault(key, value)  # a repeated key: its first value
         for name in many:  # list[int] & co.: every value of a repeated key
-            if name in params:
-                params[name] = [v for k, v in pairs if k == name]
+            if name in values:
+                values[name] = [v for k, v in pairs if k == name]
+        params.update(values)
         return params
 
     return arguments

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Awaitable, Callable
 
@@ -25,6 +27,7 @@ log = logging.getLogger("oobspec")
 LINE_LIMIT = 8190  # bytes of a request target or of one header (aiohttp's and nginx's limit)
 HEAD_LIMIT = 64 * 1024  # bytes of a request's line and headers together
 PIPELINE = 32  # requests read ahead of their answers before the connection stops reading
+LINGER = 2.0  # seconds a refused request's connection drops what the client still sends
 WANTED = frozenset((b"authorization", b"expect", b"content-encoding"))  # the headers anyone reads
 JSON = b"application/json"
 
@@ -32,12 +35,12 @@ JSON = b"application/json"
 class Request:
     """One parsed request. `headers`: only the ones in WANTED, lowercase names, raw values."""
 
-    __slots__ = ("method", "target", "headers", "body", "keep_alive", "answer")
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "old", "answer")
 
     def __init__(self) -> None:
         self.method, self.target, self.headers = b"", b"", {}
         self.body: bytes | list[bytes] = b""
-        self.keep_alive = True
+        self.keep_alive, self.old = True, False  # old: HTTP/1.0
         self.answer: Answer | None = None  # set when the request was refused before the app saw it
 
 
@@ -62,19 +65,32 @@ def _status_lines() -> dict[int, bytes]:
 
 _STATUS = _status_lines()
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+_ENDINGS = {(True, False): b"Connection: close\r\n\r\n", (True, True): b"Connection: close\r\n\r\n",
+            (False, False): b"\r\n", (False, True): b"Connection: keep-alive\r\n\r\n"}  # (close, HTTP/1.0)
+_NO_BODY = frozenset((204, 304))
+_date = [0, b""]  # (second, its Date header line)
 
 
-def encode(answer: Answer, close: bool, head: bool) -> bytes:
-    """The answer's bytes. head: a HEAD request's, the body left out (its length kept)."""
-    body = answer.body
-    ending = b"\r\nConnection: close\r\n\r\n" if close else b"\r\n\r\n"
+def _date_line() -> bytes:
+    now = int(time.time())
+    if now != _date[0]:
+        _date[:] = now, b"Date: %s\r\n" % formatdate(now, usegmt=True).encode()
+    return _date[1]
+
+
+def encode(answer: Answer, close: bool, head: bool, old: bool = False) -> bytes:
+    """The answer's bytes. head: a HEAD request's, the body left out (its length kept); old:
+    an HTTP/1.0 request's (kept alive only when it asked, and told so)."""
+    body, ending = answer.body, _ENDINGS[close, old]
     if answer.status == 200 and answer.content_type is JSON and not answer.headers and not head:
-        return b"".join((_OK_JSON, b"%d" % len(body), ending, body))  # the common case
+        return b"".join((_OK_JSON, b"%d\r\n" % len(body), _date_line(), ending, body))  # the common case
     status = _STATUS.get(answer.status) or b"HTTP/1.1 %d %s\r\n" % (answer.status, status_phrase(answer.status).encode())
     parts = [status, b"Content-Type: ", answer.content_type, b"\r\n"]
     for name, value in answer.headers:
         parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
-    parts += (b"Content-Length: %d" % len(body), ending)
+    if answer.status in _NO_BODY:
+        return b"".join((*parts, _date_line(), ending))
+    parts += (b"Content-Length: %d\r\n" % len(body), _date_line(), ending)
     if not head:
         parts.append(body)
     return b"".join(parts)
@@ -119,7 +135,10 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Request] = deque()
         self.request: Request | None = None  # the one being parsed
-        self.head = 0  # bytes received since the current request's head began
+        self.head = 0  # bytes of the current request's line and headers so far
+        self.raw = 0  # bytes of the chunks that came after the one where its head began
+        self.begun = 0  # requests whose head began here
+        self.bodied = False  # the current request declared a body
         self.size = 0  # bytes of the current request's body so far
         self.in_head = True  # between requests or within a head (not within a body)
         self.broken = False  # the parser gave up: nothing more is read
@@ -145,6 +164,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.broken:
             return
+        begun = self.begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:  # a callback raised (httptools wraps it)
@@ -160,14 +180,15 @@ class Connection(asyncio.Protocol):
             self.broken = True
             if self.queue:
                 self.queue[-1].keep_alive = False
-            elif self.task is None:  # its head asked for a body first: nothing to answer
+            elif self.task is None:  # nothing complete to answer
                 self.transport.close()
         except httptools.HttpParserError as exc:
             self._refuse(error(400, f"Bad Request: {str(exc).rstrip('.')}"))
         else:
             if self.in_head and self.request is not None:
-                self.head += len(data)
-                if self.head > HEAD_LIMIT:
+                if self.begun == begun:  # the whole chunk is this head's (it began in an earlier one)
+                    self.raw += len(data)
+                if self.head > HEAD_LIMIT or self.raw > HEAD_LIMIT:
                     self._refuse(error(400, f"Bad Request: request headers over {HEAD_LIMIT} bytes"))
 
     def pause_writing(self) -> None:
@@ -182,31 +203,43 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.request = Request()
-        self.head, self.size, self.in_head = 0, 0, True
+        self.head = self.raw = self.size = 0
+        self.in_head, self.bodied = True, False
+        self.begun += 1
 
     def on_url(self, url: bytes) -> None:
         target = self.request.target + url if self.request.target else url
         if len(target) > LINE_LIMIT:
             raise _Refused(error(400, f"Bad Request: request target over {LINE_LIMIT} bytes"))
         self.request.target = target
+        self.head += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(value) > LINE_LIMIT or len(name) > LINE_LIMIT:
             raise _Refused(error(400, f"Bad Request: a header over {LINE_LIMIT} bytes"))
+        self.head += len(name) + len(value) + 4
         name = name.lower()
         if name in WANTED:
             self.request.headers[name] = value
-        elif name == b"content-length" and _too_long(value, self.wire.max_body):
-            raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+        elif name == b"content-length":
+            if _too_long(value, self.wire.max_body):
+                raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+            self.bodied = self.bodied or value.strip() not in (b"", b"0")
+        elif name == b"transfer-encoding":
+            self.bodied = True
 
     def on_headers_complete(self) -> None:
         request, parser = self.request, self.parser
         request.method, request.keep_alive = parser.get_method(), parser.should_keep_alive()
+        request.old = parser.get_http_version() == "1.0"
         self.in_head = False
         self._stop_timer()
+        if self.bodied and parser.should_upgrade() and request.method != b"CONNECT":
+            # llhttp would skip the body of a request that asks to upgrade: refuse it instead
+            raise _Refused(error(400, "Bad Request: a request with a body cannot upgrade the protocol"))
         expect = request.headers.get(b"expect")
-        if expect is not None:
-            if expect.lower() != b"100-continue" or parser.get_http_version() != "1.1":
+        if expect is not None and not request.old:  # (HTTP/1.0 knows no Expect: ignored)
+            if expect.lower() != b"100-continue":
                 raise _Refused(error(417, "Expectation Failed: only 100-continue is understood"))
             if not self.queue and self.task is None:  # (after earlier answers it would cut in before them)
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -236,7 +269,7 @@ class Connection(asyncio.Protocol):
         self.queue.append(request)
         if self.task is None:
             self.task = self.wire.loop.create_task(self._answer())
-        elif len(self.queue) > PIPELINE and self.reading:
+        elif self.reading and (len(self.queue) > PIPELINE or sum(len(r.body) for r in self.queue) > self.wire.max_body):
             self.reading = False
             self.transport.pause_reading()
 
@@ -255,7 +288,9 @@ class Connection(asyncio.Protocol):
             if answer is None:
                 try:
                     answer = await self.wire.app(request)
-                except Exception:  # the app answers its own failures: this is oob's
+                except (Exception, asyncio.CancelledError):  # the app answers its own failures: this is oob's
+                    if asyncio.current_task().cancelling():
+                        raise  # the server cut this connection (Wire.drain)
                     ident = error_id()
                     log.error("error id %s: answering %r failed", ident, request.target[:200], exc_info=True)
                     answer = error(500, "internal error", ident)
@@ -264,22 +299,38 @@ class Connection(asyncio.Protocol):
             queue.popleft()
             close = not request.keep_alive or self.wire.closing or (self.broken and not queue)
             try:
-                data = encode(answer, close, request.method == b"HEAD")
+                data = encode(answer, close, request.method == b"HEAD", request.old)
             except Exception:  # a header the user's Response set that HTTP cannot carry
                 log.error("answering %r failed", request.target[:200], exc_info=True)
                 data = encode(error(500, "internal error"), close, False)
             transport.write(data)
             if close:
-                transport.close()
+                self._close()
+                self.task = None  # (draining closes a lingering connection at once)
                 return
             if self.writable is not None:
                 await self.writable
         self.task = None
+        if transport.is_closing():
+            return
         if not self.reading and not self.broken:
             self.reading = True
             transport.resume_reading()
         if self.in_head:
             self._wait_for_head()
+
+    def _close(self) -> None:
+        """Close after the answer. After a refused request, what the client still sends is read
+        and dropped for a while (LINGER) behind a half-close, so that it reads the answer instead
+        of meeting a reset in the middle of its upload."""
+        if not self.broken or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        if not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+        self.wire.loop.call_later(LINGER, self.transport.close)
 
     # --- idle connections --------------------------------------------------------------------
 
