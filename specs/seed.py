@@ -1,6 +1,6 @@
 """The seed example (SPEC section 7), end to end on an embedded local Ray.
 
-specs/counter.yaml declares an async Counter actor with an aiohttp server on
+specs/counter.yaml declares an async Counter actor with an HTTP server on
 localhost:8080. We apply it, increment five times through the Ray handle, and
 read the count back over plain HTTP, from outside Ray.
 """

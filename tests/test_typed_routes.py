@@ -298,11 +298,28 @@ def test_lint_names_a_path_param_the_method_does_not_take(tmp_path: Path):
 
 PROBE = """\
 import asyncio
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Part:
+    name: str
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Order:
+    sku: str
+    parts: list[Part]
+    count: int = 1
 
 
 class Probe:
     async def loop(self) -> str:
         return type(asyncio.get_running_loop()).__module__
+
+    async def order(self, shop: str, order: Order) -> Order:
+        return order
 
     async def add(self, a: int, b: int = 0) -> dict:
         return {"sum": a + b}
@@ -320,7 +337,8 @@ def test_a_replica_runs_on_uvloop_and_its_openapi_names_the_deployment(local_ray
         actors:
           probe:
             class: probe:Probe
-            servers: [{name: web, port: 0, routes: [{path: /add, call: add}]}]
+            servers: [{name: web, port: 0, routes: [{path: /add, call: add},
+                                                    {method: POST, path: "/orders/{shop}", call: order}]}]
         """)
     (path.parent / "probe.py").write_text(PROBE)
     with oobspec.deploy(oobspec.load(path)) as d:
@@ -328,7 +346,12 @@ def test_a_replica_runs_on_uvloop_and_its_openapi_names_the_deployment(local_ray
         loop = ray.get(d.handle("probe").loop.remote())
         doc = requests.get(url + "/-/openapi.json", timeout=10).json()
         added, bad = (requests.get(url + path, timeout=10) for path in ("/add?a=2&b=3", "/add?a=two"))
+        # a dataclass body from the user's own module, which travelled with the actor by value
+        ordered, unordered = (requests.post(url + "/orders/s1", json=body, timeout=10)
+                              for body in ({"sku": "x", "parts": [{"name": "p"}]}, {"sku": "x", "parts": "none"}))
     assert loop.startswith("uvloop")
     assert doc["info"]["title"] == "typed-loop/probe/web"
     assert (added.status_code, added.json()) == (200, {"sum": 5})
     assert (bad.status_code, bad.json()["detail"][0]["loc"]) == (422, ["query", "a"])
+    assert (ordered.status_code, ordered.json()) == (200, {"sku": "x", "parts": [{"name": "p", "tags": []}], "count": 1})
+    assert (unordered.status_code, unordered.json()["detail"][0]["loc"]) == (422, ["body", "parts"])

@@ -58,12 +58,35 @@ def takes_many(annotation: Any) -> bool:
     return cls in _MANY or typing.get_origin(cls) in _MANY
 
 
+def mend_dataclasses(annotation: Any, seen: set | None = None) -> None:
+    """Give the dataclasses in an annotation back their `dataclasses.MISSING`. A dataclass that
+    travelled by value (cloudpickle: the user's own module, shipped with the actor) comes back
+    with a copy of that sentinel as each field's default and default_factory, and pydantic then
+    refuses the class ("cannot specify both default and default_factory")."""
+    seen = set() if seen is None else seen
+    if id(annotation) in seen:
+        return
+    seen.add(id(annotation))
+    for arg in typing.get_args(annotation):
+        mend_dataclasses(arg, seen)
+    if not (inspect.isclass(annotation) and dataclasses.is_dataclass(annotation)):
+        return
+    for f in annotation.__dataclass_fields__.values():
+        for attribute in ("default", "default_factory"):
+            value = getattr(f, attribute)
+            if type(value) is type(dataclasses.MISSING) and value is not dataclasses.MISSING:
+                setattr(f, attribute, dataclasses.MISSING)
+        if not isinstance(f.type, str):
+            mend_dataclasses(f.type, seen)
+
+
 def adapter(annotation: Any):
     """The TypeAdapter of one annotation; None where nothing needs checking or pydantic cannot
     build one (an arbitrary class): that parameter then takes what it gets, as before."""
     if annotation is inspect.Parameter.empty or annotation is None or annotation in _FREE:
         return None
     from pydantic import TypeAdapter
+    mend_dataclasses(annotation)
     try:
         made = TypeAdapter(annotation)
         made.validator.validate_python  # noqa: B018 (a validator left unbuilt raises here, not per request)
