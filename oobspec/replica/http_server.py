@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote
 
-from .http_wire import JSON, Answer, Connection, Request, Wire, error
+from .http_wire import Answer, Connection, Request, Wire, error, too_large
 from .metrics import Metrics, off
 from .openapi import document_bytes
 from .ports import listening_socket
@@ -92,7 +92,8 @@ def _pattern(path: str) -> re.Pattern | None:
 
 
 class _Routes:
-    """method + path -> handler: a dict for fixed paths, regexes (in order) for the others."""
+    """method + path -> handler: a dict for fixed paths, regexes (in order) for the others. A
+    GET route answers HEAD too (its body left out), unless a HEAD route of its own is declared."""
 
     def __init__(self) -> None:
         self.fixed: dict[str, dict[bytes, Callable]] = {}
@@ -108,26 +109,25 @@ class _Routes:
                 table = {}
                 self.patterns.append((pattern, table))
         table[method.encode()] = handler
+        if method == "GET":
+            table.setdefault(b"HEAD", handler)
 
-    def find(self, method: bytes, path: str) -> tuple[Callable | None, dict, set]:
-        """(handler, path params, methods the path allows)."""
-        allowed: set = set()
+    def find(self, method: bytes, path: str) -> tuple[Callable | None, dict]:
+        """(the handler, path params); (None, {}) when no route takes this method and path."""
         table = self.fixed.get(path)
-        if table is not None:
-            handler = table.get(method) or (table.get(b"GET") if method == b"HEAD" else None)
-            if handler is not None:
-                return handler, {}, allowed
-            allowed |= table.keys()
+        if table is not None and method in table:
+            return table[method], {}
         for pattern, table in self.patterns:
-            match = pattern.match(path)
-            if match is not None:
-                handler = table.get(method) or (table.get(b"GET") if method == b"HEAD" else None)
-                if handler is not None:
-                    return handler, {k: unquote(v) for k, v in match.groupdict().items()}, allowed
-                allowed |= table.keys()
-        if b"GET" in allowed:
-            allowed.add(b"HEAD")
-        return None, {}, allowed
+            if method in table:
+                match = pattern.match(path)
+                if match is not None:
+                    return table[method], {k: unquote(v) for k, v in match.groupdict().items()}
+        return None, {}
+
+    def allowed(self, path: str) -> set[bytes]:
+        """The methods some route takes on this path (for a 405's Allow)."""
+        tables = [self.fixed.get(path, {})] + [t for p, t in self.patterns if p.match(path)]
+        return {method for table in tables for method in table}
 
 
 def _split(target: bytes) -> tuple[str, str]:
@@ -231,7 +231,7 @@ def _decoded(raw: bytes, encoding: bytes, most: int) -> bytes | Answer:
     except zlib.error:
         return error(400, "request body could not be read")
     if len(body) > most:
-        return error(413, f"Request Entity Too Large: over {most} bytes inflated")
+        return too_large(most, "bytes inflated")
     if not inflate.eof:
         return error(400, "request body could not be read")
     return body
@@ -340,9 +340,10 @@ def _app(instance, server, draining: Callable[[], bool], metrics: Metrics):
 
     async def app(request: Request) -> Answer:
         path, query = _split(request.target)
-        handler, params, allowed = routes.find(request.method, path)
+        handler, params = routes.find(request.method, path)
         if handler is not None:
             return await handler(request, params, query)
+        allowed = routes.allowed(path)
         if allowed:
             return error(405, "Method Not Allowed", headers=(("Allow", ",".join(sorted(m.decode() for m in allowed))),))
         return error(404, "Not Found")

@@ -59,6 +59,10 @@ def error(status: int, message: str, ident: str | None = None, headers: tuple = 
     return Answer(status, dumps(body), JSON, headers)
 
 
+def too_large(most: int, what: str = "bytes") -> Answer:
+    return error(413, f"{status_phrase(413)}: over {most} {what}")
+
+
 def _status_lines() -> dict[int, bytes]:
     return {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -67,7 +71,7 @@ _STATUS = _status_lines()
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _ENDINGS = {(True, False): b"Connection: close\r\n\r\n", (True, True): b"Connection: close\r\n\r\n",
             (False, False): b"\r\n", (False, True): b"Connection: keep-alive\r\n\r\n"}  # (close, HTTP/1.0)
-_NO_BODY = frozenset((204, 304))
+_BODILESS = frozenset((204, 304))  # statuses whose answer has no body, nor its length
 _date = [0, b""]  # (second, its Date header line)
 
 
@@ -88,7 +92,7 @@ def encode(answer: Answer, close: bool, head: bool, old: bool = False) -> bytes:
     parts = [status, b"Content-Type: ", answer.content_type, b"\r\n"]
     for name, value in answer.headers:
         parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
-    if answer.status in _NO_BODY:
+    if answer.status in _BODILESS:
         return b"".join((*parts, _date_line(), ending))
     parts += (b"Content-Length: %d\r\n" % len(body), _date_line(), ending)
     if not head:
@@ -223,7 +227,7 @@ class Connection(asyncio.Protocol):
             self.request.headers[name] = value
         elif name == b"content-length":
             if _too_long(value, self.wire.max_body):
-                raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+                raise _Refused(too_large(self.wire.max_body))
             self.bodied = self.bodied or value.strip() not in (b"", b"0")
         elif name == b"transfer-encoding":
             self.bodied = True
@@ -248,7 +252,7 @@ class Connection(asyncio.Protocol):
         request = self.request
         self.size += len(chunk)
         if self.size > self.wire.max_body:
-            raise _Refused(error(413, f"{status_phrase(413)}: over {self.wire.max_body} bytes"))
+            raise _Refused(too_large(self.wire.max_body))
         if not request.body:
             request.body = chunk
         elif type(request.body) is bytes:
@@ -359,7 +363,6 @@ class Connection(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
         self.transport.abort()
-
 
 
 def _too_long(length: bytes, most: int) -> bool:
